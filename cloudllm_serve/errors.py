@@ -1,0 +1,70 @@
+"""The project's error classes.
+
+Every error a client can cause or suffer is a :class:`CloudLLMError` subclass that
+knows its HTTP status; the ingress turns them into responses in one place
+(:mod:`cloudllm_serve.ingress.errors`). Anything else that escapes is a bug (500).
+"""
+
+from __future__ import annotations
+
+
+class CloudLLMError(Exception):
+    """Root of the project's errors: a message for the client and an HTTP status."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class SettingsError(CloudLLMError):
+    """A setting (environment variable) has a bad value; start-up stops."""
+
+
+class InvalidRequestError(CloudLLMError):
+    """The request is malformed or asks for something impossible (400)."""
+
+    status_code = 400
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The new message alone does not fit the model's context (400)."""
+
+
+class ConversationNotFoundError(CloudLLMError):
+    """No conversation has the given id (404)."""
+
+    status_code = 404
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(f"conversation '{conversation_id}' not found", param="conversation_id")
+        self.conversation_id = conversation_id
+
+
+class PayloadTooLargeError(CloudLLMError):
+    """The request body is larger than ``MAX_UPLOAD_BYTES`` (413)."""
+
+    status_code = 413
+
+
+class FeatureNotImplementedError(CloudLLMError):
+    """The endpoint exists but is not available with this deployment (501)."""
+
+    status_code = 501
+
+
+class ServiceUnavailableError(CloudLLMError):
+    """A dependency is down or overloaded; retrying later may succeed (503)."""
+
+    status_code = 503
+    retry_after_s: int = 5
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    """Redis, which keeps the conversations, cannot be reached."""
+
+
+class EngineUnavailableError(ServiceUnavailableError):
+    """No vLLM engine replica can take the request."""

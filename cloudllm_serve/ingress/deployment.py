@@ -1,0 +1,30 @@
+"""The ingress deployment: the FastAPI app of :mod:`.routes` on a Serve replica.
+
+The app is built on the replica after the constructor (``__serve_build_asgi_app__``),
+so routes stay plain FastAPI functions over an injected service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from cloudllm_serve.conversations.store import ConversationStore
+from cloudllm_serve.ingress.engine_client import ServeEngineClient
+from cloudllm_serve.ingress.routes import create_app
+from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.settings import Settings
+
+
+@serve.ingress()
+class Ingress:
+    """HTTP front door: the seed's API, conversations in Redis, engines behind a handle."""
+
+    def __init__(self, engine: Any, settings: Settings) -> None:
+        store = ConversationStore.from_url(settings.REDIS_URL, timeout_s=settings.REDIS_TIMEOUT_S)
+        self._service = CloudLLMService(settings, store, ServeEngineClient(engine))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self._service)

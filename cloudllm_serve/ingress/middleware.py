@@ -1,0 +1,97 @@
+"""A pure-ASGI middleware: arrival time, body-size limit and request counters.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so it adds no task or copy per request and
+does not get in the way of streamed responses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from cloudllm_serve.ingress.service import IngressCounters
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+RECEIVED_AT = "cloudllm_received_at"
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestLimitsMiddleware:
+    """Stamps ``scope['state'][RECEIVED_AT]``, rejects bodies over ``max_body_bytes`` (413)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, counters: IngressCounters) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.counters = counters
+
+    def _too_large_body(self) -> dict[str, Any]:
+        return {
+            "detail": f"request body is larger than MAX_UPLOAD_BYTES ({self.max_body_bytes} bytes)",
+            "error_type": "payload_too_large",
+            "param": "body",
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})[RECEIVED_AT] = time.perf_counter()
+        counters = self.counters
+        counters.requests_total += 1
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            counters.requests_failed += 1
+            counters.errors_by_status[413] = counters.errors_by_status.get(413, 0) + 1
+            await _send_json(send, 413, self._too_large_body())
+            return
+
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # HTTPException passes FastAPI's body parsing untouched and is
+                    # rendered by the app's handler.
+                    raise HTTPException(413, detail=self._too_large_body()["detail"])
+            return message
+
+        status_holder: list[int] = []
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder.append(int(message["status"]))
+            await send(message)
+
+        await self.app(scope, limited_receive, recording_send)
+        status = status_holder[0] if status_holder else 500
+        if status >= 400:
+            counters.requests_failed += 1
+            counters.errors_by_status[status] = counters.errors_by_status.get(status, 0) + 1

@@ -1,0 +1,157 @@
+"""Request and response schemas of the seed's API (SPEC §2)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+ENGINE_NAME: Literal["vLLM"] = "vLLM"
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /generate``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "message": "vLLM으로 빠른 응답 부탁해",
+                    "conversation_id": None,
+                    "max_tokens": 512,
+                    "temperature": 0.7,
+                }
+            ]
+        },
+    )
+
+    message: str = Field(description="the new user message (not empty)")
+    conversation_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="continue this conversation; null starts a new one"
+    )
+    max_tokens: Annotated[StrictInt, Field(ge=1)] = Field(
+        512, description="tokens to generate at most; clamped to MAX_TOKENS_CAP"
+    )
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = Field(
+        0.7, description="sampling temperature, 0 (greedy) to 2"
+    )
+
+    @field_validator("message")
+    @classmethod
+    def _message_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message must not be empty")
+        return value
+
+
+class Timings(BaseModel):
+    """vLLM-specific timings of one generation (milliseconds unless named otherwise)."""
+
+    generation_ms: float = Field(description="engine time from submitting to the last token")
+    total_ms: float = Field(description="history load + generation + store write")
+    tokens_generated: int
+    tokens_per_second: float = Field(description="tokens_generated / generation time")
+    endpoint_total_ms: float = Field(description="whole endpoint, from request arrival")
+    json_parse_ms: float = Field(description="time spent looking for JSON in the answer")
+    ttft_ms: float | None = Field(None, description="engine time to the first token")
+    queue_ms: float | None = Field(None, description="time waiting in vLLM's scheduler queue")
+    prompt_tokens: int | None = Field(None, description="tokens of the rendered prompt")
+
+
+class ModelInfo(BaseModel):
+    """Which model answered and with what settings."""
+
+    engine: Literal["vLLM"] = ENGINE_NAME
+    model_name: str
+    max_tokens: int = Field(description="max_tokens used, after clamping to MAX_TOKENS_CAP")
+    temperature: float
+    timings: Timings
+
+
+class GenerationResponse(BaseModel):
+    """The seed's common response."""
+
+    response: str
+    conversation_id: str
+    generation_time: float = Field(description="engine generation time in seconds")
+    model_info: ModelInfo
+    response_json: dict[str, Any] | list[Any] | None = None
+    response_is_json: bool = False
+    finish_reason: str | None = Field(None, description="stop (natural end) or length")
+    dropped_history_messages: int = Field(
+        0, description="oldest stored messages left out of the prompt to fit the context"
+    )
+
+
+class VllmStats(BaseModel):
+    """Engine state summed over the engine replicas."""
+
+    engine_status: str
+    pending_requests: int
+    running_requests: int
+    kv_cache_usage: float | None = None
+    replicas: int = 0
+
+
+class HealthResponse(BaseModel):
+    """Body of ``GET /health`` (200 when healthy, 503 otherwise)."""
+
+    status: str = Field(description="'healthy', or 'unhealthy: ...' naming what is wrong")
+    model_loaded: bool
+    model_name: str
+    engine_type: Literal["vLLM"] = ENGINE_NAME
+    gpu_memory_used: float | None = Field(None, description="GiB, null without a GPU")
+    gpu_memory_total: float | None = Field(None, description="GiB, null without a GPU")
+    vllm_stats: VllmStats
+    active_conversations: int | None
+    uptime: float = Field(description="seconds since this ingress replica started")
+    redis_ok: bool
+    problems: list[str] = Field(default_factory=list)
+
+
+class MessageOut(BaseModel):
+    """One stored message."""
+
+    role: str
+    content: str
+    timestamp: float
+
+
+class ConversationSummary(BaseModel):
+    """A conversation without its messages."""
+
+    conversation_id: str
+    created_at: float
+    updated_at: float
+    message_count: int
+
+
+class ConversationDetail(ConversationSummary):
+    """A conversation with every message in order."""
+
+    messages: list[MessageOut]
+
+
+class ConversationList(BaseModel):
+    """A page of conversations, most recently updated first."""
+
+    total: int
+    offset: int
+    limit: int
+    conversations: list[ConversationSummary]
+
+
+class ConversationDeleted(BaseModel):
+    """Answer to ``DELETE /conversations/{id}``."""
+
+    conversation_id: str
+    deleted: bool = True
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``detail`` is a sentence naming the problem."""
+
+    detail: str
+    error_type: str
+    param: str | None = None

@@ -1,0 +1,241 @@
+"""``make serve``: start Redis (if asked) and the Serve app from a deployment profile.
+
+    python -m cloudllm_serve.launcher --profile deployments/cpu.yaml --start-redis
+
+Steps, each printed as it happens:
+
+1. validate the settings (a bad variable stops here, exit status 2);
+2. prepare the default model when it is the one configured and missing;
+3. with ``--start-redis``, start ``redis-server`` on ``REDIS_URL``'s port unless one
+   already answers there (data under ``~/.cache/cloudllm-serve/redis``);
+4. write the profile with ``http_options`` set from ``LLM_HOST``/``LLM_PORT`` and run
+   ``serve run`` on it (a local Ray cluster);
+5. wait until ``/health`` answers 200, then keep running.
+
+Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
+from cloudllm_serve.settings import Settings, load_settings
+
+STARTUP_TIMEOUT_S = 900.0
+
+
+def say(message: str) -> None:
+    """Print a launcher line."""
+    print(f"[cloudllm] {message}", flush=True)
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """Read a Serve config file."""
+    with path.open() as handle:
+        profile = yaml.safe_load(handle)
+    if not isinstance(profile, dict) or not profile.get("applications"):
+        raise SettingsError(f"{path} is not a Serve config with 'applications'")
+    return profile
+
+
+def profile_settings(profile: dict[str, Any]) -> Settings:
+    """Validate the settings the profile's first application will get."""
+    args = profile["applications"][0].get("args") or {}
+    return load_settings(args)
+
+
+def render_profile(profile: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The profile with the HTTP address taken from ``LLM_HOST``/``LLM_PORT``."""
+    rendered = dict(profile)
+    rendered["http_options"] = {
+        **(profile.get("http_options") or {}),
+        "host": settings.LLM_HOST,
+        "port": settings.LLM_PORT,
+    }
+    return rendered
+
+
+def redis_answers(host: str, port: int) -> bool:
+    """Whether a Redis server answers PING at ``host:port``."""
+    import redis
+
+    try:
+        return bool(
+            redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1).ping()
+        )
+    except (redis.RedisError, OSError):
+        return False
+
+
+def start_redis(url: str) -> subprocess.Popen[bytes] | None:
+    """Start ``redis-server`` for ``url`` unless one answers there; return the process."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    if redis_answers(host, port):
+        say(f"Redis already answers at {host}:{port}; using it")
+        return None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SettingsError(f"REDIS_URL={url!r}: no Redis answers there and it is not local")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SettingsError("redis-server is not installed (make serve installs it with apt-get)")
+    data_dir = cache_root() / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    say(f"starting Redis on {host}:{port} (data in {data_dir})")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            host,
+            "--dir",
+            str(data_dir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        start_new_session=True,
+    )
+    for _ in range(100):
+        if redis_answers(host, port):
+            return process
+        if process.poll() is not None:
+            raise SettingsError(f"redis-server exited with status {process.returncode}")
+        time.sleep(0.1)
+    process.terminate()
+    raise SettingsError(f"redis-server did not answer on port {port} within 10 s")
+
+
+def wait_healthy(base_url: str, serve_process: subprocess.Popen[bytes]) -> None:
+    """Poll ``/health`` until 200; print progress; fail if ``serve run`` exits."""
+    started = time.monotonic()
+    last_report = 0.0
+    last_state = "starting"
+    while time.monotonic() - started < STARTUP_TIMEOUT_S:
+        if serve_process.poll() is not None:
+            raise RuntimeError(f"serve run exited with status {serve_process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:
+            last_state = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError):
+            last_state = "not listening yet"
+        elapsed = time.monotonic() - started
+        if elapsed - last_report >= 10:
+            say(f"waiting for the app ({elapsed:.0f} s, /health: {last_state})")
+            last_report = elapsed
+        time.sleep(1)
+    raise RuntimeError(f"the app was not healthy within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, name: str, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; quiet when already gone."""
+    if process is None or process.poll() is not None:
+        return
+    say(f"stopping {name} (pid {process.pid})")
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run(profile_path: Path, start_redis_server: bool) -> int:
+    """Launch everything; return the exit status."""
+    try:
+        profile = load_profile(profile_path)
+        settings = profile_settings(profile)
+    except SettingsError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+
+    if Path(settings.LLM_MODEL) == default_model_dir() and not is_prepared(default_model_dir()):
+        prepare()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    redis_process: subprocess.Popen[bytes] | None = None
+    serve_process: subprocess.Popen[bytes] | None = None
+    try:
+        if start_redis_server:
+            redis_process = start_redis(settings.REDIS_URL)
+        run_dir = cache_root() / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / f"serve-config-{settings.LLM_PORT}.yaml"
+        config_path.write_text(yaml.safe_dump(render_profile(profile, settings), sort_keys=False))
+        env = dict(os.environ)
+        # Ray runs workers at nice 15 by default; vLLM's engine processes inherit it.
+        env.setdefault("RAY_worker_niceness", "0")
+        serve_binary = Path(sys.executable).parent / "serve"
+        say(f"starting Ray Serve: {serve_binary.name} run {config_path}")
+        serve_process = subprocess.Popen(
+            [str(serve_binary), "run", str(config_path)], env=env, start_new_session=True
+        )
+        host = "127.0.0.1" if settings.LLM_HOST in ("0.0.0.0", "::") else settings.LLM_HOST
+        base_url = f"http://{host}:{settings.LLM_PORT}"
+        wait_healthy(base_url, serve_process)
+        say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
+        status = serve_process.wait()
+        say(f"serve run exited with status {status}")
+        return status or 1
+    except Stopped as stop:
+        say(f"{stop} received, shutting down")
+        return 0
+    except (RuntimeError, SettingsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_process(serve_process, "Ray Serve", 60)
+        stop_process(redis_process, "Redis", 10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description="Run CloudLLM Serve from a deployment profile.")
+    parser.add_argument("--profile", type=Path, default=Path("deployments/cpu.yaml"))
+    parser.add_argument(
+        "--start-redis",
+        action="store_true",
+        help="start redis-server for REDIS_URL unless one answers there",
+    )
+    args = parser.parse_args(argv)
+    return run(args.profile, args.start_redis)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

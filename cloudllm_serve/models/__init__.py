@@ -1,0 +1,1 @@
+"""Model preparation: turning offline sources into folders vLLM can load."""

@@ -1,0 +1,131 @@
+"""All settings of the service, read from the environment and validated at start-up.
+
+Field names are the environment variable names (SPEC §2), so an error message that
+names a field names the variable to fix. Everything else in the project receives a
+:class:`Settings` instance as an argument; nothing reads ``os.environ`` on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.models.prepare import default_model_dir
+
+MiB = 1024 * 1024
+
+# vLLM's CPU attention backend only accepts KV-cache blocks of a multiple of 32 tokens.
+CPU_BLOCK_SIZE_MULTIPLE = 32
+
+
+def _default_model() -> str:
+    return str(default_model_dir())
+
+
+class Settings(BaseSettings):
+    """The service's configuration; each field is the environment variable of that name."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    # HTTP
+    LLM_HOST: str = Field("0.0.0.0", min_length=1, description="address the HTTP server binds")
+    LLM_PORT: int = Field(8001, ge=1, le=65535, description="port of the HTTP server")
+
+    # Model and engine
+    LLM_MODEL: str = Field(
+        default_factory=_default_model,
+        min_length=1,
+        description="Hugging Face model id or local folder (default: the prepared SmolLM2)",
+    )
+    LLM_SERVED_MODEL_NAME: str | None = Field(
+        None, description="name reported as model_name (default: the model id or folder name)"
+    )
+    ENGINE_DEVICE: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu: replicas reserve VLLM_TENSOR_PARALLEL_SIZE GPUs; cpu: none"
+    )
+    VLLM_MAX_MODEL_LEN: int = Field(2048, ge=16, description="max sequence length")
+    VLLM_MAX_NUM_SEQS: int = Field(16, ge=1, description="max sequences in flight per engine")
+    VLLM_BLOCK_SIZE: int = Field(16, ge=1, le=1024, description="KV-cache block size (tokens)")
+    VLLM_GPU_MEMORY_UTILIZATION: float = Field(
+        0.9, gt=0.0, le=1.0, description="fraction of accelerator memory vLLM may take"
+    )
+    VLLM_TENSOR_PARALLEL_SIZE: int = Field(1, ge=1, le=64, description="GPUs per engine replica")
+    VLLM_ENFORCE_EAGER: bool = Field(False, description="skip torch.compile/CUDA graphs")
+    VLLM_KV_CACHE_MEMORY_BYTES: int | None = Field(
+        None, ge=MiB, description="fixed KV-cache size in bytes (needed on small CPU hosts)"
+    )
+
+    # Request limits
+    MAX_TOKENS_CAP: int = Field(512, ge=1, description="upper bound on max_tokens")
+    MAX_UPLOAD_BYTES: int = Field(10 * MiB, ge=1024, description="largest accepted request body")
+    MAX_IMAGE_SIDE: int = Field(1280, ge=32, description="longest image side after scaling")
+
+    # Conversation store
+    REDIS_URL: str = Field(
+        "redis://127.0.0.1:6380/0",
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis that keeps the conversations",
+    )
+    REDIS_TIMEOUT_S: float = Field(
+        1.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.MAX_TOKENS_CAP >= self.VLLM_MAX_MODEL_LEN:
+            raise ValueError(
+                f"MAX_TOKENS_CAP ({self.MAX_TOKENS_CAP}) must be below "
+                f"VLLM_MAX_MODEL_LEN ({self.VLLM_MAX_MODEL_LEN}) to leave room for the prompt"
+            )
+        if self.ENGINE_DEVICE == "cpu" and self.VLLM_BLOCK_SIZE % CPU_BLOCK_SIZE_MULTIPLE:
+            raise ValueError(
+                f"VLLM_BLOCK_SIZE ({self.VLLM_BLOCK_SIZE}) must be a multiple of "
+                f"{CPU_BLOCK_SIZE_MULTIPLE} when ENGINE_DEVICE=cpu (vLLM's CPU attention)"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name clients see: ``LLM_SERVED_MODEL_NAME``, else the id or folder name."""
+        if self.LLM_SERVED_MODEL_NAME:
+            return self.LLM_SERVED_MODEL_NAME
+        path = Path(self.LLM_MODEL).expanduser()
+        return path.name if path.is_absolute() or path.exists() else self.LLM_MODEL
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn a pydantic error into lines that each name the variable at fault."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = item.get("loc") or ()
+        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+        if loc:
+            lines.append(f"{loc[0]}={item.get('input')!r}: {message}")
+        else:
+            lines.append(message)
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(defaults: Mapping[str, Any] | None = None) -> Settings:
+    """Read and validate the settings.
+
+    ``defaults`` (a serve config's ``args``) replace the built-in defaults; an
+    environment variable of the same name still wins over them, so an operator can
+    change any setting of a checked-in profile without editing it.
+
+    Raises :class:`SettingsError` with a message naming every bad variable.
+    """
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(Settings.model_fields))
+    if unknown:
+        raise SettingsError(f"invalid settings: unknown setting(s) {', '.join(unknown)}")
+    try:
+        return Settings(**{k: v for k, v in defaults.items() if k not in os.environ})
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None

@@ -1,0 +1,93 @@
+"""Session fixtures: a real Redis and, for ``stack`` tests, the whole running service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support import RedisServer, free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Settings of the test stack: a small cap keeps generations short on 2 cores,
+#: and seeing it in /status/detailed proves the environment reaches the replicas.
+STACK_MAX_TOKENS_CAP = 64
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Stack:
+    """The running service: its base URL, its Redis, and the launcher process."""
+
+    base_url: str
+    redis: RedisServer
+    launcher: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service started exactly as ``make serve`` starts it (minus Redis, which we own)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("stack") / "launcher.log"
+    env = dict(os.environ)
+    env.update(
+        {
+            "LLM_PORT": str(port),
+            "LLM_HOST": "127.0.0.1",
+            "REDIS_URL": redis_server.url,
+            "MAX_TOKENS_CAP": str(STACK_MAX_TOKENS_CAP),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloudllm_serve.launcher",
+                "--profile",
+                str(REPO / "deployments" / "cpu.yaml"),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    running = Stack(f"http://127.0.0.1:{port}", redis_server, launcher, log_path)
+
+    def healthy() -> bool:
+        if launcher.poll() is not None:
+            raise RuntimeError(f"launcher exited early:\n{running.log_tail()}")
+        try:
+            return requests.get(f"{running.base_url}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(healthy, timeout_s=600, interval_s=1)
+    except BaseException:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(90)
+        raise
+    yield running
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(90)

@@ -1,0 +1,92 @@
+"""The conversation store against a real Redis: order, atomic appends, deletes, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
+from cloudllm_serve.errors import ConversationNotFoundError, StoreUnavailableError
+from tests.support import RedisServer, free_port
+
+
+def make_store(url: str, timeout_s: float = 1.0) -> ConversationStore:
+    return ConversationStore.from_url(
+        url, timeout_s=timeout_s, key_prefix=f"t-{uuid.uuid4().hex[:8]}:"
+    )
+
+
+def test_turns_are_kept_in_order(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = make_store(redis_server.url)
+        conversation_id = await store.create()
+        for turn in range(5):
+            await store.append(
+                conversation_id,
+                [
+                    StoredMessage("user", f"q{turn}", turn),
+                    StoredMessage("assistant", f"a{turn}", turn),
+                ],
+            )
+        messages = await store.messages(conversation_id)
+        assert [m.content for m in messages] == [x for t in range(5) for x in (f"q{t}", f"a{t}")]
+        conversation = await store.get(conversation_id)
+        assert conversation.message_count == 10
+        assert await store.count() == 1
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_turns_on_one_conversation_lose_nothing(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = make_store(redis_server.url)
+        conversation_id = await store.create()
+
+        async def turn(index: int) -> None:
+            await store.append(
+                conversation_id,
+                [
+                    StoredMessage("user", f"q{index}", 0.0),
+                    StoredMessage("assistant", f"a{index}", 0.0),
+                ],
+            )
+
+        await asyncio.gather(*(turn(i) for i in range(50)))
+        messages = await store.messages(conversation_id)
+        assert len(messages) == 100
+        # each user message is directly followed by its own answer
+        for question, answer in zip(messages[::2], messages[1::2], strict=True):
+            assert question.content[1:] == answer.content[1:]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_deleted_conversation_is_gone_and_not_revived(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = make_store(redis_server.url)
+        conversation_id = await store.create()
+        await store.delete(conversation_id)
+        with pytest.raises(ConversationNotFoundError):
+            await store.messages(conversation_id)
+        with pytest.raises(ConversationNotFoundError):
+            await store.append(conversation_id, [StoredMessage("user", "late", 0.0)])
+        with pytest.raises(ConversationNotFoundError):
+            await store.delete(conversation_id)
+        assert await store.count() == 0
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_is_a_quick_store_error() -> None:
+    async def scenario() -> None:
+        store = make_store(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+        for call in (store.create(), store.count(), store.messages("x")):
+            with pytest.raises(StoreUnavailableError):
+                await asyncio.wait_for(call, 5)
+
+    asyncio.run(scenario())

@@ -1,0 +1,130 @@
+"""Settings: SPEC §2 defaults, validation that names the variable, precedence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cloudllm_serve.app import build_app
+from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.settings import Settings, load_settings
+
+SPEC_VARIABLES = [
+    "LLM_HOST",
+    "LLM_PORT",
+    "VLLM_MAX_MODEL_LEN",
+    "VLLM_MAX_NUM_SEQS",
+    "VLLM_BLOCK_SIZE",
+    "VLLM_GPU_MEMORY_UTILIZATION",
+    "VLLM_TENSOR_PARALLEL_SIZE",
+    "MAX_TOKENS_CAP",
+    "MAX_UPLOAD_BYTES",
+    "MAX_IMAGE_SIDE",
+    "LLM_MODEL",
+    "REDIS_URL",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_are_the_seeds() -> None:
+    settings = load_settings()
+    assert settings.LLM_HOST == "0.0.0.0"
+    assert settings.LLM_PORT == 8001
+    assert settings.VLLM_MAX_MODEL_LEN == 2048
+    assert settings.VLLM_MAX_NUM_SEQS == 16
+    assert settings.VLLM_BLOCK_SIZE == 16
+    assert settings.VLLM_GPU_MEMORY_UTILIZATION == 0.9
+    assert settings.VLLM_TENSOR_PARALLEL_SIZE == 1
+    assert settings.MAX_TOKENS_CAP == 512
+    assert settings.MAX_UPLOAD_BYTES == 10 * 1024 * 1024
+    assert settings.MAX_IMAGE_SIDE == 1280
+    assert settings.LLM_MODEL.endswith("SmolLM2-135M-Instruct")
+    assert settings.model_name == "SmolLM2-135M-Instruct"
+
+
+def test_every_spec_variable_is_a_setting() -> None:
+    assert set(SPEC_VARIABLES) <= set(Settings.model_fields)
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("LLM_MODEL", "Qwen/Qwen2.5-VL-32B-Instruct")
+    settings = load_settings()
+    assert settings.VLLM_MAX_NUM_SEQS == 8
+    assert settings.model_name == "Qwen/Qwen2.5-VL-32B-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("VLLM_MAX_NUM_SEQS", "abc"),
+        ("VLLM_MAX_NUM_SEQS", "0"),
+        ("LLM_PORT", "70000"),
+        ("VLLM_GPU_MEMORY_UTILIZATION", "1.5"),
+        ("VLLM_TENSOR_PARALLEL_SIZE", "-1"),
+        ("MAX_TOKENS_CAP", "0"),
+        ("REDIS_URL", "http://example.com"),
+        ("ENGINE_DEVICE", "tpu"),
+        ("VLLM_ENFORCE_EAGER", "maybe"),
+    ],
+)
+def test_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert variable in caught.value.message
+    assert repr(value) in caught.value.message
+
+
+def test_cap_must_leave_room_for_the_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_TOKENS_CAP", "4096")
+    with pytest.raises(SettingsError, match=r"MAX_TOKENS_CAP .* VLLM_MAX_MODEL_LEN"):
+        load_settings()
+
+
+def test_cpu_needs_block_size_multiple_of_32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENGINE_DEVICE", "cpu")
+    with pytest.raises(SettingsError, match="VLLM_BLOCK_SIZE"):
+        load_settings()
+    monkeypatch.setenv("VLLM_BLOCK_SIZE", "32")
+    assert load_settings().VLLM_BLOCK_SIZE == 32
+
+
+def test_profile_args_are_defaults_and_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings({"VLLM_MAX_NUM_SEQS": 4}).VLLM_MAX_NUM_SEQS == 4
+    monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "6")
+    assert load_settings({"VLLM_MAX_NUM_SEQS": 4}).VLLM_MAX_NUM_SEQS == 6
+
+
+def test_unknown_profile_arg_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"VLLM_MAX_NUM_SEQ\b"):
+        load_settings({"VLLM_MAX_NUM_SEQ": 4})
+
+
+def test_application_builder_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_MAX_MODEL_LEN", "lots")
+    with pytest.raises(SettingsError, match="VLLM_MAX_MODEL_LEN='lots'"):
+        build_app({})
+
+
+def test_launcher_stops_at_a_bad_variable() -> None:
+    """`make serve` with a bad value stops before starting anything, naming the variable."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cloudllm_serve.launcher", "--profile", "deployments/cpu.yaml"],
+        env={"PATH": "/usr/bin:/bin", "VLLM_MAX_NUM_SEQS": "sixteen"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "VLLM_MAX_NUM_SEQS='sixteen'" in result.stderr
+    assert "starting" not in result.stdout

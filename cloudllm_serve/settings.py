@@ -72,8 +72,10 @@ class Settings(BaseSettings):
         pattern=r"^(redis|rediss|unix)://",
         description="Redis that keeps the conversations",
     )
+    # 1 s proved too tight on a loaded 2-core host (Redis PING peaked at 1.3 s while
+    # vLLM saturated the cores); a frozen Redis still costs a request only this long.
     REDIS_TIMEOUT_S: float = Field(
-        1.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
+        3.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ overwrite each other and a deleted conversation is never brought back half-way.
 
 Every Redis failure (refused, timed out, frozen server) becomes
 :class:`~cloudllm_serve.errors.StoreUnavailableError`; calls are bounded by the
-client's socket timeouts, so a dead Redis costs a request about a second, not a hang.
+client's socket timeouts, so a dead Redis costs a request at most ``REDIS_TIMEOUT_S``, not a hang.
 The client reconnects by itself when Redis is back.
 """
 

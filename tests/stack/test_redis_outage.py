@@ -21,18 +21,24 @@ def health_is(stack: Stack, status: int) -> bool:
     return requests.get(f"{stack.base_url}/health", timeout=30).status_code == status
 
 
+#: REDIS_TIMEOUT_S (3 s by default) plus room for a loaded 2-core machine.
+OUTAGE_ANSWER_WITHIN_S = 6.0
+
+
 def assert_outage_answers(stack: Stack, cid: str) -> None:
     started = time.monotonic()
     health = requests.get(f"{stack.base_url}/health", timeout=30)
+    assert time.monotonic() - started < OUTAGE_ANSWER_WITHIN_S
     assert health.status_code == 503
     assert "redis" in health.json()["status"]
     assert health.json()["model_loaded"] is True
     for body in ({"message": "new one"}, {"message": "continue", "conversation_id": cid}):
+        started = time.monotonic()
         response = post_generate(stack, max_tokens=8, **body)
+        assert time.monotonic() - started < OUTAGE_ANSWER_WITHIN_S
         assert response.status_code == 503, response.text
         assert "Redis" in response.json()["detail"]
         assert int(response.headers["Retry-After"]) > 0
-    assert time.monotonic() - started < 10
 
 
 def test_frozen_then_killed_redis(stack: Stack) -> None:

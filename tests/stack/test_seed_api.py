@@ -182,7 +182,7 @@ def test_max_tokens_is_clamped(stack: Stack) -> None:
 def test_sixteen_concurrent_requests_and_live_stats(stack: Stack) -> None:
     busy: list[int] = []
 
-    def one(index: int) -> int:
+    def one(index: int) -> tuple[int, str]:
         response = requests.post(
             f"{stack.base_url}/generate",
             timeout=300,
@@ -192,15 +192,15 @@ def test_sixteen_concurrent_requests_and_live_stats(stack: Stack) -> None:
                 "temperature": 0.7,
             },
         )
-        return response.status_code
+        return response.status_code, response.text[:300]
 
     with ThreadPoolExecutor(max_workers=17) as pool:
         futures = [pool.submit(one, i) for i in range(16)]
         while not all(f.done() for f in futures):
             stats = requests.get(f"{stack.base_url}/health", timeout=30).json()["vllm_stats"]
             busy.append(stats["running_requests"] + stats["pending_requests"])
-        statuses = [f.result() for f in futures]
-    assert statuses == [200] * 16
+        results = [f.result() for f in futures]
+    assert [status for status, _ in results] == [200] * 16, results
     assert max(busy) > 0, busy
     final = requests.get(f"{stack.base_url}/health", timeout=30).json()["vllm_stats"]
     assert final["running_requests"] == 0 and final["pending_requests"] == 0

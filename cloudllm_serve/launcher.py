@@ -91,6 +91,17 @@ def redis_answers(host: str, port: int) -> bool:
         return False
 
 
+def redis_server_command(
+    binary: str, host: str, port: int, data_dir: Path, *, fsync_always: bool = False
+) -> list[str]:
+    """The ``redis-server`` command line: foreground, append-only file in ``data_dir``."""
+    command = [binary, "--port", str(port), "--bind", host, "--dir", str(data_dir)]
+    command += ["--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning"]
+    if fsync_always:
+        command += ["--appendfsync", "always"]
+    return command
+
+
 def start_redis(url: str) -> subprocess.Popen[bytes] | None:
     """Start ``redis-server`` for ``url`` unless one answers there; return the process."""
     parsed = urlparse(url)
@@ -107,24 +118,7 @@ def start_redis(url: str) -> subprocess.Popen[bytes] | None:
     data_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting Redis on {host}:{port} (data in {data_dir})")
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            host,
-            "--dir",
-            str(data_dir),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ],
-        start_new_session=True,
+        redis_server_command(binary, host, port, data_dir), start_new_session=True
     )
     for _ in range(100):
         if redis_answers(host, port):

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import redis
 
+from cloudllm_serve.launcher import redis_server_command
+
 T = TypeVar("T")
 
 
@@ -62,25 +64,9 @@ class RedisServer:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.data_dir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
+            redis_server_command(
+                self.binary, "127.0.0.1", self.port, self.data_dir, fsync_always=True
+            ),
             stdout=subprocess.DEVNULL,
         )
         wait_for(self._answers, 10)

@@ -135,18 +135,7 @@ class ConversationStore:
 
     async def messages(self, conversation_id: str) -> list[StoredMessage]:
         """All messages of a conversation, oldest first; 404 error when it does not exist."""
-
-        async def run() -> tuple[int, list[str]]:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.exists(self._meta_key(conversation_id))
-                pipe.lrange(self._messages_key(conversation_id), 0, -1)
-                exists, raw = await pipe.execute()
-            return exists, raw
-
-        exists, raw = await self._call(run)
-        if not exists:
-            raise ConversationNotFoundError(conversation_id)
-        return [StoredMessage.from_json(item) for item in raw]
+        return (await self.get(conversation_id)).messages or []
 
     async def append(self, conversation_id: str, messages: Sequence[StoredMessage]) -> None:
         """Append messages atomically; 404 error when the conversation was deleted."""

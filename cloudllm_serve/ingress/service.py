@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
@@ -174,13 +174,10 @@ class CloudLLMService:
         with contextlib.suppress(CloudLLMError):
             await self.store.delete(conversation_id)
 
-    async def _engine_stats(self) -> list[EngineStats]:
-        return await self.engine.stats()
-
     async def health(self) -> tuple[int, HealthResponse]:
         """``GET /health``: 200 when the model is loaded and Redis answers, else 503."""
         stats_result, count_result = await asyncio.gather(
-            self._engine_stats(), self.store.count(), return_exceptions=True
+            self.engine.stats(), self.store.count(), return_exceptions=True
         )
         problems = []
         stats: list[EngineStats] = []
@@ -216,7 +213,7 @@ class CloudLLMService:
     async def detailed_status(self) -> dict[str, Any]:
         """``GET /status/detailed``: engine, GPU, batching, store and ingress metrics."""
         stats_result, ping_result, count_result = await asyncio.gather(
-            self._engine_stats(), self.store.ping(), self.store.count(), return_exceptions=True
+            self.engine.stats(), self.store.ping(), self.store.count(), return_exceptions=True
         )
         settings = self.settings
         counters = self.counters
@@ -226,7 +223,7 @@ class CloudLLMService:
             engine_error = _message(stats_result)
         else:
             for replica in stats_result:
-                item = _asdict(replica)
+                item = asdict(replica)
                 item["batch_utilization"] = round(
                     replica.running_requests / max(replica.max_num_seqs, 1), 4
                 )
@@ -260,7 +257,7 @@ class CloudLLMService:
                 "ok": redis_ok,
                 "latency_ms": round(ping_result, 3) if isinstance(ping_result, float) else None,
                 "conversations": count_result if isinstance(count_result, int) else None,
-                "error": None if redis_ok else _message(ping_result),  # type: ignore[arg-type]
+                "error": _message(ping_result) if isinstance(ping_result, BaseException) else None,
             },
             "ingress": {
                 "requests_total": counters.requests_total,
@@ -281,12 +278,6 @@ class CloudLLMService:
 
 def _message(error: BaseException) -> str:
     return error.message if isinstance(error, CloudLLMError) else f"{type(error).__name__}: {error}"
-
-
-def _asdict(stats: EngineStats) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(stats)
 
 
 def _sum_engine_stats(stats: list[EngineStats]) -> VllmStats:

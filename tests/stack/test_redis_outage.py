@@ -46,29 +46,18 @@ def test_frozen_then_killed_redis(stack: Stack) -> None:
     cid = first["conversation_id"]
     before = requests.get(f"{stack.base_url}/conversations/{cid}", timeout=10).json()["messages"]
 
-    stack.redis.freeze()
-    try:
-        assert_outage_answers(stack, cid)
-    finally:
-        stack.redis.thaw()
-    wait_for(lambda: health_is(stack, 200), 15, 0.5)
-    assert (
-        post_generate(stack, message="And now?", conversation_id=cid, max_tokens=8).status_code
-        == 200
-    )
+    later_messages = ["And now?", "Last one."]
+    faults = [(stack.redis.freeze, stack.redis.thaw), (stack.redis.kill, stack.redis.start)]
+    for (break_redis, restore_redis), message in zip(faults, later_messages, strict=True):
+        break_redis()
+        try:
+            assert_outage_answers(stack, cid)
+        finally:
+            restore_redis()
+        wait_for(lambda: health_is(stack, 200), 15, 0.5)
+        response = post_generate(stack, message=message, conversation_id=cid, max_tokens=8)
+        assert response.status_code == 200, response.text
 
-    stack.redis.kill()
-    try:
-        assert_outage_answers(stack, cid)
-    finally:
-        stack.redis.start()
-    wait_for(lambda: health_is(stack, 200), 15, 0.5)
-    after = post_generate(stack, message="Last one.", conversation_id=cid, max_tokens=8)
-    assert after.status_code == 200
     stored = requests.get(f"{stack.base_url}/conversations/{cid}", timeout=10).json()["messages"]
     assert stored[:2] == before
-    assert [m["content"] for m in stored][::2] == [
-        "Remember the number 7.",
-        "And now?",
-        "Last one.",
-    ]
+    assert [m["content"] for m in stored][::2] == ["Remember the number 7.", *later_messages]

@@ -43,6 +43,17 @@ class ConversationNotFoundError(CloudLLMError):
         self.conversation_id = conversation_id
 
 
+class ModelNotFoundError(CloudLLMError):
+    """The request names a model this server does not serve (404)."""
+
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", param="model")
+        self.model = model
+
+
 class PayloadTooLargeError(CloudLLMError):
     """The request body is larger than ``MAX_UPLOAD_BYTES`` (413)."""
 

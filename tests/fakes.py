@@ -1,15 +1,17 @@
 """A complete fake engine for fast tests of the HTTP layer (never the only proof).
 
 It follows the engine contract of :mod:`cloudllm_serve.engine.protocol`: it answers
-with text derived from the conversation, so tests can see what history reached it.
+with text derived from the request, so tests can see what reached it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 from cloudllm_serve.engine.protocol import (
+    ChoiceDelta,
     EngineError,
     EngineStats,
     GenerationChunk,
@@ -20,9 +22,11 @@ from cloudllm_serve.errors import EngineUnavailableError
 
 
 class FakeEngine:
-    """Answers ``"<n> earlier messages; you said: <message>"`` one word per chunk.
+    """Answers ``"<n> earlier messages; you said: <message>"``, one word per chunk.
 
-    A message starting with ``say:`` is answered with the rest of it, verbatim.
+    A message (or prompt) starting with ``say:`` is answered with the rest, verbatim;
+    with a JSON schema the answer is ``{"answer": "<message>"}``. Choice ``i`` of
+    ``n`` gets ``[i]`` appended. Stop sequences cut the answer like vLLM does.
     """
 
     def __init__(self, *, context_words: int = 200, delay_s: float = 0.0) -> None:
@@ -31,39 +35,70 @@ class FakeEngine:
         self.down = False
         self.requests: list[GenerationRequest] = []
         self.running = 0
+        self.cancelled = 0
+
+    def _reply(self, request: GenerationRequest) -> str:
+        if request.messages is not None:
+            message = request.messages[-1]["content"]
+            earlier = len(request.messages) - 1
+        else:
+            prompt = request.prompt
+            message = prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))
+            earlier = 0
+        if request.sampling.json_schema is not None or request.sampling.json_object:
+            return json.dumps({"answer": message})
+        if message.startswith("say:"):
+            return message.removeprefix("say:")
+        return f"{earlier} earlier messages; you said: {message}"
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")
         self.requests.append(request)
-        if len(request.messages[-1]["content"].split()) > self.context_words:
+        text = self._reply(request)
+        if len(text.split()) > self.context_words:
             yield GenerationChunk(finished=True, error=EngineError("prompt_too_long", "too long"))
             return
-        message = request.messages[-1]["content"]
-        reply = (
-            message.removeprefix("say:")
-            if message.startswith("say:")
-            else f"{len(request.messages) - 1} earlier messages; you said: {message}"
-        )
-        words = reply.split(" ")[: request.max_tokens]
+        sampling = request.sampling
+        answers = []
+        for index in range(sampling.n):
+            words = (text + (f" [{index}]" if sampling.n > 1 else "")).split(" ")
+            words = words[: sampling.max_tokens]
+            answer, reason = (
+                " ".join(words),
+                "length" if len(words) == sampling.max_tokens else "stop",
+            )
+            for stop in sampling.stop:
+                if stop in answer:
+                    answer, reason = answer[: answer.index(stop)], "stop"
+            answers.append((answer, reason))
+        common = {"prompt_tokens": len(text.split()), "dropped_messages": 0}
         self.running += 1
         try:
-            text = ""
-            for index, word in enumerate(words):
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
-                piece = word if index == 0 else " " + word
-                text += piece
-                if request.stream:
-                    yield GenerationChunk(text=piece, tokens_generated=index + 1)
+            if request.stream:
+                for index, (answer, _) in enumerate(answers):
+                    for position, word in enumerate(answer.split(" ")):
+                        if self.delay_s:
+                            await asyncio.sleep(self.delay_s)
+                        piece = word if position == 0 else " " + word
+                        yield GenerationChunk(choices=(ChoiceDelta(index, piece, 1),), **common)
+                final = tuple(
+                    ChoiceDelta(i, "", 0, reason) for i, (_, reason) in enumerate(answers)
+                )
+            else:
+                final = tuple(
+                    ChoiceDelta(i, answer, len(answer.split(" ")), reason)
+                    for i, (answer, reason) in enumerate(answers)
+                )
             yield GenerationChunk(
-                text="" if request.stream else text,
+                choices=final,
                 finished=True,
-                finish_reason="length" if len(words) == request.max_tokens else "stop",
-                tokens_generated=len(words),
-                prompt_tokens=sum(len(m["content"].split()) for m in request.messages),
                 metrics=GenerationMetrics(queue_ms=0.1, ttft_ms=1.0, generation_ms=2.0),
+                **common,
             )
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finally:
             self.running -= 1
 

@@ -3,9 +3,11 @@
 An engine takes a :class:`GenerationRequest` (chat messages, oldest first, the new
 user message last) and yields :class:`GenerationChunk` values:
 
-* streaming (``request.stream``): one chunk per text delta as the engine makes it,
-  then a last chunk with ``finished=True`` and the metrics;
-* not streaming: a single chunk with the whole text, ``finished=True`` and the metrics.
+* streaming (``request.stream``): one chunk per engine step as soon as the engine
+  makes it, each with the new text of the choices that advanced; the last one has
+  ``finished=True`` and the metrics;
+* not streaming: a single chunk with each choice's whole text, ``finished=True`` and
+  the metrics.
 
 Errors travel as values: a chunk whose ``error`` is set ends the stream, and nothing
 else in it is meaningful. Every value here is a plain dataclass so it crosses Ray
@@ -16,20 +18,41 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 ChatMessage = dict[str, str]
 EngineErrorKind = Literal["prompt_too_long", "invalid_request", "engine_failure"]
 
 
 @dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample; the ingress has validated ranges and clamped ``max_tokens``."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: the conversation so far plus the new user message."""
+    """One generation: chat ``messages`` or a raw ``prompt``; exactly one is set.
+
+    ``messages`` are rendered with the chat template and fitted to the context by
+    dropping the oldest turns; a ``prompt`` (text or token ids) is used as is.
+    """
 
     request_id: str
-    messages: list[ChatMessage]
-    max_tokens: int
-    temperature: float
+    sampling: SamplingOptions
+    messages: list[ChatMessage] | None = None
+    prompt: str | list[int] | None = None
     stream: bool = True
 
 
@@ -51,13 +74,25 @@ class EngineError:
 
 
 @dataclass(frozen=True)
-class GenerationChunk:
-    """A piece of a generation; see the module docstring for the sequence."""
+class ChoiceDelta:
+    """New output of one choice (``index`` < ``n``): text and how many tokens it holds."""
 
-    text: str = ""
-    finished: bool = False
+    index: int
+    text: str
+    token_count: int
     finish_reason: str | None = None
-    tokens_generated: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of a generation; see the module docstring for the sequence.
+
+    ``prompt_tokens`` and ``dropped_messages`` are set on every chunk; ``metrics`` on
+    the last one only.
+    """
+
+    choices: tuple[ChoiceDelta, ...] = ()
+    finished: bool = False
     prompt_tokens: int = 0
     dropped_messages: int = 0
     metrics: GenerationMetrics | None = None

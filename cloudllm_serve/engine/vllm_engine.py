@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cloudllm_serve.engine.gpu import GpuMonitor
-from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages
+from cloudllm_serve.engine.prompt import FittedPrompt, PromptDoesNotFitError, fit_messages
 from cloudllm_serve.engine.protocol import (
     ChatMessage,
+    ChoiceDelta,
     EngineError,
     EngineStats,
     GenerationChunk,
@@ -83,6 +84,9 @@ def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
         "tensor_parallel_size": settings.VLLM_TENSOR_PARALLEL_SIZE,
         "enforce_eager": settings.VLLM_ENFORCE_EAGER,
         "disable_log_stats": False,
+        # Compact JSON under a schema: a small model cannot loop on whitespace until
+        # max_tokens and return a truncated object.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if settings.VLLM_KV_CACHE_MEMORY_BYTES is not None:
         args["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_MEMORY_BYTES
@@ -127,14 +131,52 @@ class VLLMEngine:
         )
         return list(tokenizer.encode(text, add_special_tokens=False))
 
+    def _prompt(self, request: GenerationRequest) -> FittedPrompt:
+        """The token ids to generate from; raises ``PromptDoesNotFitError``."""
+        budget = self._settings.VLLM_MAX_MODEL_LEN - request.sampling.max_tokens
+        if request.messages is not None:
+            return fit_messages(request.messages, self._encode, budget)
+        if isinstance(request.prompt, str):
+            token_ids = list(self._engine.get_tokenizer().encode(request.prompt))
+        elif request.prompt:
+            token_ids = list(request.prompt)
+        else:
+            raise ValueError("the request has neither messages nor a prompt")
+        if len(token_ids) > budget:
+            raise PromptDoesNotFitError(len(token_ids), budget)
+        return FittedPrompt(token_ids, 0)
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        sampling_params_cls, output_kind = self._sampling
+        options = request.sampling
+        structured = None
+        if options.json_schema is not None:
+            structured = StructuredOutputsParams(json=options.json_schema)
+        elif options.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        return sampling_params_cls(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=list(options.stop) or None,
+            seed=options.seed,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            ignore_eos=options.ignore_eos,
+            structured_outputs=structured,
+            output_kind=output_kind.DELTA if request.stream else output_kind.FINAL_ONLY,
+        )
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Run one generation; yields chunks as the protocol describes."""
         from vllm.inputs import TokensPrompt
 
-        sampling_params_cls, output_kind = self._sampling
-        budget = self._settings.VLLM_MAX_MODEL_LEN - request.max_tokens
         try:
-            fitted = fit_messages(request.messages, self._encode, budget)
+            fitted = self._prompt(request)
+            params = self._sampling_params(request)
         except PromptDoesNotFitError as error:
             yield GenerationChunk(
                 finished=True,
@@ -142,57 +184,57 @@ class VLLMEngine:
                     "prompt_too_long",
                     f"message is too long for the context: {error.tokens} prompt tokens, "
                     f"at most {error.budget} fit (VLLM_MAX_MODEL_LEN "
-                    f"{self._settings.VLLM_MAX_MODEL_LEN} minus max_tokens {request.max_tokens})",
+                    f"{self._settings.VLLM_MAX_MODEL_LEN} minus max_tokens "
+                    f"{request.sampling.max_tokens})",
                 ),
             )
             return
-        except Exception as error:  # a chat template that rejects the messages
+        except Exception as error:  # a chat template or parameters vLLM refuses
             yield GenerationChunk(
                 finished=True,
-                error=EngineError("invalid_request", f"cannot render the conversation: {error}"),
+                error=EngineError("invalid_request", f"{error}"),
             )
             return
 
-        params = sampling_params_cls(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            output_kind=output_kind.DELTA if request.stream else output_kind.FINAL_ONLY,
-        )
         started = time.perf_counter()
         first_token_at: float | None = None
         tokens = 0
-        prompt_tokens = len(fitted.token_ids)
+        prompt_tokens, dropped = len(fitted.token_ids), fitted.dropped_messages
         try:
             async for output in self._engine.generate(
                 TokensPrompt(prompt_token_ids=fitted.token_ids), params, request.request_id
             ):
-                completion = output.outputs[0]
-                tokens += len(completion.token_ids)
-                if first_token_at is None and completion.token_ids:
+                choices = tuple(
+                    ChoiceDelta(
+                        index=completion.index,
+                        text=completion.text,
+                        token_count=len(completion.token_ids),
+                        finish_reason=completion.finish_reason,
+                    )
+                    for completion in output.outputs
+                )
+                step_tokens = sum(choice.token_count for choice in choices)
+                tokens += step_tokens
+                if first_token_at is None and step_tokens:
                     first_token_at = time.perf_counter()
                 if not output.finished:
                     yield GenerationChunk(
-                        text=completion.text,
-                        tokens_generated=tokens,
-                        prompt_tokens=prompt_tokens,
-                        dropped_messages=fitted.dropped_messages,
+                        choices=choices, prompt_tokens=prompt_tokens, dropped_messages=dropped
                     )
                     continue
                 finished_at = time.perf_counter()
                 self._requests_finished += 1
                 self._tokens_generated += tokens
                 yield GenerationChunk(
-                    text=completion.text,
+                    choices=choices,
                     finished=True,
-                    finish_reason=completion.finish_reason,
-                    tokens_generated=tokens,
-                    prompt_tokens=prompt_tokens,
-                    dropped_messages=fitted.dropped_messages,
                     metrics=GenerationMetrics(
                         queue_ms=_queue_ms(output),
                         ttft_ms=_ttft_ms(output, (first_token_at or finished_at) - started),
                         generation_ms=(finished_at - started) * 1000,
                     ),
+                    prompt_tokens=prompt_tokens,
+                    dropped_messages=dropped,
                 )
         except ValueError as error:  # vLLM's verdict on bad parameters
             yield GenerationChunk(finished=True, error=EngineError("invalid_request", str(error)))

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from ray import serve
 
 from cloudllm_serve.conversations.store import ConversationStore
+from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
-from cloudllm_serve.ingress.routes import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
 

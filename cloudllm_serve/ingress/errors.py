@@ -1,10 +1,14 @@
 """The one place where errors become HTTP responses.
 
-* :class:`~cloudllm_serve.errors.CloudLLMError` subclasses carry their status;
-  503s add ``Retry-After``.
-* Request validation: an unreadable or empty body is a 400, a bad field a 422; the
-  ``detail`` sentence names each field at fault.
-* Anything else is a bug: 500, logged with its traceback.
+Two bodies, by API surface:
+
+* the seed API: ``{"detail": "<sentence>", "error_type": "...", "param": ...}``; an
+  unreadable or empty body is a 400, a bad field a 422 naming it;
+* ``/v1`` (OpenAI): ``{"error": {"message", "type", "param", "code"}}``; every bad
+  parameter is a 400, as OpenAI's clients expect.
+
+:class:`~cloudllm_serve.errors.CloudLLMError` subclasses carry their status; 503s add
+``Retry-After``. Anything else is a bug: 500, logged with its traceback.
 """
 
 from __future__ import annotations
@@ -19,16 +23,45 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloudllm_serve.errors import CloudLLMError, ServiceUnavailableError
-from cloudllm_serve.ingress.schemas import ErrorBody
+from cloudllm_serve.errors import (
+    CloudLLMError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
+from cloudllm_serve.ingress.seed_api.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
 
+OPENAI_PREFIX = "/v1/"
 _BODY_ERRORS = {"json_invalid", "missing", "model_attributes_type", "dict_type", "model_type"}
 
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error")).lower()
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PREFIX)
+
+
+def openai_error(error: CloudLLMError) -> dict[str, Any]:
+    """OpenAI's error body for one of the project's errors."""
+    kinds = {
+        400: "invalid_request_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        501: "not_implemented_error",
+        503: "service_unavailable_error",
+    }
+    return {
+        "error": {
+            "message": error.message,
+            "type": kinds.get(error.status_code, "server_error"),
+            "param": error.param,
+            "code": getattr(error, "code", None) or error.status_code,
+        }
+    }
 
 
 def error_response(
@@ -38,7 +71,7 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """The JSON body every error uses (:class:`~cloudllm_serve.ingress.schemas.ErrorBody`)."""
+    """The seed API's error body (:class:`~cloudllm_serve.ingress.seed_api.schemas.ErrorBody`)."""
     return JSONResponse(
         {"detail": detail, "error_type": error_type, "param": param},
         status_code=status,
@@ -46,11 +79,13 @@ def error_response(
     )
 
 
-def cloudllm_error_response(error: CloudLLMError) -> JSONResponse:
-    """Response for one of the project's errors."""
+def cloudllm_error_response(error: CloudLLMError, *, openai: bool = False) -> JSONResponse:
+    """Response for one of the project's errors, in the body of the API it came from."""
     headers = None
     if isinstance(error, ServiceUnavailableError):
         headers = {"Retry-After": str(error.retry_after_s)}
+    if openai:
+        return JSONResponse(openai_error(error), status_code=error.status_code, headers=headers)
     return error_response(
         error.status_code, error.message, _snake(type(error).__name__), error.param, headers
     )
@@ -61,65 +96,79 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def validation_error_response(
-    error: RequestValidationError, content_type: str = ""
-) -> JSONResponse:
-    """400 for an unreadable/empty body, 422 naming the fields otherwise."""
-    problems = list(error.errors())
-    for item in problems:
+def _body_problem(error: RequestValidationError, content_type: str) -> str | None:
+    """A sentence when the body as a whole is unusable (not JSON, not an object, empty)."""
+    for item in error.errors():
         loc = tuple(item.get("loc", ()))
         kind = item.get("type", "")
-        if (
-            loc
-            and loc[0] == "body"
-            and (len(loc) == 1 or kind == "json_invalid")
-            and kind in _BODY_ERRORS
-        ):
-            if kind == "json_invalid":
-                reason = item.get("ctx", {}).get("error", "invalid JSON")
-                detail = f"request body is not valid JSON: {reason}"
-            elif content_type and "json" not in content_type:
-                detail = (
-                    f"request body must be JSON sent with Content-Type: application/json "
+        if not (loc and loc[0] == "body" and kind in _BODY_ERRORS):
+            continue
+        if kind == "json_invalid":
+            reason = item.get("ctx", {}).get("error", "invalid JSON")
+            return f"request body is not valid JSON: {reason}"
+        if len(loc) == 1:
+            if content_type and "json" not in content_type:
+                return (
+                    "request body must be JSON sent with Content-Type: application/json "
                     f"(got {content_type})"
                 )
-            else:
-                detail = 'request body must be a JSON object, e.g. {"message": "Hello"}'
-            return error_response(400, detail, "invalid_body", "body")
+            return 'request body must be a JSON object, e.g. {"message": "Hello"}'
+    return None
+
+
+def _field_problems(error: RequestValidationError) -> tuple[str, str | None]:
     messages = []
-    for item in problems:
+    for item in error.errors():
         field = _field_name(tuple(item.get("loc", ()))) or "body"
         message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
         if item.get("type") == "extra_forbidden":
             message = "unknown field"
         messages.append(f"{field}: {message}")
-    first_field = _field_name(tuple(problems[0].get("loc", ()))) if problems else None
-    return error_response(422, "; ".join(messages), "invalid_field", first_field or None)
+    problems = error.errors()
+    first = _field_name(tuple(problems[0].get("loc", ()))) if problems else ""
+    return "; ".join(messages), first or None
+
+
+def validation_error_response(
+    error: RequestValidationError, content_type: str = "", *, openai: bool = False
+) -> JSONResponse:
+    """400 for an unusable body; a bad field is 422 (seed API) or 400 (OpenAI API)."""
+    body_problem = _body_problem(error, content_type)
+    if body_problem is not None:
+        if openai:
+            return cloudllm_error_response(InvalidRequestError(body_problem), openai=True)
+        return error_response(400, body_problem, "invalid_body", "body")
+    detail, param = _field_problems(error)
+    if openai:
+        return cloudllm_error_response(InvalidRequestError(detail, param=param), openai=True)
+    return error_response(422, detail, "invalid_field", param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register every handler on ``app``."""
 
-    async def on_cloudllm_error(_: Request, error: Exception) -> JSONResponse:
+    async def on_cloudllm_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, CloudLLMError)
-        return cloudllm_error_response(error)
+        return cloudllm_error_response(error, openai=_is_openai(request))
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return validation_error_response(error, request.headers.get("content-type", ""))
+        return validation_error_response(
+            error, request.headers.get("content-type", ""), openai=_is_openai(request)
+        )
 
-    async def on_http_error(_: Request, error: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
+        if error.status_code == 413:
+            return cloudllm_error_response(
+                PayloadTooLargeError(str(error.detail), param="body"), openai=_is_openai(request)
+            )
         try:
             error_type = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
         except ValueError:
             error_type = "http_error"
-        return error_response(
-            error.status_code,
-            str(error.detail),
-            error_type,
-            headers=dict(error.headers) if error.headers else None,
-        )
+        headers = dict(error.headers) if error.headers else None
+        return error_response(error.status_code, str(error.detail), error_type, headers=headers)
 
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -131,7 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-#: ``responses=`` for routes: documents the error body in ``/openapi.json``.
+#: ``responses=`` for seed routes: documents the error body in ``/openapi.json``.
 ErrorResponses: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {

@@ -13,6 +13,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from cloudllm_serve.errors import PayloadTooLargeError
+from cloudllm_serve.ingress.errors import OPENAI_PREFIX, openai_error
 from cloudllm_serve.ingress.service import IngressCounters
 
 Scope = MutableMapping[str, Any]
@@ -39,6 +41,13 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def _too_large_body(scope: Scope, message: str) -> dict[str, Any]:
+    error = PayloadTooLargeError(message, param="body")
+    if str(scope.get("path", "")).startswith(OPENAI_PREFIX):
+        return openai_error(error)
+    return {"detail": message, "error_type": "payload_too_large", "param": "body"}
+
+
 class RequestLimitsMiddleware:
     """Stamps ``scope['state'][RECEIVED_AT]``, rejects bodies over ``max_body_bytes`` (413)."""
 
@@ -47,12 +56,8 @@ class RequestLimitsMiddleware:
         self.max_body_bytes = max_body_bytes
         self.counters = counters
 
-    def _too_large_body(self) -> dict[str, Any]:
-        return {
-            "detail": f"request body is larger than MAX_UPLOAD_BYTES ({self.max_body_bytes} bytes)",
-            "error_type": "payload_too_large",
-            "param": "body",
-        }
+    def _too_large_message(self) -> str:
+        return f"request body is larger than MAX_UPLOAD_BYTES ({self.max_body_bytes} bytes)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -66,7 +71,7 @@ class RequestLimitsMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             counters.requests_failed += 1
             counters.errors_by_status[413] = counters.errors_by_status.get(413, 0) + 1
-            await _send_json(send, 413, self._too_large_body())
+            await _send_json(send, 413, _too_large_body(scope, self._too_large_message()))
             return
 
         received = 0
@@ -80,7 +85,7 @@ class RequestLimitsMiddleware:
                 if received > limit:
                     # HTTPException passes FastAPI's body parsing untouched and is
                     # rendered by the app's handler.
-                    raise HTTPException(413, detail=self._too_large_body()["detail"])
+                    raise HTTPException(413, detail=self._too_large_message())
             return message
 
         status_holder: list[int] = []

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cloudllm_serve.conversations.store import ConversationStore
-from cloudllm_serve.ingress.routes import create_app
+from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine

@@ -59,7 +59,7 @@ def test_conversation_history_reaches_the_engine(app: App) -> None:
 def test_max_tokens_is_clamped_to_the_cap(app: App) -> None:
     body = generate(app, max_tokens=10_000, message="w " * 100)
     assert body["model_info"]["max_tokens"] == app.settings.MAX_TOKENS_CAP
-    assert app.engine.requests[-1].max_tokens == app.settings.MAX_TOKENS_CAP
+    assert app.engine.requests[-1].sampling.max_tokens == app.settings.MAX_TOKENS_CAP
 
 
 def test_json_answers_fill_response_json(app: App) -> None:

@@ -1,4 +1,4 @@
-"""Request and response schemas of the seed's API (SPEC §2)."""
+"""Request and response schemas of the seed's API (SPEC §2), plus ``stream`` and ``json_schema``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ class GenerateRequest(BaseModel):
     )
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = Field(
         0.7, description="sampling temperature, 0 (greedy) to 2"
+    )
+    stream: Annotated[bool, Field(strict=True)] = Field(
+        False, description="answer with server-sent events: one per text delta, then the result"
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="a JSON Schema the answer must follow (structured output)"
     )
 
     @field_validator("message")

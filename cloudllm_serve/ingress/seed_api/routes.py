@@ -1,18 +1,19 @@
-"""The seed's HTTP endpoints (SPEC §2) as a FastAPI app over a :class:`CloudLLMService`."""
+"""The seed's HTTP endpoints (SPEC §2) over a :class:`CloudLLMService`."""
 
 from __future__ import annotations
 
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from cloudllm_serve import __version__
 from cloudllm_serve.errors import FeatureNotImplementedError
-from cloudllm_serve.ingress.errors import ErrorResponses, install_error_handlers
-from cloudllm_serve.ingress.middleware import RECEIVED_AT, RequestLimitsMiddleware
-from cloudllm_serve.ingress.schemas import (
+from cloudllm_serve.ingress.errors import ErrorResponses
+from cloudllm_serve.ingress.middleware import RECEIVED_AT
+from cloudllm_serve.ingress.seed_api import status
+from cloudllm_serve.ingress.seed_api.generation import GenerateCall
+from cloudllm_serve.ingress.seed_api.schemas import (
     ConversationDeleted,
     ConversationDetail,
     ConversationList,
@@ -23,6 +24,7 @@ from cloudllm_serve.ingress.schemas import (
     MessageOut,
 )
 from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
 router = APIRouter()
 
@@ -39,15 +41,30 @@ Service = Annotated[CloudLLMService, Depends(get_service)]
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(service: Service) -> JSONResponse:
     """Liveness of the model and Redis: 200 when both answer, 503 naming what is wrong."""
-    status, body = await service.health()
-    return JSONResponse(body.model_dump(), status_code=status)
+    code, body = await status.health(service)
+    return JSONResponse(body.model_dump(), status_code=code)
 
 
-@router.post("/generate", response_model=GenerationResponse, responses=ErrorResponses)
-async def generate(body: GenerateRequest, request: Request, service: Service) -> GenerationResponse:
+@router.post(
+    "/generate",
+    response_model=GenerationResponse,
+    responses={
+        **ErrorResponses,
+        200: {
+            "content": {SSE_MEDIA_TYPE: {}},
+            "description": "GenerationResponse, or with stream=true server-sent events: "
+            '{"type":"delta","delta":...} per text delta, then '
+            '{"type":"final","response":GenerationResponse} (or {"type":"error",...})',
+        },
+    },
+)
+async def generate(body: GenerateRequest, request: Request, service: Service) -> Any:
     """Generate the answer to ``message``, in a new or a stored conversation."""
     received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
-    return await service.generate(body, received_at)
+    call = await GenerateCall.prepare(service, body, received_at)
+    if body.stream:
+        return StreamingResponse(call.events(), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    return await call.run()
 
 
 @router.post("/vision", status_code=501, responses=ErrorResponses)
@@ -122,22 +139,4 @@ async def delete_conversation(conversation_id: str, service: Service) -> Convers
 @router.get("/status/detailed", responses=ErrorResponses)
 async def detailed_status(service: Service) -> dict[str, Any]:
     """Engine state and performance: per-replica batching, KV cache, GPU, Redis, counters."""
-    return await service.detailed_status()
-
-
-def create_app(service: CloudLLMService) -> FastAPI:
-    """The FastAPI app serving the seed's API over ``service``."""
-    app = FastAPI(
-        title="CloudLLM Serve",
-        version=__version__,
-        description="The CloudLLM API on vLLM, Ray Serve and Redis.",
-    )
-    app.state.service = service
-    app.include_router(router)
-    install_error_handlers(app)
-    app.add_middleware(
-        RequestLimitsMiddleware,
-        max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
-        counters=service.counters,
-    )
-    return app
+    return await status.detailed_status(service)

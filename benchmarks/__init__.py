@@ -1,0 +1,1 @@
+"""Benchmarks of the serving stack (run with the project's virtual environment)."""

@@ -1,0 +1,31 @@
+"""The ingress's ASGI app: both API surfaces, error handlers and request limits."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from cloudllm_serve import __version__
+from cloudllm_serve.ingress.errors import install_error_handlers
+from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware
+from cloudllm_serve.ingress.openai_api.routes import router as openai_router
+from cloudllm_serve.ingress.seed_api.routes import router as seed_router
+from cloudllm_serve.ingress.service import CloudLLMService
+
+
+def create_app(service: CloudLLMService) -> FastAPI:
+    """The FastAPI app serving the seed API and the OpenAI API over ``service``."""
+    app = FastAPI(
+        title="CloudLLM Serve",
+        version=__version__,
+        description="The CloudLLM API and an OpenAI-compatible API on vLLM, Ray Serve and Redis.",
+    )
+    app.state.service = service
+    app.include_router(seed_router)
+    app.include_router(openai_router)
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
+        counters=service.counters,
+    )
+    return app

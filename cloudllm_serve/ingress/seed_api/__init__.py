@@ -1,0 +1,1 @@
+"""The seed's API (SPEC §2): ``/health``, ``/generate``, conversations, ``/status/detailed``."""

@@ -1,0 +1,159 @@
+"""``POST /generate``: one turn of a conversation, whole or as server-sent events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonschema
+
+from cloudllm_serve.conversations.store import StoredMessage
+from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
+from cloudllm_serve.errors import CloudLLMError
+from cloudllm_serve.ingress.response_json import extract_json
+from cloudllm_serve.ingress.seed_api.schemas import (
+    GenerateRequest,
+    GenerationResponse,
+    ModelInfo,
+    Timings,
+)
+from cloudllm_serve.ingress.service import (
+    CloudLLMService,
+    Completion,
+    ConversationTurn,
+    check_json_schema,
+)
+from cloudllm_serve.ingress.sse import sse_event
+
+
+class GenerateCall:
+    """One ``/generate`` request: validated, its conversation loaded, ready to run."""
+
+    def __init__(
+        self,
+        service: CloudLLMService,
+        body: GenerateRequest,
+        turn: ConversationTurn,
+        received_at: float,
+    ) -> None:
+        self.service = service
+        self.body = body
+        self.turn = turn
+        self.received_at = received_at
+        self.started = time.perf_counter()
+        self.user_message = StoredMessage("user", body.message, time.time())
+        self.request = GenerationRequest(
+            request_id=f"gen-{uuid.uuid4().hex}",
+            messages=turn.chat_messages([self.user_message]),
+            sampling=SamplingOptions(
+                max_tokens=service.clamp_max_tokens(body.max_tokens),
+                temperature=float(body.temperature),
+                json_schema=body.json_schema,
+            ),
+            stream=body.stream,
+        )
+
+    @classmethod
+    async def prepare(
+        cls, service: CloudLLMService, body: GenerateRequest, received_at: float
+    ) -> GenerateCall:
+        """Check what needs no engine and load (or start) the conversation.
+
+        Everything that can fail before generating fails here, so a streamed answer
+        still gets a proper HTTP status for a bad schema, an unknown id or Redis down.
+        """
+        if body.json_schema is not None:
+            check_json_schema(body.json_schema, "json_schema")
+        turn = await service.begin_turn(body.conversation_id, create=True)
+        return cls(service, body, turn, received_at)
+
+    async def run(self) -> GenerationResponse:
+        """Generate the whole answer, store the turn, build the response."""
+        try:
+            completion = await self.service.collect(self.request, prompt_param="message")
+            await self.service.finish_turn(self.turn, [self.user_message], completion.text)
+        except BaseException:
+            await self.service.abandon_turn(self.turn)
+            raise
+        return self._response(completion)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Server-sent events: ``delta`` per text delta, then ``final`` (or ``error``)."""
+        parts: list[str] = []
+        tokens = 0
+        final: GenerationChunk | None = None
+        try:
+            async for chunk in self.service.stream(self.request, prompt_param="message"):
+                for choice in chunk.choices:
+                    tokens += choice.token_count
+                    if choice.text:
+                        parts.append(choice.text)
+                        yield sse_event({"type": "delta", "delta": choice.text})
+                if chunk.finished:
+                    final = chunk
+            assert final is not None
+            text = "".join(parts)
+            await self.service.finish_turn(self.turn, [self.user_message], text)
+        except CloudLLMError as error:
+            await self.service.abandon_turn(self.turn)
+            yield sse_event({"type": "error", "status": error.status_code, "detail": error.message})
+            return
+        except BaseException:
+            await self.service.abandon_turn(self.turn)
+            raise
+        self.service.counters.tokens_generated += tokens
+        reason = final.choices[-1].finish_reason if final.choices else None
+        completion = Completion([text], [reason], [tokens], final)
+        yield sse_event({"type": "final", "response": self._response(completion).model_dump()})
+
+    def _response(self, completion: Completion) -> GenerationResponse:
+        finished = time.perf_counter()
+        parse_started = time.perf_counter()
+        parsed = extract_json(completion.text)
+        if parsed is not None and self.body.json_schema is not None:
+            parsed = parsed if _valid(parsed, self.body.json_schema) else None
+        json_parse_ms = (time.perf_counter() - parse_started) * 1000
+
+        final = completion.final
+        metrics = final.metrics
+        generation_ms = metrics.generation_ms if metrics else (finished - self.started) * 1000
+        tokens = completion.completion_tokens[0]
+        timings = Timings(
+            generation_ms=round(generation_ms, 3),
+            total_ms=round((finished - self.started) * 1000, 3),
+            tokens_generated=tokens,
+            tokens_per_second=round(tokens / (generation_ms / 1000), 3)
+            if generation_ms > 0
+            else 0.0,
+            endpoint_total_ms=round((time.perf_counter() - self.received_at) * 1000, 3),
+            json_parse_ms=round(json_parse_ms, 3),
+            ttft_ms=round(metrics.ttft_ms, 3) if metrics else None,
+            queue_ms=round(metrics.queue_ms, 3) if metrics else None,
+            prompt_tokens=final.prompt_tokens,
+        )
+        assert self.turn.conversation_id is not None
+        return GenerationResponse(
+            response=completion.text,
+            conversation_id=self.turn.conversation_id,
+            generation_time=round(generation_ms / 1000, 6),
+            model_info=ModelInfo(
+                model_name=self.service.settings.model_name,
+                max_tokens=self.request.sampling.max_tokens,
+                temperature=self.request.sampling.temperature,
+                timings=timings,
+            ),
+            response_json=parsed,
+            response_is_json=parsed is not None,
+            finish_reason=completion.finish_reasons[0],
+            dropped_history_messages=final.dropped_messages,
+        )
+
+
+def _valid(value: Any, schema: dict[str, Any]) -> bool:
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True

@@ -1,0 +1,129 @@
+"""``/health`` and ``/status/detailed``: what the engines and Redis report right now."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from cloudllm_serve.engine.protocol import EngineStats
+from cloudllm_serve.errors import CloudLLMError
+from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
+from cloudllm_serve.ingress.service import CloudLLMService
+
+
+async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
+    """``GET /health``: 200 when the model is loaded and Redis answers, else 503."""
+    stats_result, count_result = await asyncio.gather(
+        service.engine.stats(), service.store.count(), return_exceptions=True
+    )
+    problems = []
+    stats: list[EngineStats] = []
+    if isinstance(stats_result, BaseException):
+        problems.append(f"engine: {_message(stats_result)}")
+    else:
+        stats = stats_result
+    conversations: int | None = None
+    if isinstance(count_result, BaseException):
+        problems.append(f"redis: {_message(count_result)}")
+    else:
+        conversations = count_result
+    model_loaded = bool(stats) and all(s.engine_status == "running" for s in stats)
+    if stats and not model_loaded:
+        problems.append("engine: a replica reports engine_status errored")
+    gpus = [gpu for s in stats for gpu in s.gpus]
+    body = HealthResponse(
+        status="healthy"
+        if not problems
+        else "unhealthy: " + "; ".join(p.split(":")[0] + " unavailable" for p in problems),
+        model_loaded=model_loaded,
+        model_name=service.settings.model_name,
+        gpu_memory_used=round(sum(g.memory_used_gb for g in gpus), 3) if gpus else None,
+        gpu_memory_total=round(sum(g.memory_total_gb for g in gpus), 3) if gpus else None,
+        vllm_stats=_sum_engine_stats(stats),
+        active_conversations=conversations,
+        uptime=round(service.uptime_s, 3),
+        redis_ok=conversations is not None,
+        problems=problems,
+    )
+    return (200 if not problems else 503), body
+
+
+async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
+    """``GET /status/detailed``: engine, GPU, batching, store and ingress metrics."""
+    stats_result, ping_result, count_result = await asyncio.gather(
+        service.engine.stats(), service.store.ping(), service.store.count(), return_exceptions=True
+    )
+    settings = service.settings
+    counters = service.counters
+    engines: list[dict[str, Any]] = []
+    engine_error = None
+    if isinstance(stats_result, BaseException):
+        engine_error = _message(stats_result)
+    else:
+        for replica in stats_result:
+            item = asdict(replica)
+            item["batch_utilization"] = round(
+                replica.running_requests / max(replica.max_num_seqs, 1), 4
+            )
+            engines.append(item)
+    redis_ok = not isinstance(ping_result, BaseException)
+    return {
+        "model_name": settings.model_name,
+        "engine_type": "vLLM",
+        "uptime": round(service.uptime_s, 3),
+        "engine": {
+            "summary": _sum_engine_stats(
+                [] if isinstance(stats_result, BaseException) else stats_result
+            ).model_dump(),
+            "replicas": engines,
+            "error": engine_error,
+        },
+        "gpu": [gpu for replica in engines for gpu in replica.get("gpus", [])],
+        "config": {
+            "model": settings.LLM_MODEL,
+            "device": settings.ENGINE_DEVICE,
+            "max_model_len": settings.VLLM_MAX_MODEL_LEN,
+            "max_num_seqs": settings.VLLM_MAX_NUM_SEQS,
+            "block_size": settings.VLLM_BLOCK_SIZE,
+            "gpu_memory_utilization": settings.VLLM_GPU_MEMORY_UTILIZATION,
+            "tensor_parallel_size": settings.VLLM_TENSOR_PARALLEL_SIZE,
+            "max_tokens_cap": settings.MAX_TOKENS_CAP,
+            "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
+            "max_image_side": settings.MAX_IMAGE_SIDE,
+        },
+        "redis": {
+            "ok": redis_ok,
+            "latency_ms": round(ping_result, 3) if isinstance(ping_result, float) else None,
+            "conversations": count_result if isinstance(count_result, int) else None,
+            "error": _message(ping_result) if isinstance(ping_result, BaseException) else None,
+        },
+        "ingress": {
+            "requests_total": counters.requests_total,
+            "requests_failed": counters.requests_failed,
+            "requests_in_flight": counters.in_flight,
+            "tokens_generated": counters.tokens_generated,
+            "mean_tokens_per_second": round(
+                counters.tokens_generated / (counters.generation_ms_total / 1000), 3
+            )
+            if counters.generation_ms_total
+            else None,
+            "errors_by_status": {str(k): v for k, v in sorted(counters.errors_by_status.items())},
+        },
+    }
+
+
+def _message(error: BaseException) -> str:
+    return error.message if isinstance(error, CloudLLMError) else f"{type(error).__name__}: {error}"
+
+
+def _sum_engine_stats(stats: list[EngineStats]) -> VllmStats:
+    if not stats:
+        return VllmStats(engine_status="unavailable", pending_requests=0, running_requests=0)
+    return VllmStats(
+        engine_status="running" if all(s.engine_status == "running" for s in stats) else "errored",
+        pending_requests=sum(s.pending_requests for s in stats),
+        running_requests=sum(s.running_requests for s in stats),
+        kv_cache_usage=round(sum(s.kv_cache_usage for s in stats) / len(stats), 4),
+        replicas=len(stats),
+    )

@@ -47,8 +47,8 @@ test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm" $(PYTEST_ARGS)
 
 lint: install
-	@$(VENV)/bin/ruff check cloudllm_serve tests
-	@$(VENV)/bin/ruff format --check cloudllm_serve tests
+	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks
+	@$(VENV)/bin/ruff format --check cloudllm_serve tests benchmarks
 	@$(VENV)/bin/mypy
 
 clean:

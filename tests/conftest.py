@@ -17,9 +17,10 @@ from tests.support import RedisServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: Settings of the test stack: a small cap keeps generations short on 2 cores,
-#: and seeing it in /status/detailed proves the environment reaches the replicas.
-STACK_MAX_TOKENS_CAP = 64
+#: Settings of the test stack: not the default (512), so seeing it in
+#: /status/detailed proves the environment reaches the replicas; above 500 for the
+#: cancellation test's 500-token request.
+STACK_MAX_TOKENS_CAP = 600
 
 
 @pytest.fixture(scope="session")

@@ -162,6 +162,25 @@ class CloudLLMService:
         finally:
             self.counters.in_flight -= 1
 
+    async def open_stream(
+        self, request: GenerationRequest, *, prompt_param: str = "messages"
+    ) -> AsyncIterator[GenerationChunk]:
+        """:meth:`stream`, started: returns once the engine's first chunk is here.
+
+        Whatever fails before the first token (no engine, a prompt too long, a
+        parameter vLLM refuses) raises here, so a streamed answer still gets its HTTP
+        status; the first chunk goes out with the response headers, costing nothing.
+        """
+        chunks = self.stream(request, prompt_param=prompt_param)
+        first = await anext(chunks)
+
+        async def started() -> AsyncIterator[GenerationChunk]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+        return started()
+
     async def collect(
         self, request: GenerationRequest, *, prompt_param: str = "messages"
     ) -> Completion:

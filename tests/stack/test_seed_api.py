@@ -70,9 +70,9 @@ def test_seed_generate_example_verbatim(stack: Stack) -> None:
     info = body["model_info"]
     assert info["engine"] == "vLLM"
     assert info["model_name"] == "SmolLM2-135M-Instruct"
-    assert info["max_tokens"] == STACK_MAX_TOKENS_CAP  # 512 clamped to the stack's cap
+    assert info["max_tokens"] == 512
     timings = info["timings"]
-    assert 0 < timings["tokens_generated"] <= STACK_MAX_TOKENS_CAP
+    assert 0 < timings["tokens_generated"] <= 512
     assert 0 < timings["ttft_ms"] <= timings["generation_ms"] <= timings["total_ms"]
     assert timings["total_ms"] <= timings["endpoint_total_ms"]
     assert timings["tokens_per_second"] == pytest.approx(
@@ -172,9 +172,7 @@ def test_message_too_long_for_the_context(stack: Stack) -> None:
 
 
 def test_max_tokens_is_clamped(stack: Stack) -> None:
-    body = generate(
-        stack, message="Count from one to one hundred in words.", max_tokens=10_000, temperature=0
-    )
+    body = generate(stack, message="Say hello.", max_tokens=10_000, temperature=0)
     assert body["model_info"]["max_tokens"] == STACK_MAX_TOKENS_CAP
     assert body["model_info"]["timings"]["tokens_generated"] <= STACK_MAX_TOKENS_CAP
 

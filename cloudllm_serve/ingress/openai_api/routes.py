@@ -59,8 +59,9 @@ async def get_model(model_id: str, service: Service) -> ModelCard:
 
 async def _answer(call: CompletionCall) -> Any:
     if call.request.stream:
+        events = await call.start_events()
         return StreamingResponse(
-            call.events(), media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **call.headers}
+            events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **call.headers}
         )
     return JSONResponse(await call.run(), headers=call.headers)
 

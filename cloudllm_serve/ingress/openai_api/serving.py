@@ -164,15 +164,24 @@ class CompletionCall:
             body["conversation_id"] = self.turn.conversation_id
         return body
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """Server-sent chunks as OpenAI streams them, then ``data: [DONE]``."""
+    async def start_events(self) -> AsyncIterator[bytes]:
+        """Start generating; return the server-sent chunks once the first token is here."""
+        try:
+            chunks = await self.service.open_stream(self.request, prompt_param=self.prompt_param)
+        except BaseException:
+            await self.service.abandon_turn(self.turn)
+            raise
+        return self._events(chunks)
+
+    async def _events(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
+        """Chunks as OpenAI streams them, then ``data: [DONE]`` (an error event midway)."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         started_choices: set[int] = set()
         answer: list[str] = []
         tokens = 0
         final: GenerationChunk | None = None
         try:
-            async for chunk in self.service.stream(self.request, prompt_param=self.prompt_param):
+            async for chunk in chunks:
                 deltas = []
                 for choice in chunk.choices:
                     tokens += choice.token_count

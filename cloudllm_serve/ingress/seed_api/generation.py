@@ -79,13 +79,22 @@ class GenerateCall:
             raise
         return self._response(completion)
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """Server-sent events: ``delta`` per text delta, then ``final`` (or ``error``)."""
+    async def start_events(self) -> AsyncIterator[bytes]:
+        """Start generating; return the server-sent events once the first token is here."""
+        try:
+            chunks = await self.service.open_stream(self.request, prompt_param="message")
+        except BaseException:
+            await self.service.abandon_turn(self.turn)
+            raise
+        return self._events(chunks)
+
+    async def _events(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
+        """``delta`` per text delta, then ``final`` (or ``error`` if it fails midway)."""
         parts: list[str] = []
         tokens = 0
         final: GenerationChunk | None = None
         try:
-            async for chunk in self.service.stream(self.request, prompt_param="message"):
+            async for chunk in chunks:
                 for choice in chunk.choices:
                     tokens += choice.token_count
                     if choice.text:

@@ -63,7 +63,8 @@ async def generate(body: GenerateRequest, request: Request, service: Service) ->
     received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
     call = await GenerateCall.prepare(service, body, received_at)
     if body.stream:
-        return StreamingResponse(call.events(), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        events = await call.start_events()
+        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
     return await call.run()
 
 

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible API, streaming and cancellation on the real stack (vLLM on SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from cloudllm_serve.models.prepare import default_model_dir
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.stack
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+def busy(stack: Stack) -> int:
+    stats = requests.get(f"{stack.base_url}/health", timeout=30).json()["vllm_stats"]
+    return int(stats["running_requests"] + stats["pending_requests"])
+
+
+def wait_idle(stack: Stack, timeout_s: float) -> float:
+    started = time.monotonic()
+    while busy(stack) > 0:
+        assert time.monotonic() - started < timeout_s, "engine still busy"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_openai_sdk_script(stack: Stack) -> None:
+    """The SDK script (sync + async clients) passes every check against the stack."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / "openai_sdk_script.py"), "--base-url", stack.base_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert checks == [
+        "ok models.list",
+        "ok chat",
+        "ok chat stream",
+        "ok completions",
+        "ok completions stream",
+        "ok json_schema",
+        "ok stop sequence",
+        "ok unknown model",
+        "ok temperature=-3",
+        "ok 8 concurrent async streams",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("backend", "endpoint"),
+    [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")],
+)
+def test_vllm_bench_serve(stack: Stack, tmp_path: Path, backend: str, endpoint: str) -> None:
+    """`vllm bench serve` (random dataset) finishes against our endpoints with 0 failures."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.vllm_bench_serve",
+            "--base-url",
+            stack.base_url,
+            "--backend",
+            backend,
+            "--endpoint",
+            endpoint,
+            "--model",
+            "SmolLM2-135M-Instruct",
+            "--tokenizer",
+            str(default_model_dir()),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "64",
+            "--random-output-len",
+            "32",
+            "--num-prompts",
+            "16",
+            "--max-concurrency",
+            "4",
+            "--ignore-eos",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "result.json",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    print({k: result[k] for k in ("completed", "failed", "median_ttft_ms", "median_tpot_ms")})
+    assert result["completed"] == 16
+    assert result["failed"] == 0
+    assert result["total_output_tokens"] == 16 * 32
+    assert result["median_ttft_ms"] > 0 and result["median_tpot_ms"] > 0
+
+
+def stream_generate(stack: Stack, body: dict[str, Any]) -> tuple[list[float], str, dict[str, Any]]:
+    """Arrival times (s) of each delta, their text, and the final response of a stream."""
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    text = ""
+    final: dict[str, Any] = {}
+    with requests.post(
+        f"{stack.base_url}/generate", json={**body, "stream": True}, stream=True, timeout=120
+    ) as response:
+        assert response.status_code == 200, response.text
+        for line in response.iter_lines():
+            if not line:
+                continue
+            event = json.loads(line.removeprefix(b"data: "))
+            if event["type"] == "delta":
+                arrivals.append(time.perf_counter() - started)
+                text += event["delta"]
+            else:
+                assert event["type"] == "final", event
+                final = event["response"]
+    return arrivals, text, final
+
+
+def test_first_token_arrives_long_before_the_last(stack: Stack) -> None:
+    arrivals, text, final = stream_generate(
+        stack, {"message": "Tell me a long story about a dragon.", "max_tokens": 120}
+    )
+    timings = final["model_info"]["timings"]
+    first_ms, last_ms = arrivals[0] * 1000, arrivals[-1] * 1000
+    print(
+        f"first delta {first_ms:.0f} ms, engine ttft {timings['ttft_ms']:.0f} ms, "
+        f"last delta {last_ms:.0f} ms, {len(arrivals)} deltas"
+    )
+    assert len(arrivals) > 50
+    assert first_ms < last_ms / 5
+    # The client sees the first token soon after the engine makes it: no batching delay.
+    assert first_ms - timings["ttft_ms"] < 250
+    assert text == final["response"]  # the deltas add up to the whole answer
+
+
+def test_closing_a_stream_aborts_the_engine_request(stack: Stack) -> None:
+    wait_idle(stack, 30)
+    response = requests.post(
+        f"{stack.base_url}/v1/completions",
+        json={"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True},
+        stream=True,
+        timeout=60,
+    )
+    lines = response.iter_lines()
+    chunks = 0
+    for line in lines:
+        chunks += line.startswith(b"data: {")
+        if chunks == 3:
+            break
+    assert busy(stack) == 1  # the request is running while the stream is open
+    response.close()
+    drained_in = wait_idle(stack, 2)
+    print(f"running back to 0 {drained_in:.2f} s after closing the stream")
+    generated = requests.get(f"{stack.base_url}/status/detailed", timeout=10).json()
+    assert generated["engine"]["summary"]["running_requests"] == 0
+
+
+def test_abandoning_a_request_aborts_it_and_forgets_its_conversation(stack: Stack) -> None:
+    wait_idle(stack, 30)
+    before = requests.get(f"{stack.base_url}/conversations", timeout=10).json()["total"]
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(
+            f"{stack.base_url}/generate",
+            timeout=1.5,
+            json={"message": "Write a very long essay about the sea.", "max_tokens": 500},
+        )
+    drained_in = wait_idle(stack, 2)
+    print(f"running back to 0 {drained_in:.2f} s after the client gave up")
+    time.sleep(0.5)
+    after = requests.get(f"{stack.base_url}/conversations", timeout=10).json()["total"]
+    assert after == before
+
+
+def test_conversation_through_chat_completions(stack: Stack) -> None:
+    url = f"{stack.base_url}/v1/chat/completions"
+    first = requests.post(
+        url,
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "My name is Alice. Remember it."}],
+            "max_tokens": 30,
+            "temperature": 0,
+            "store": True,
+        },
+    )
+    cid = first.headers["X-Conversation-Id"]
+    second = requests.post(
+        url,
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "What is my name?"}],
+            "max_tokens": 30,
+            "temperature": 0,
+            "conversation_id": cid,
+        },
+    ).json()
+    assert "Alice" in second["choices"][0]["message"]["content"]
+    assert second["conversation_id"] == cid
+    stored = requests.get(f"{stack.base_url}/conversations/{cid}", timeout=10).json()
+    assert [(m["role"], m["content"]) for m in stored["messages"]] == [
+        ("user", "My name is Alice. Remember it."),
+        ("assistant", first.json()["choices"][0]["message"]["content"]),
+        ("user", "What is my name?"),
+        ("assistant", second["choices"][0]["message"]["content"]),
+    ]
+
+
+def test_generate_with_json_schema(stack: Stack) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    body = requests.post(
+        f"{stack.base_url}/generate",
+        timeout=60,
+        json={
+            "message": "Name a city and its country.",
+            "max_tokens": 60,
+            "temperature": 0,
+            "json_schema": schema,
+        },
+    ).json()
+    assert body["response_is_json"] is True, body
+    assert set(body["response_json"]) == {"city", "country"}
+    invalid = requests.post(
+        f"{stack.base_url}/generate",
+        timeout=60,
+        json={"message": "x", "json_schema": {"type": "nonsense"}},
+    )
+    assert invalid.status_code == 400
+
+
+def test_streamed_errors_keep_their_status(stack: Stack) -> None:
+    too_long = requests.post(
+        f"{stack.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "hello world " * 1500}], "stream": True},
+    )
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "messages"

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudllm_serve.errors import (
@@ -180,15 +181,25 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-#: ``responses=`` for seed routes: documents the error body in ``/openapi.json``.
-ErrorResponses: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
+def documented_errors(
+    body: type[BaseModel], descriptions: dict[int, str]
+) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for routes: the error body of each status, for ``/openapi.json``."""
+    return {
+        status: {"model": body, "description": description}
+        for status, description in descriptions.items()
+    }
+
+
+#: The seed API's documented errors.
+ErrorResponses = documented_errors(
+    ErrorBody,
+    {
         400: "malformed request",
         404: "unknown conversation",
         413: "request body too large",
         422: "invalid field",
         501: "not implemented",
         503: "Redis or engine unavailable (with Retry-After)",
-    }.items()
-}
+    },
+)

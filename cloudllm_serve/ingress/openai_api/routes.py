@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cloudllm_serve.errors import ModelNotFoundError
+from cloudllm_serve.ingress.errors import documented_errors
 from cloudllm_serve.ingress.openai_api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -21,14 +22,14 @@ from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
 router = APIRouter(prefix="/v1")
 
-OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIErrorBody, "description": description}
-    for status, description in {
+OPENAI_ERRORS = documented_errors(
+    OpenAIErrorBody,
+    {
         400: "invalid parameter (names it in error.param)",
         404: "unknown model or conversation",
         503: "Redis or the engine is unavailable (with Retry-After)",
-    }.items()
-}
+    },
+)
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {SSE_MEDIA_TYPE: {}}, "description": "JSON, or SSE chunks when stream=true"}
 }

@@ -10,12 +10,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (machines with a local wheel folder in pip's find-links need not reach it).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: help install redis-server model serve test test-fast lint clean
+.PHONY: help install redis-server model serve test test-fast lint bench bench-full clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
 	@echo "make test    install what is missing, run the whole test suite"
 	@echo "make lint    ruff + mypy"
+	@echo "make bench   raw vLLM vs CloudLLM Serve vs Ray Serve LLM, quick mode (bench-full: more prompts)"
 
 $(INSTALLED): pyproject.toml
 	@echo "[make] installing the virtual environment in $(VENV) (engine: $(ENGINE))"
@@ -45,6 +46,14 @@ test: install redis-server model
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm" $(PYTEST_ARGS)
+
+bench: install redis-server model
+	@$(PY) -m pip install -q -e ".[$(ENGINE),test,bench]"
+	@$(PY) -m benchmarks.compare --quick $(BENCH_ARGS)
+
+bench-full: install redis-server model
+	@$(PY) -m pip install -q -e ".[$(ENGINE),test,bench]"
+	@$(PY) -m benchmarks.compare $(BENCH_ARGS)
 
 lint: install
 	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks

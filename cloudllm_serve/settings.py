@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     LLM_HOST: str = Field("0.0.0.0", min_length=1, description="address the HTTP server binds")
     LLM_PORT: int = Field(8001, ge=1, le=65535, description="port of the HTTP server")
 
+    SERVE_DIRECT_INGRESS: bool = Field(
+        False,
+        description="launcher: the ingress replica serves LLM_PORT itself (no Serve proxy hop)",
+    )
+    SERVE_LATENCY_TUNING: bool = Field(
+        True,
+        description="launcher: Ray Serve's low-latency switches (see launcher.LATENCY_TUNING)",
+    )
+
     # Model and engine
     LLM_MODEL: str = Field(
         default_factory=_default_model,

@@ -6,7 +6,9 @@ Layout (``{p}`` is the key prefix, ``cloudllm:`` by default):
 * ``{p}conv:{id}:messages`` list of JSON messages, oldest first
 * ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
 
-A turn (the user message and the answer) is appended by one Lua script that also
+Each method is one network round trip (a pipeline, a script or a single command),
+except :meth:`list_page` (three). A turn (the user message and the answer) is appended by
+one Lua script that also
 checks the conversation still exists, so concurrent turns on one conversation never
 overwrite each other and a deleted conversation is never brought back half-way.
 
@@ -85,6 +87,9 @@ class ConversationStore:
         self._redis = client
         self._prefix = key_prefix
         self._append = client.register_script(_APPEND_SCRIPT)
+        #: Network round trips made so far and the time spent in them (``/status/detailed``).
+        self.round_trips = 0
+        self.busy_s = 0.0
 
     @classmethod
     def from_url(
@@ -111,11 +116,15 @@ class ConversationStore:
     def _index_key(self) -> str:
         return f"{self._prefix}conversations"
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: Callable[[], Awaitable[T]], round_trips: int = 1) -> T:
+        started = time.perf_counter()
         try:
             return await operation()
         except (RedisError, OSError) as error:
             raise StoreUnavailableError(f"Redis is unavailable: {error}") from None
+        finally:
+            self.round_trips += round_trips
+            self.busy_s += time.perf_counter() - started
 
     async def create(self) -> str:
         """Create an empty conversation with a new unguessable id; return the id."""
@@ -207,7 +216,7 @@ class ConversationStore:
                 )
             return total, page
 
-        return await self._call(run)
+        return await self._call(run, round_trips=3)
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation; 404 error when it does not exist."""

@@ -59,13 +59,17 @@ class Completion:
         return self.texts[0]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConversationTurn:
-    """The conversation a request continues (or none), loaded before generating."""
+    """The conversation a request continues (or none), loaded before generating.
+
+    ``store_ms`` adds up the time this request spent waiting on Redis.
+    """
 
     conversation_id: str | None
     created: bool
     history: list[StoredMessage]
+    store_ms: float = 0.0
 
     def chat_messages(self, new: list[StoredMessage]) -> list[ChatMessage]:
         """History plus the new messages, as the engine takes them."""
@@ -114,21 +118,28 @@ class CloudLLMService:
 
     async def begin_turn(self, conversation_id: str | None, *, create: bool) -> ConversationTurn:
         """Load the conversation to continue (404 if unknown), or start one when ``create``."""
+        started = time.perf_counter()
         if conversation_id is not None:
-            history = await self.store.messages(conversation_id)
-            return ConversationTurn(conversation_id, False, history)
-        if create:
-            return ConversationTurn(await self.store.create(), True, [])
-        return ConversationTurn(None, False, [])
+            turn = ConversationTurn(
+                conversation_id, False, await self.store.messages(conversation_id)
+            )
+        elif create:
+            turn = ConversationTurn(await self.store.create(), True, [])
+        else:
+            return ConversationTurn(None, False, [])
+        turn.store_ms += (time.perf_counter() - started) * 1000
+        return turn
 
     async def finish_turn(
         self, turn: ConversationTurn, new: list[StoredMessage], answer: str
     ) -> None:
         """Store the new messages and the answer (atomically, as one append)."""
         if turn.conversation_id is not None:
+            started = time.perf_counter()
             await self.store.append(
                 turn.conversation_id, [*new, StoredMessage("assistant", answer, time.time())]
             )
+            turn.store_ms += (time.perf_counter() - started) * 1000
 
     async def abandon_turn(self, turn: ConversationTurn) -> None:
         """Remove a conversation this request created and could not complete."""

@@ -190,3 +190,19 @@ def test_openapi_and_docs(app: App) -> None:
         "/status/detailed",
     } <= set(schema["paths"])
     assert app.client.get("/docs").status_code == 200
+
+
+def test_each_turn_costs_two_redis_round_trips(app: App) -> None:
+    def round_trips() -> int:
+        return int(app.client.get("/status/detailed").json()["redis"]["round_trips"])
+
+    before = round_trips()
+    first = generate(app)  # create + append
+    after_first = round_trips()
+    second = generate(app, conversation_id=first["conversation_id"])  # load + append
+    after_second = round_trips()
+    # each /status/detailed read costs 2 round trips itself (PING, ZCARD)
+    assert after_first - before - 2 == 2
+    assert after_second - after_first - 2 == 2
+    for body in (first, second):
+        assert body["model_info"]["timings"]["store_ms"] > 0

@@ -19,6 +19,7 @@ def test_profiles_render_with_llm_host_and_port(monkeypatch: pytest.MonkeyPatch)
     profile = launcher.load_profile(REPO / "deployments" / "cpu.yaml")
     settings = launcher.profile_settings(profile)
     assert settings.ENGINE_DEVICE == "cpu"
+    assert settings.SERVE_DIRECT_INGRESS is True
     rendered = launcher.render_profile(profile, settings)
     assert rendered["http_options"]["port"] == 9123
     assert rendered["http_options"]["host"] == "127.0.0.1"
@@ -44,3 +45,25 @@ def test_start_redis_starts_and_reuses(
 
 def test_settings_type_is_exported() -> None:
     assert launcher.Settings is Settings
+
+
+def test_serve_environment_defaults_keep_the_proxy() -> None:
+    settings = Settings(LLM_PORT=9100)
+    env = launcher.serve_environment(settings, {"PATH": "/bin"})
+    assert env["RAY_worker_niceness"] == "0"
+    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
+    untuned = launcher.serve_environment(Settings(SERVE_LATENCY_TUNING=False), {})
+    assert not set(launcher.LATENCY_TUNING) & set(untuned)
+    assert launcher.render_profile({"applications": []}, settings)["http_options"]["port"] == 9100
+
+
+def test_direct_ingress_gives_llm_port_to_the_ingress_replica() -> None:
+    settings = Settings(LLM_PORT=9100, LLM_HOST="127.0.0.1", SERVE_DIRECT_INGRESS=True)
+    env = launcher.serve_environment(settings, {"RAY_worker_niceness": "5"})
+    assert env["RAY_worker_niceness"] == "5"  # an operator's own value wins
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9100"
+    assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 9100
+    rendered = launcher.render_profile({"applications": []}, settings, proxy_port=9200)
+    assert rendered["http_options"] == {"host": "127.0.0.1", "port": 9200}

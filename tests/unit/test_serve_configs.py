@@ -46,3 +46,11 @@ def test_gpu_config_serves_the_seed_model_with_autoscaling() -> None:
     assert autoscaling["min_replicas"] >= 1
     assert autoscaling["max_replicas"] > autoscaling["min_replicas"]
     assert raw["http_options"]["port"] == 8001
+
+
+def test_gpu_config_carries_the_latency_tuning() -> None:
+    from cloudllm_serve.launcher import LATENCY_TUNING
+
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    env_vars = raw["applications"][0]["runtime_env"]["env_vars"]
+    assert {k: env_vars[k] for k in LATENCY_TUNING} == LATENCY_TUNING

@@ -141,6 +141,7 @@ class GenerateCall:
             ttft_ms=round(metrics.ttft_ms, 3) if metrics else None,
             queue_ms=round(metrics.queue_ms, 3) if metrics else None,
             prompt_tokens=final.prompt_tokens,
+            store_ms=round(self.turn.store_ms, 3),
         )
         assert self.turn.conversation_id is not None
         return GenerationResponse(

@@ -63,6 +63,9 @@ class Timings(BaseModel):
     ttft_ms: float | None = Field(None, description="engine time to the first token")
     queue_ms: float | None = Field(None, description="time waiting in vLLM's scheduler queue")
     prompt_tokens: int | None = Field(None, description="tokens of the rendered prompt")
+    store_ms: float | None = Field(
+        None, description="time spent on Redis: loading the history and storing the turn"
+    )
 
 
 class ModelInfo(BaseModel):

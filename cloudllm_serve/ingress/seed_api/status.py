@@ -96,6 +96,8 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "ok": redis_ok,
             "latency_ms": round(ping_result, 3) if isinstance(ping_result, float) else None,
             "conversations": count_result if isinstance(count_result, int) else None,
+            "round_trips": service.store.round_trips,
+            "time_ms_total": round(service.store.busy_s * 1000, 3),
             "error": _message(ping_result) if isinstance(ping_result, BaseException) else None,
         },
         "ingress": {

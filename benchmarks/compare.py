@@ -454,8 +454,9 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         throughput_axis.plot(
             xs, [m["output_throughput"] for _, m in points], marker="o", label=run["label"]
         )
+    ttft_axis.set_yscale("log")
     for axis, title, unit in (
-        (ttft_axis, "TTFT p50", "ms"),
+        (ttft_axis, "TTFT p50 (log scale)", "ms"),
         (throughput_axis, "Output throughput", "tokens/s"),
     ):
         axis.set_xscale("log", base=2)
@@ -482,7 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-render results.md and results.png from results.json",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        report = json.loads((args.out / "results.json").read_text())
+        write_markdown(report, args.out / "results.md")
+        write_plot(report, args.out / "results.png")
+        return 0
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:

@@ -28,7 +28,12 @@ from typing import Any
 
 from benchmarks import conversation_cost
 from cloudllm_serve.engine.vllm_engine import engine_args_from_settings
-from cloudllm_serve.launcher import load_profile, profile_settings, redis_server_command
+from cloudllm_serve.launcher import (
+    free_port,
+    load_profile,
+    profile_settings,
+    redis_server_command,
+)
 from cloudllm_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,15 +88,6 @@ class SystemRun:
     results: dict[int, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_ok(url: str) -> bool:

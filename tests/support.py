@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,16 +13,9 @@ from typing import TypeVar
 
 import redis
 
-from cloudllm_serve.launcher import redis_server_command
+from cloudllm_serve.launcher import free_port, redis_answers, redis_server_command
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.1) -> T:
@@ -72,10 +64,7 @@ class RedisServer:
         wait_for(self._answers, 10)
 
     def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except (redis.RedisError, OSError):
-            return False
+        return redis_answers("127.0.0.1", self.port)
 
     def kill(self) -> None:
         """SIGKILL: the harshest stop."""

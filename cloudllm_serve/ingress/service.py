@@ -59,6 +59,32 @@ class Completion:
         return self.texts[0]
 
 
+class CompletionBuilder:
+    """Gathers a generation's chunks, choice by choice, into a :class:`Completion`."""
+
+    def __init__(self, n: int) -> None:
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+        self._reasons: list[str | None] = [None] * n
+        self._tokens = [0] * n
+        self._final: GenerationChunk | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        """Take in one chunk."""
+        for choice in chunk.choices:
+            self._texts[choice.index].append(choice.text)
+            self._tokens[choice.index] += choice.token_count
+            self._reasons[choice.index] = choice.finish_reason or self._reasons[choice.index]
+        if chunk.finished:
+            self._final = chunk
+
+    def build(self) -> Completion:
+        """The whole generation; only once the final chunk was added."""
+        if self._final is None:
+            raise EngineUnavailableError("engine stream ended without a final chunk")
+        texts = ["".join(parts) for parts in self._texts]
+        return Completion(texts, list(self._reasons), list(self._tokens), self._final)
+
+
 @dataclass
 class ConversationTurn:
     """The conversation a request continues (or none), loaded before generating.
@@ -158,16 +184,20 @@ class CloudLLMService:
         ``prompt_param`` is the request field a too-long prompt is blamed on.
         """
         self.counters.in_flight += 1
+        tokens = 0
         try:
             async for chunk in self.engine.generate(request):
                 if chunk.error is not None:
                     error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
                     param = prompt_param if chunk.error.kind == "prompt_too_long" else None
                     raise error_class(chunk.error.message, param=param)
-                yield chunk
+                tokens += sum(choice.token_count for choice in chunk.choices)
                 if chunk.finished:
+                    self.counters.tokens_generated += tokens
                     if chunk.metrics is not None:
                         self.counters.generation_ms_total += chunk.metrics.generation_ms
+                yield chunk
+                if chunk.finished:
                     return
             raise EngineUnavailableError("engine stream ended without a final chunk")
         finally:
@@ -196,16 +226,7 @@ class CloudLLMService:
         self, request: GenerationRequest, *, prompt_param: str = "messages"
     ) -> Completion:
         """Run a generation to its end and gather every choice."""
-        n = request.sampling.n
-        texts: list[list[str]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        tokens = [0] * n
+        builder = CompletionBuilder(request.sampling.n)
         async for chunk in self.stream(request, prompt_param=prompt_param):
-            for choice in chunk.choices:
-                texts[choice.index].append(choice.text)
-                tokens[choice.index] += choice.token_count
-                reasons[choice.index] = choice.finish_reason or reasons[choice.index]
-            if chunk.finished:
-                self.counters.tokens_generated += sum(tokens)
-                return Completion(["".join(t) for t in texts], reasons, tokens, chunk)
-        raise EngineUnavailableError("engine stream ended without a final chunk")
+            builder.add(chunk)
+        return builder.build()

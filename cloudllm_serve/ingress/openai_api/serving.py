@@ -22,6 +22,7 @@ from cloudllm_serve.ingress.openai_api.schemas import (
 )
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
+    CompletionBuilder,
     ConversationTurn,
     check_json_schema,
 )
@@ -177,18 +178,14 @@ class CompletionCall:
         """Chunks as OpenAI streams them, then ``data: [DONE]`` (an error event midway)."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         started_choices: set[int] = set()
-        answer: list[str] = []
-        tokens = 0
-        final: GenerationChunk | None = None
+        builder = CompletionBuilder(self.request.sampling.n)
         try:
             async for chunk in chunks:
+                builder.add(chunk)
                 deltas = []
                 for choice in chunk.choices:
-                    tokens += choice.token_count
                     if not choice.text and choice.finish_reason is None:
                         continue
-                    if choice.index == 0:
-                        answer.append(choice.text)
                     deltas.append(
                         self._delta(
                             choice.index, choice.text, choice.finish_reason, started_choices
@@ -198,10 +195,9 @@ class CompletionCall:
                     event = self._envelope(kind)
                     event["choices"] = deltas
                     yield sse_event(event)
-                if chunk.finished:
-                    final = chunk
+            completion = builder.build()
             if self.turn.conversation_id is not None:
-                await self.service.finish_turn(self.turn, self.new_messages, "".join(answer))
+                await self.service.finish_turn(self.turn, self.new_messages, completion.text)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event(openai_error(error))
@@ -210,11 +206,10 @@ class CompletionCall:
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        self.service.counters.tokens_generated += tokens
-        if self.body.include_usage and final is not None:
+        if self.body.include_usage:
             event = self._envelope(kind)
             event["choices"] = []
-            event["usage"] = _usage(final, tokens)
+            event["usage"] = _usage(completion.final, sum(completion.completion_tokens))
             yield sse_event(event)
         yield DONE
 

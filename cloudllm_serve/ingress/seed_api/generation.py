@@ -22,6 +22,7 @@ from cloudllm_serve.ingress.seed_api.schemas import (
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
     Completion,
+    CompletionBuilder,
     ConversationTurn,
     check_json_schema,
 )
@@ -90,21 +91,15 @@ class GenerateCall:
 
     async def _events(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
         """``delta`` per text delta, then ``final`` (or ``error`` if it fails midway)."""
-        parts: list[str] = []
-        tokens = 0
-        final: GenerationChunk | None = None
+        builder = CompletionBuilder(1)
         try:
             async for chunk in chunks:
+                builder.add(chunk)
                 for choice in chunk.choices:
-                    tokens += choice.token_count
                     if choice.text:
-                        parts.append(choice.text)
                         yield sse_event({"type": "delta", "delta": choice.text})
-                if chunk.finished:
-                    final = chunk
-            assert final is not None
-            text = "".join(parts)
-            await self.service.finish_turn(self.turn, [self.user_message], text)
+            completion = builder.build()
+            await self.service.finish_turn(self.turn, [self.user_message], completion.text)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event({"type": "error", "status": error.status_code, "detail": error.message})
@@ -112,9 +107,6 @@ class GenerateCall:
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        self.service.counters.tokens_generated += tokens
-        reason = final.choices[-1].finish_reason if final.choices else None
-        completion = Completion([text], [reason], [tokens], final)
         yield sse_event({"type": "final", "response": self._response(completion).model_dump()})
 
     def _response(self, completion: Completion) -> GenerationResponse:

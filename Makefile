@@ -14,13 +14,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server model serve test test-fast lint bench bench-full clean
+.PHONY: help install redis-server model serve test test-fast lint bench bench-full bench-affinity clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
 	@echo "make test    install what is missing, run the whole test suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   raw vLLM vs CloudLLM Serve vs Ray Serve LLM, quick mode (bench-full: more prompts)"
+	@echo "make bench-affinity   2 engine replicas, conversation-affinity routing on vs off"
 
 $(INSTALLED): pyproject.toml
 	@echo "[make] installing the virtual environment in $(VENV) (engine: $(ENGINE))"
@@ -44,11 +45,15 @@ model: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
+# Three pytest processes: each of the last two starts a Ray cluster of its own
+# (fake GPUs; the scale-out stack), which must not meet the first one's stack.
 test: install redis-server model
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not ray and not scale" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
+	@$(PY) -m pytest -m scale $(PYTEST_ARGS)
 
 test-fast: install redis-server
-	@$(PY) -m pytest -m "not stack and not vllm" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not stack and not vllm and not ray" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"
@@ -61,6 +66,9 @@ bench: $(BENCH_INSTALLED) redis-server model
 
 bench-full: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare $(BENCH_ARGS)
+
+bench-affinity: install redis-server model
+	@$(PY) -m benchmarks.affinity $(BENCH_ARGS)
 
 lint: install
 	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks

@@ -9,30 +9,50 @@ starts, with a message naming the variable.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from cloudllm_serve.engine.placement import engine_deployment_options
+from cloudllm_serve.engine.placement import (
+    cluster_capacity_problem,
+    engine_deployment_options,
+)
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.ingress.deployment import Ingress
 from cloudllm_serve.settings import Settings, load_settings
 
+logger = logging.getLogger("ray.serve")
+
 ENGINE_DEPLOYMENT = "EngineServer"
 INGRESS_DEPLOYMENT = "Ingress"
+#: Requests one ingress replica handles at once (HTTP work and waiting on engines);
+#: the engine queue, not this, is what bounds waiting (ENGINE_MAX_QUEUED_REQUESTS).
+INGRESS_MAX_ONGOING_REQUESTS = 1000
 
 
 def build_application(settings: Settings) -> Application:
     """The two-deployment application for already validated ``settings``."""
+    warn_if_engines_cannot_be_placed(settings)
     engine = serve.deployment(name=ENGINE_DEPLOYMENT, **engine_deployment_options(settings))(
         EngineServer
     ).bind(settings)
-    ingress = serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0.25})(
-        Ingress
-    )
+    ingress = serve.deployment(
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=settings.INGRESS_REPLICAS,
+        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": 0.25},
+    )(Ingress)
     application: Application = ingress.bind(engine, settings)
     return application
+
+
+def warn_if_engines_cannot_be_placed(settings: Settings) -> None:
+    """Log a clear line when the connected cluster has too few GPUs for one replica."""
+    problem = cluster_capacity_problem(settings)
+    if problem:
+        logger.warning("%s: %s", ENGINE_DEPLOYMENT, problem)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -79,3 +79,25 @@ class StoreUnavailableError(ServiceUnavailableError):
 
 class EngineUnavailableError(ServiceUnavailableError):
     """No vLLM engine replica can take the request."""
+
+
+class EngineOverloadedError(ServiceUnavailableError):
+    """Every engine replica is full and the queue in front of them is too (503 or 429).
+
+    The status is ``OVERLOAD_STATUS_CODE`` and ``Retry-After`` is
+    ``OVERLOAD_RETRY_AFTER_S``: the request was refused at once, nothing ran.
+    """
+
+    code = "engine_overloaded"
+
+    def __init__(self, message: str, *, status_code: int = 503, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(CloudLLMError):
+    """A generation did not finish within ``REQUEST_TIMEOUT_S``; it was stopped (504)."""
+
+    status_code = 504
+    code = "request_timeout"

@@ -34,11 +34,15 @@ from urllib.parse import urlparse
 
 import yaml
 
+from cloudllm_serve.engine.placement import refused_overrides
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
+#: The engine deployment's name in the app (cloudllm_serve.app; that module imports
+#: Ray Serve, which the launcher does not need).
+ENGINE_DEPLOYMENT = "EngineServer"
 
 
 def say(message: str) -> None:
@@ -64,9 +68,24 @@ def load_profile(path: Path) -> dict[str, Any]:
 
 
 def profile_settings(profile: dict[str, Any]) -> Settings:
-    """Validate the settings the profile's first application will get."""
-    args = profile["applications"][0].get("args") or {}
-    return load_settings(args)
+    """Validate the settings the profile's first application will get.
+
+    Also refuses engine deployment options that the settings derive (bundles,
+    autoscaling, queue bound...): in a config they would silently replace a setting.
+    """
+    application = profile["applications"][0]
+    for deployment in application.get("deployments") or []:
+        if deployment.get("name") != ENGINE_DEPLOYMENT:
+            continue
+        refused = refused_overrides(deployment)
+        if refused:
+            raise SettingsError(
+                f"the {ENGINE_DEPLOYMENT} entry sets {', '.join(refused)}, which are derived "
+                "from the settings in code (VLLM_TENSOR_PARALLEL_SIZE, ENGINE_MIN_REPLICAS, "
+                "ENGINE_MAX_REPLICAS, ENGINE_MAX_QUEUED_REQUESTS, ...): remove them and set "
+                'the variables instead (README "Scaling")'
+            )
+    return load_settings(application.get("args") or {})
 
 
 def render_profile(

@@ -70,6 +70,46 @@ class Settings(BaseSettings):
         None, ge=MiB, description="fixed KV-cache size in bytes (needed on small CPU hosts)"
     )
 
+    # Scaling of the engine deployment (README "Scaling"). A replica is full at
+    # VLLM_MAX_NUM_SEQS sequences; Serve adds replicas when requests pile up past that.
+    ENGINE_MIN_REPLICAS: int = Field(1, ge=1, le=1024, description="fewest engine replicas")
+    ENGINE_MAX_REPLICAS: int = Field(1, ge=1, le=1024, description="most engine replicas")
+    ENGINE_UPSCALE_DELAY_S: float = Field(
+        10.0, ge=0.0, description="how long load must stay high before a replica is added"
+    )
+    ENGINE_DOWNSCALE_DELAY_S: float = Field(
+        300.0, ge=0.0, description="how long load must stay low before a replica is removed"
+    )
+    ENGINE_AUTOSCALING_LOOK_BACK_S: float = Field(
+        10.0, gt=0.0, description="window over which pending requests are averaged"
+    )
+    ENGINE_MAX_QUEUED_REQUESTS: int = Field(
+        64,
+        ge=1,
+        description="requests each ingress replica may queue for busy engines; more get 503/429",
+    )
+    ENGINE_PLACEMENT_STRATEGY: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement group strategy of a tensor-parallel replica"
+    )
+    ENGINE_GRACEFUL_SHUTDOWN_S: float = Field(
+        60.0, ge=0.0, description="how long a stopping engine replica lets requests finish"
+    )
+    INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
+    ROUTING_AFFINITY: bool = Field(
+        True, description="send a conversation's turns to the engine replica that has its prefix"
+    )
+
+    # Overload and time limits
+    OVERLOAD_STATUS_CODE: int = Field(
+        503, description="status (503 or 429) of a request refused because the queue is full"
+    )
+    OVERLOAD_RETRY_AFTER_S: int = Field(
+        2, ge=1, le=3600, description="Retry-After (seconds) on an overload refusal"
+    )
+    REQUEST_TIMEOUT_S: float = Field(
+        300.0, gt=0.0, description="longest a generation may take, queueing included"
+    )
+
     # Request limits
     MAX_TOKENS_CAP: int = Field(512, ge=1, description="upper bound on max_tokens")
     MAX_UPLOAD_BYTES: int = Field(10 * MiB, ge=1024, description="largest accepted request body")
@@ -98,6 +138,27 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"VLLM_BLOCK_SIZE ({self.VLLM_BLOCK_SIZE}) must be a multiple of "
                 f"{CPU_BLOCK_SIZE_MULTIPLE} when ENGINE_DEVICE=cpu (vLLM's CPU attention)"
+            )
+        if self.OVERLOAD_STATUS_CODE not in (503, 429):
+            raise ValueError(
+                f"OVERLOAD_STATUS_CODE ({self.OVERLOAD_STATUS_CODE}) must be 503 or 429"
+            )
+        if self.ENGINE_MIN_REPLICAS > self.ENGINE_MAX_REPLICAS:
+            raise ValueError(
+                f"ENGINE_MIN_REPLICAS ({self.ENGINE_MIN_REPLICAS}) must not exceed "
+                f"ENGINE_MAX_REPLICAS ({self.ENGINE_MAX_REPLICAS})"
+            )
+        if self.ENGINE_DEVICE == "cpu" and self.VLLM_TENSOR_PARALLEL_SIZE > 1:
+            raise ValueError(
+                f"VLLM_TENSOR_PARALLEL_SIZE ({self.VLLM_TENSOR_PARALLEL_SIZE}) needs "
+                "ENGINE_DEVICE=gpu: ranks are placed through vLLM's Ray executor, which "
+                "vLLM refuses on CPU ('current platform cpu does not support ray')"
+            )
+        if self.SERVE_DIRECT_INGRESS and self.INGRESS_REPLICAS > 1:
+            raise ValueError(
+                f"SERVE_DIRECT_INGRESS serves one ingress replica on LLM_PORT; with "
+                f"INGRESS_REPLICAS={self.INGRESS_REPLICAS} set SERVE_DIRECT_INGRESS=false "
+                "so the Serve proxy spreads requests over them"
             )
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,19 +45,35 @@ class Stack:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The service started exactly as ``make serve`` starts it (minus Redis, which we own)."""
+_running_stacks: list[Stack] = []
+
+
+@contextlib.contextmanager
+def running_stack(
+    redis: RedisServer, log_dir: Path, env_overrides: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """The service started exactly as ``make serve`` starts it (minus Redis, which we own).
+
+    One at a time: a second ``serve run`` would join the first one's Ray cluster. The
+    session's ``stack`` lives until the session ends, so ``tests/scale`` (its own
+    stack) runs in a pytest process of its own, as ``make test`` does.
+    """
+    if _running_stacks:
+        raise RuntimeError(
+            "another test stack is running in this pytest process; run the 'scale' tests "
+            "on their own: pytest -m scale (make test does)"
+        )
     port = free_port()
-    log_path = tmp_path_factory.mktemp("stack") / "launcher.log"
+    log_path = log_dir / "launcher.log"
     env = dict(os.environ)
     env.update(
         {
             "LLM_PORT": str(port),
             "LLM_HOST": "127.0.0.1",
-            "REDIS_URL": redis_server.url,
+            "REDIS_URL": redis.url,
             "MAX_TOKENS_CAP": str(STACK_MAX_TOKENS_CAP),
             "PYTHONUNBUFFERED": "1",
+            **(env_overrides or {}),
         }
     )
     with log_path.open("wb") as log:
@@ -73,7 +90,7 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    running = Stack(f"http://127.0.0.1:{port}", redis_server, launcher, log_path)
+    running = Stack(f"http://127.0.0.1:{port}", redis, launcher, log_path)
 
     def healthy() -> bool:
         if launcher.poll() is not None:
@@ -83,12 +100,18 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         except requests.RequestException:
             return False
 
+    _running_stacks.append(running)
     try:
         wait_for(healthy, timeout_s=600, interval_s=1)
-    except BaseException:
+        yield running
+    finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(90)
-        raise
-    yield running
-    launcher.send_signal(signal.SIGTERM)
-    launcher.wait(90)
+        _running_stacks.remove(running)
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service as ``make serve`` runs it: the CPU profile, one replica of each."""
+    with running_stack(redis_server, tmp_path_factory.mktemp("stack")) as running:
+        yield running

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from cloudllm_serve.engine.protocol import (
     ChoiceDelta,
     EngineError,
+    EngineFleet,
     EngineStats,
     GenerationChunk,
     GenerationMetrics,
     GenerationRequest,
+    ReplicaStatus,
 )
 from cloudllm_serve.errors import EngineUnavailableError
 
@@ -86,6 +88,8 @@ class FakeEngine:
                     ChoiceDelta(i, "", 0, reason) for i, (_, reason) in enumerate(answers)
                 )
             else:
+                if self.delay_s:  # as long as streaming the same answer would take
+                    await asyncio.sleep(self.delay_s * len(answers[0][0].split(" ")))
                 final = tuple(
                     ChoiceDelta(i, answer, len(answer.split(" ")), reason)
                     for i, (answer, reason) in enumerate(answers)
@@ -93,7 +97,9 @@ class FakeEngine:
             yield GenerationChunk(
                 choices=final,
                 finished=True,
-                metrics=GenerationMetrics(queue_ms=0.1, ttft_ms=1.0, generation_ms=2.0),
+                metrics=GenerationMetrics(
+                    queue_ms=0.1, ttft_ms=1.0, generation_ms=2.0, replica_id="fake-1"
+                ),
                 **common,
             )
         except asyncio.CancelledError:
@@ -102,25 +108,29 @@ class FakeEngine:
         finally:
             self.running -= 1
 
-    async def stats(self) -> list[EngineStats]:
+    async def fleet(self) -> EngineFleet:
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")
-        return [
-            EngineStats(
-                engine_status="running",
-                model_name="fake",
-                running_requests=self.running,
-                pending_requests=0,
-                kv_cache_usage=0.0,
-                prefix_cache_hit_rate=None,
-                requests_finished=len(self.requests),
-                tokens_generated=0,
-                max_model_len=2048,
-                max_num_seqs=16,
-                block_size=16,
-                tensor_parallel_size=1,
-                gpu_memory_utilization=0.9,
-                device="cpu",
-                uptime_s=1.0,
-            )
-        ]
+        stats = EngineStats(
+            engine_status="running",
+            model_name="fake",
+            running_requests=self.running,
+            pending_requests=0,
+            kv_cache_usage=0.0,
+            prefix_cache_hit_rate=None,
+            requests_finished=len(self.requests),
+            tokens_generated=0,
+            max_model_len=2048,
+            max_num_seqs=16,
+            block_size=16,
+            tensor_parallel_size=1,
+            gpu_memory_utilization=0.9,
+            device="cpu",
+            uptime_s=1.0,
+            replica_id="fake-1",
+        )
+        return EngineFleet(
+            status="HEALTHY",
+            target_replicas=1,
+            replicas=[ReplicaStatus("fake-1", "RUNNING", stats=stats)],
+        )

@@ -2,7 +2,9 @@
 
 Layout (``{p}`` is the key prefix, ``cloudllm:`` by default):
 
-* ``{p}conv:{id}``          hash: ``created_at``, ``updated_at`` (Unix seconds)
+* ``{p}conv:{id}``          hash: ``created_at``, ``updated_at`` (Unix seconds) and
+  ``engine_replica`` (the engine replica that answered the last turn: its prefix cache
+  holds the conversation, see :mod:`cloudllm_serve.engine.routing`)
 * ``{p}conv:{id}:messages`` list of JSON messages, oldest first
 * ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
 
@@ -40,8 +42,11 @@ _APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'engine_replica', ARGV[3])
+end
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
 return 1
 """
@@ -78,6 +83,7 @@ class Conversation:
     updated_at: float
     message_count: int
     messages: list[StoredMessage] | None = None
+    engine_replica: str | None = None
 
 
 class ConversationStore:
@@ -146,8 +152,17 @@ class ConversationStore:
         """All messages of a conversation, oldest first; 404 error when it does not exist."""
         return (await self.get(conversation_id)).messages or []
 
-    async def append(self, conversation_id: str, messages: Sequence[StoredMessage]) -> None:
-        """Append messages atomically; 404 error when the conversation was deleted."""
+    async def append(
+        self,
+        conversation_id: str,
+        messages: Sequence[StoredMessage],
+        *,
+        engine_replica: str | None = None,
+    ) -> None:
+        """Append messages atomically; 404 error when the conversation was deleted.
+
+        ``engine_replica`` (which engine replica answered) is recorded with them.
+        """
         if not messages:
             return
         now = time.time()
@@ -156,7 +171,12 @@ class ConversationStore:
             self._messages_key(conversation_id),
             self._index_key,
         ]
-        args: list[Any] = [now, conversation_id, *(m.to_json() for m in messages)]
+        args: list[Any] = [
+            now,
+            conversation_id,
+            engine_replica or "",
+            *(m.to_json() for m in messages),
+        ]
         appended = await self._call(lambda: self._append(keys=keys, args=args))
         if not appended:
             raise ConversationNotFoundError(conversation_id)
@@ -181,6 +201,7 @@ class ConversationStore:
             updated_at=float(meta["updated_at"]),
             message_count=len(messages),
             messages=messages,
+            engine_replica=meta.get("engine_replica") or None,
         )
 
     async def list_page(

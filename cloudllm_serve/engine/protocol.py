@@ -54,6 +54,12 @@ class GenerationRequest:
     messages: list[ChatMessage] | None = None
     prompt: str | list[int] | None = None
     stream: bool = True
+    #: Requests with the same key go to the same engine replica while it has room
+    #: (:mod:`cloudllm_serve.engine.routing`): the conversation id, or a hash of the
+    #: conversation's opening for stateless chat.
+    affinity_key: str | None = None
+    #: The engine replica that answered this conversation's previous turn, if known.
+    preferred_replica: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class GenerationMetrics:
     queue_ms: float
     ttft_ms: float
     generation_ms: float
+    #: The engine replica that ran the generation (Serve's replica id).
+    replica_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,52 @@ class EngineStats:
     device: str
     uptime_s: float
     gpus: list[GpuReading] = field(default_factory=list)
+    replica_id: str = ""
+    #: Prompt tokens looked up in vLLM's prefix cache, and how many were found there.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineStats:
+        """Rebuild from :func:`dataclasses.asdict` output (how replicas report it)."""
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        known["gpus"] = [GpuReading(**gpu) for gpu in known.get("gpus", [])]
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One engine replica as Serve's controller and the replica itself report it."""
+
+    replica_id: str
+    state: str
+    node_ip: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    stats: EngineStats | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineFleet:
+    """The engine deployment: its status, its replicas and their live stats.
+
+    ``status``, ``status_trigger`` and ``message`` are Serve's (``HEALTHY``, ``UPSCALING``...);
+    ``capacity_problem`` says why replicas cannot be placed (too few GPUs), if so.
+    """
+
+    status: str
+    message: str = ""
+    target_replicas: int | None = None
+    replicas: list[ReplicaStatus] = field(default_factory=list)
+    capacity_problem: str | None = None
+    #: What last changed the status (``AUTOSCALING``, ``CONFIG_UPDATE_STARTED``, ...).
+    status_trigger: str = ""
+
+    @property
+    def running_stats(self) -> list[EngineStats]:
+        """Stats of the replicas that are running and answered."""
+        return [r.stats for r in self.replicas if r.state == "RUNNING" and r.stats is not None]
 
 
 class EngineClient(Protocol):
@@ -139,6 +193,6 @@ class EngineClient(Protocol):
         """Run one generation; yields chunks as described in the module docstring."""
         ...
 
-    async def stats(self) -> list[EngineStats]:
-        """Stats of the engine replicas this client can see."""
+    async def fleet(self) -> EngineFleet:
+        """The engine replicas and their live stats."""
         ...

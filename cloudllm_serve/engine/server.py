@@ -2,16 +2,46 @@
 
 The backend is injected (``backend_factory``) so a test can hand in a small real
 engine; by default it is :class:`~cloudllm_serve.engine.vllm_engine.VLLMEngine`.
+
+Before loading anything, a replica checks that it runs in the placement group its
+settings derive (:mod:`cloudllm_serve.engine.placement`); hand-written bundles in a
+Serve config stop it with an error that says what to change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
 from cloudllm_serve.engine.vllm_engine import VLLMEngine
+from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def current_bundles() -> list[dict[str, float]] | None:
+    """Bundles of the placement group this process runs in (``None`` outside one)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    group = ray.util.get_current_placement_group()
+    return None if group is None else list(group.bundle_specs)
+
+
+def current_replica_id() -> str:
+    """Serve's id of this replica ("" outside Serve)."""
+    from ray import serve
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not running inside a Serve replica (a test)
+        return ""
 
 
 class EngineBackend(Protocol):
@@ -47,17 +77,30 @@ class EngineServer:
         settings: Settings,
         backend_factory: Callable[[Settings], EngineBackend] = VLLMEngine,
     ) -> None:
+        problem = bundle_mismatch(settings, current_bundles())
+        if problem is not None:
+            logger.error(problem)
+            raise SettingsError(problem)
+        self._replica_id = current_replica_id()
         self._backend = backend_factory(settings)
         await self._backend.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one generation's chunks back to the caller."""
+        """Stream one generation's chunks back to the caller (the last one names us)."""
         async for chunk in self._backend.generate(request):
+            if chunk.metrics is not None:
+                chunk = dataclasses.replace(
+                    chunk, metrics=dataclasses.replace(chunk.metrics, replica_id=self._replica_id)
+                )
             yield chunk
 
     async def stats(self) -> EngineStats:
         """This replica's live stats."""
-        return self._backend.stats()
+        return dataclasses.replace(self._backend.stats(), replica_id=self._replica_id)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's hook: the stats the controller and the ingress read from each replica."""
+        return dataclasses.asdict(await self.stats())
 
     async def check_health(self) -> None:
         """Serve's periodic health check; raising makes Serve replace this replica."""

@@ -259,6 +259,8 @@ class VLLMEngine:
             pending_requests=unfinished - running,
             kv_cache_usage=self._snapshot.kv_cache_usage if unfinished else 0.0,
             prefix_cache_hit_rate=(self._snapshot.prefix_hits / queries) if queries else None,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=self._snapshot.prefix_hits,
             requests_finished=self._requests_finished,
             tokens_generated=self._tokens_generated,
             max_model_len=settings.VLLM_MAX_MODEL_LEN,

@@ -24,7 +24,10 @@ class Ingress:
 
     def __init__(self, engine: Any, settings: Settings) -> None:
         store = ConversationStore.from_url(settings.REDIS_URL, timeout_s=settings.REDIS_TIMEOUT_S)
-        self._service = CloudLLMService(settings, store, ServeEngineClient(engine))
+        context = serve.get_replica_context()
+        client = ServeEngineClient(engine, settings, app_name=context.app_name)
+        self._service = CloudLLMService(settings, store, client)
+        self._service.replica_id = context.replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._service)

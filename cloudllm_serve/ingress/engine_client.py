@@ -1,18 +1,39 @@
 """An :class:`~cloudllm_serve.engine.protocol.EngineClient` over a Serve deployment handle.
 
 Ray and Serve failures (no replica, a replica that died mid-stream) become
-:class:`~cloudllm_serve.errors.EngineUnavailableError` here, so the service sees only
-the project's own errors.
+:class:`~cloudllm_serve.errors.EngineUnavailableError` here, and a full queue
+(Serve's ``BackPressureError``) becomes
+:class:`~cloudllm_serve.errors.EngineOverloadedError`, so the service sees only the
+project's own errors.
+
+The fleet view asks Serve's controller for the engine deployment's status and
+replicas, then each running replica for its live stats. That call goes to the replica
+actor's ``record_routing_stats`` method directly, beside the request queue, so a
+replica with a full batch still answers ``/health`` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cloudllm_serve.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
-from cloudllm_serve.errors import EngineUnavailableError
+from cloudllm_serve.engine.placement import cluster_capacity_problem
+from cloudllm_serve.engine.protocol import (
+    EngineFleet,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    ReplicaStatus,
+)
+from cloudllm_serve.errors import EngineOverloadedError, EngineUnavailableError
+from cloudllm_serve.settings import Settings
+
+#: Serve's actor namespace (where replica actors are named).
+SERVE_NAMESPACE = "serve"
+#: How long a controller answer is reused (``/health`` may be polled often).
+DETAILS_TTL_S = 1.0
 
 
 def _describe(error: BaseException) -> str:
@@ -23,29 +44,109 @@ def _describe(error: BaseException) -> str:
 class ServeEngineClient:
     """Talks to the engine deployment through a ``DeploymentHandle``."""
 
-    def __init__(self, handle: Any, *, stats_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, handle: Any, settings: Settings, *, app_name: str, stats_timeout_s: float = 3.0
+    ) -> None:
         self._stream_handle = handle.options(stream=True)
-        self._handle = handle
+        self._deployment = str(handle.deployment_name)
+        self._app_name = app_name
+        self._settings = settings
         self._stats_timeout_s = stats_timeout_s
+        self._details: tuple[float, dict[str, Any]] | None = None
+        self._actors: dict[str, Any] = {}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one generation from an engine replica."""
+        from ray.serve.exceptions import BackPressureError
+
         try:
             async for chunk in self._stream_handle.generate.remote(request):
                 yield chunk
         except asyncio.CancelledError:
             raise
-        except Exception as error:
-            raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
-
-    async def stats(self) -> list[EngineStats]:
-        """Stats from one engine replica (the one the router picks)."""
-        try:
-            stats = await asyncio.wait_for(self._handle.stats.remote(), self._stats_timeout_s)
-        except TimeoutError:
-            raise EngineUnavailableError(
-                f"engine did not answer within {self._stats_timeout_s:.0f} s"
+        except BackPressureError:
+            raise EngineOverloadedError(
+                "every engine replica is busy and the queue in front of them is full "
+                f"(ENGINE_MAX_QUEUED_REQUESTS={self._settings.ENGINE_MAX_QUEUED_REQUESTS} "
+                "per ingress replica); retry later",
+                status_code=self._settings.OVERLOAD_STATUS_CODE,
+                retry_after_s=self._settings.OVERLOAD_RETRY_AFTER_S,
             ) from None
         except Exception as error:
             raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
-        return [stats]
+
+    async def fleet(self) -> EngineFleet:
+        """The engine deployment's status, its replicas, and each running one's stats."""
+        try:
+            details = await asyncio.wait_for(self._serve_details(), self._stats_timeout_s)
+            deployment = details["applications"][self._app_name]["deployments"][self._deployment]
+        except Exception as error:
+            raise EngineUnavailableError(
+                f"Serve's controller did not describe the engine deployment: {_describe(error)}"
+            ) from None
+        replicas = await asyncio.gather(
+            *(self._replica_status(r) for r in deployment.get("replicas", []))
+        )
+        running = any(r.state == "RUNNING" for r in replicas)
+        return EngineFleet(
+            status=_name(deployment.get("status", "UNKNOWN")),
+            message=str(deployment.get("message", "")),
+            target_replicas=deployment.get("target_num_replicas"),
+            replicas=sorted(replicas, key=lambda r: (r.state != "RUNNING", r.replica_id)),
+            capacity_problem=None
+            if running
+            else await asyncio.to_thread(cluster_capacity_problem, self._settings),
+            status_trigger=_name(deployment.get("status_trigger", "")),
+        )
+
+    async def _serve_details(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._details is not None and now - self._details[0] < DETAILS_TTL_S:
+            return self._details[1]
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is None:
+            raise EngineUnavailableError("not connected to Serve")
+        controller = client._controller
+        details: dict[str, Any] = await controller.get_serve_instance_details.remote()
+        self._details = (now, details)
+        return details
+
+    async def _replica_status(self, replica: dict[str, Any]) -> ReplicaStatus:
+        status = ReplicaStatus(
+            replica_id=str(replica.get("replica_id", "")),
+            state=_name(replica.get("state", "UNKNOWN")),
+            node_ip=replica.get("node_ip"),
+            pid=replica.get("pid"),
+            started_at=replica.get("start_time_s"),
+        )
+        if status.state != "RUNNING" or not replica.get("actor_name"):
+            return status
+        try:
+            actor = await asyncio.to_thread(self._actor, str(replica["actor_name"]))
+            values = await asyncio.wait_for(
+                actor.record_routing_stats.remote(), self._stats_timeout_s
+            )
+            stats = EngineStats.from_dict(values)
+        except Exception as error:
+            return _replace(status, error=f"stats unavailable: {_describe(error)}")
+        return _replace(status, stats=stats)
+
+    def _actor(self, name: str) -> Any:
+        import ray
+
+        if name not in self._actors:
+            self._actors[name] = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        return self._actors[name]
+
+
+def _name(value: Any) -> str:
+    """An enum member's value (Serve's details hold enums), else the string."""
+    return str(getattr(value, "value", value))
+
+
+def _replace(status: ReplicaStatus, **changes: Any) -> ReplicaStatus:
+    import dataclasses
+
+    return dataclasses.replace(status, **changes)

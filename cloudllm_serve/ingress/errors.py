@@ -52,8 +52,10 @@ def openai_error(error: CloudLLMError) -> dict[str, Any]:
         400: "invalid_request_error",
         404: "not_found_error",
         413: "invalid_request_error",
+        429: "rate_limit_error",
         501: "not_implemented_error",
         503: "service_unavailable_error",
+        504: "timeout_error",
     }
     return {
         "error": {

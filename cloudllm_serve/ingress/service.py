@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from cloudllm_serve.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     PromptTooLongError,
+    RequestTimeoutError,
 )
 from cloudllm_serve.settings import Settings
 
@@ -96,10 +99,38 @@ class ConversationTurn:
     created: bool
     history: list[StoredMessage]
     store_ms: float = 0.0
+    #: The engine replica that answered the previous turn (its prefix cache has it).
+    engine_replica: str | None = None
 
     def chat_messages(self, new: list[StoredMessage]) -> list[ChatMessage]:
         """History plus the new messages, as the engine takes them."""
         return [{"role": m.role, "content": m.content} for m in (*self.history, *new)]
+
+    def affinity_key(self, messages: list[ChatMessage]) -> str:
+        """Routing key of this conversation (see :func:`affinity_key`)."""
+        return affinity_key(self.conversation_id, messages)
+
+
+def affinity_key(conversation_id: str | None, messages: list[ChatMessage]) -> str:
+    """The engine-routing key of a chat: the stored conversation's id, else its opening.
+
+    A stateless client resends the whole history each turn; its opening (messages up to
+    the first user message) stays the same, so hashing it keeps the turns together.
+    """
+    if conversation_id is not None:
+        return f"conv:{conversation_id}"
+    opening: list[ChatMessage] = []
+    for message in messages:
+        opening.append(message)
+        if message.get("role") == "user":
+            break
+    digest = hashlib.blake2b(_stable_bytes(opening), digest_size=12).hexdigest()
+    return f"chat:{digest}"
+
+
+def _stable_bytes(messages: list[ChatMessage]) -> bytes:
+    """A stable byte form of messages for hashing."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
 
 
 _ERROR_KINDS: dict[str, type[CloudLLMError]] = {
@@ -127,6 +158,8 @@ class CloudLLMService:
         self.store = store
         self.engine = engine
         self.counters = IngressCounters()
+        #: Serve's id of the ingress replica running this service ("" outside Serve).
+        self.replica_id = ""
         self._started_at = time.monotonic()
         self.started_at_unix = time.time()
 
@@ -146,8 +179,9 @@ class CloudLLMService:
         """Load the conversation to continue (404 if unknown), or start one when ``create``."""
         started = time.perf_counter()
         if conversation_id is not None:
+            stored = await self.store.get(conversation_id)
             turn = ConversationTurn(
-                conversation_id, False, await self.store.messages(conversation_id)
+                conversation_id, False, stored.messages or [], engine_replica=stored.engine_replica
             )
         elif create:
             turn = ConversationTurn(await self.store.create(), True, [])
@@ -157,13 +191,19 @@ class CloudLLMService:
         return turn
 
     async def finish_turn(
-        self, turn: ConversationTurn, new: list[StoredMessage], answer: str
+        self, turn: ConversationTurn, new: list[StoredMessage], completion: Completion
     ) -> None:
-        """Store the new messages and the answer (atomically, as one append)."""
+        """Store the new messages and the answer (atomically, as one append).
+
+        The engine replica that answered is recorded, so the next turn goes there.
+        """
         if turn.conversation_id is not None:
             started = time.perf_counter()
+            metrics = completion.final.metrics
             await self.store.append(
-                turn.conversation_id, [*new, StoredMessage("assistant", answer, time.time())]
+                turn.conversation_id,
+                [*new, StoredMessage("assistant", completion.text, time.time())],
+                engine_replica=metrics.replica_id if metrics else None,
             )
             turn.store_ms += (time.perf_counter() - started) * 1000
 
@@ -185,8 +225,21 @@ class CloudLLMService:
         """
         self.counters.in_flight += 1
         tokens = 0
+        timeout_s = self.settings.REQUEST_TIMEOUT_S
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        chunks = aiter(self.engine.generate(request))
         try:
-            async for chunk in self.engine.generate(request):
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"the generation did not finish within {timeout_s:g} s "
+                        "(REQUEST_TIMEOUT_S) and was stopped"
+                    ) from None
                 if chunk.error is not None:
                     error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
                     param = prompt_param if chunk.error.kind == "prompt_too_long" else None
@@ -202,6 +255,7 @@ class CloudLLMService:
             raise EngineUnavailableError("engine stream ended without a final chunk")
         finally:
             self.counters.in_flight -= 1
+            await _close(chunks)
 
     async def open_stream(
         self, request: GenerationRequest, *, prompt_param: str = "messages"
@@ -230,3 +284,11 @@ class CloudLLMService:
         async for chunk in self.stream(request, prompt_param=prompt_param):
             builder.add(chunk)
         return builder.build()
+
+
+async def _close(chunks: AsyncIterator[GenerationChunk]) -> None:
+    """Close an engine stream early (cancels the engine request) or after its end."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()

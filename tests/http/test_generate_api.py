@@ -172,7 +172,11 @@ def test_conversation_list_and_delete(app: App) -> None:
 def test_detailed_status_reports_engine_and_store(app: App) -> None:
     generate(app)
     status = app.client.get("/status/detailed").json()
-    assert status["engine"]["replicas"][0]["max_num_seqs"] == 16
+    (replica,) = status["engine"]["replicas"]
+    assert replica["state"] == "RUNNING"
+    assert replica["stats"]["max_num_seqs"] == 16
+    assert status["engine"]["deployment"]["status"] == "HEALTHY"
+    assert status["scaling"]["target_ongoing_requests"] == app.settings.VLLM_MAX_NUM_SEQS
     assert status["redis"]["ok"] is True
     assert status["ingress"]["requests_total"] >= 1
     assert status["config"]["max_tokens_cap"] == app.settings.MAX_TOKENS_CAP

@@ -90,3 +90,21 @@ def test_unreachable_redis_is_a_quick_store_error() -> None:
                 await asyncio.wait_for(call, 5)
 
     asyncio.run(scenario())
+
+
+def test_the_answering_engine_replica_is_recorded(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = make_store(redis_server.url)
+        conversation_id = await store.create()
+        assert (await store.get(conversation_id)).engine_replica is None
+        turn = [StoredMessage("user", "q", 1.0), StoredMessage("assistant", "a", 1.0)]
+        await store.append(conversation_id, turn, engine_replica="replica-a")
+        assert (await store.get(conversation_id)).engine_replica == "replica-a"
+        await store.append(conversation_id, turn)  # unknown replica: keep the last one
+        await store.append(conversation_id, turn, engine_replica="replica-b")
+        conversation = await store.get(conversation_id)
+        assert conversation.engine_replica == "replica-b"
+        assert conversation.message_count == 6
+        await store.close()
+
+    asyncio.run(scenario())

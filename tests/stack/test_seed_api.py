@@ -86,7 +86,10 @@ def test_seed_status_example_verbatim(stack: Stack) -> None:
     status, raw = curl("-sS", f"{stack.base_url}/status/detailed")
     assert status == 200
     detailed = json.loads(raw)
-    replica = detailed["engine"]["replicas"][0]
+    (entry,) = detailed["engine"]["replicas"]
+    assert entry["state"] == "RUNNING"
+    replica = entry["stats"]
+    assert replica["replica_id"] == entry["replica_id"]
     assert replica["device"] == "cpu"
     assert replica["block_size"] == 32
     assert replica["max_num_seqs"] == 16

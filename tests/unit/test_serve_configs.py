@@ -9,10 +9,21 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cloudllm_serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
-from cloudllm_serve.settings import Settings, load_settings
+from cloudllm_serve.engine.placement import refused_overrides
+from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.launcher import ENGINE_DEPLOYMENT as LAUNCHER_ENGINE_DEPLOYMENT
+from cloudllm_serve.launcher import profile_settings
+from cloudllm_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "deployments").glob("*.yaml"))]
+CONFIGS = [
+    REPO / "serve_config.yaml",
+    *sorted(  # deployments/ also holds Kubernetes manifests (a `kind`), not Serve configs
+        path
+        for path in (REPO / "deployments").glob("*.yaml")
+        if "kind" not in yaml.safe_load(path.read_text())
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -28,24 +39,28 @@ def test_config_is_valid(path: Path) -> None:
     (app,) = schema.applications
     assert app.import_path == "cloudllm_serve.app:build_app"
     assert {d.name for d in app.deployments} <= {ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT}
-    load_settings(app.args)  # the args are valid settings
+    profile_settings(raw)  # valid settings, and no engine option the settings derive
     for deployment in app.deployments:
-        assert "placement_group_bundles" not in deployment.model_fields_set, (
-            "bundles are derived from VLLM_TENSOR_PARALLEL_SIZE in code"
-        )
+        assert not refused_overrides(deployment.model_dump(exclude_unset=True))
 
 
 def test_gpu_config_serves_the_seed_model_with_autoscaling() -> None:
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    app = raw["applications"][0]
-    settings = load_settings(app["args"])
+    settings = profile_settings(raw)
     assert settings.LLM_MODEL == "Qwen/Qwen2.5-VL-32B-Instruct"
     assert settings.ENGINE_DEVICE == "gpu"
-    (engine,) = [d for d in app["deployments"] if d["name"] == ENGINE_DEPLOYMENT]
-    autoscaling = engine["autoscaling_config"]
-    assert autoscaling["min_replicas"] >= 1
-    assert autoscaling["max_replicas"] > autoscaling["min_replicas"]
+    assert 1 <= settings.ENGINE_MIN_REPLICAS < settings.ENGINE_MAX_REPLICAS
+    assert settings.INGRESS_REPLICAS >= 2
+    assert not settings.SERVE_DIRECT_INGRESS
     assert raw["http_options"]["port"] == 8001
+
+
+def test_engine_options_in_a_config_are_refused() -> None:
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    engine = {"name": ENGINE_DEPLOYMENT, "placement_group_bundles": [{"GPU": 2}]}
+    raw["applications"][0]["deployments"] = [engine]
+    with pytest.raises(SettingsError, match="placement_group_bundles"):
+        profile_settings(raw)
 
 
 def test_gpu_config_carries_the_latency_tuning() -> None:
@@ -54,3 +69,7 @@ def test_gpu_config_carries_the_latency_tuning() -> None:
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     env_vars = raw["applications"][0]["runtime_env"]["env_vars"]
     assert {k: env_vars[k] for k in LATENCY_TUNING} == LATENCY_TUNING
+
+
+def test_launcher_knows_the_engine_deployment_name() -> None:
+    assert LAUNCHER_ENGINE_DEPLOYMENT == ENGINE_DEPLOYMENT

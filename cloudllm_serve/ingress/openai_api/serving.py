@@ -113,11 +113,14 @@ class CompletionCall:
                 param="store",
             )
         turn = await service.begin_turn(body.conversation_id, create=body.store)
+        messages = turn.chat_messages(new)
         request = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             sampling=sampling,
-            messages=turn.chat_messages(new),
+            messages=messages,
             stream=body.stream,
+            affinity_key=turn.affinity_key(messages),
+            preferred_replica=turn.engine_replica,
         )
         return cls(service, body, request, chat=True, turn=turn, new_messages=new)
 
@@ -142,7 +145,7 @@ class CompletionCall:
         try:
             completion = await self.service.collect(self.request, prompt_param=self.prompt_param)
             if self.turn.conversation_id is not None:
-                await self.service.finish_turn(self.turn, self.new_messages, completion.text)
+                await self.service.finish_turn(self.turn, self.new_messages, completion)
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
@@ -197,7 +200,7 @@ class CompletionCall:
                     yield sse_event(event)
             completion = builder.build()
             if self.turn.conversation_id is not None:
-                await self.service.finish_turn(self.turn, self.new_messages, completion.text)
+                await self.service.finish_turn(self.turn, self.new_messages, completion)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event(openai_error(error))

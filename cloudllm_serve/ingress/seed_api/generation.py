@@ -45,9 +45,12 @@ class GenerateCall:
         self.received_at = received_at
         self.started = time.perf_counter()
         self.user_message = StoredMessage("user", body.message, time.time())
+        messages = turn.chat_messages([self.user_message])
         self.request = GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
-            messages=turn.chat_messages([self.user_message]),
+            messages=messages,
+            affinity_key=turn.affinity_key(messages),
+            preferred_replica=turn.engine_replica,
             sampling=SamplingOptions(
                 max_tokens=service.clamp_max_tokens(body.max_tokens),
                 temperature=float(body.temperature),
@@ -74,7 +77,7 @@ class GenerateCall:
         """Generate the whole answer, store the turn, build the response."""
         try:
             completion = await self.service.collect(self.request, prompt_param="message")
-            await self.service.finish_turn(self.turn, [self.user_message], completion.text)
+            await self.service.finish_turn(self.turn, [self.user_message], completion)
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
@@ -99,7 +102,7 @@ class GenerateCall:
                     if choice.text:
                         yield sse_event({"type": "delta", "delta": choice.text})
             completion = builder.build()
-            await self.service.finish_turn(self.turn, [self.user_message], completion.text)
+            await self.service.finish_turn(self.turn, [self.user_message], completion)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event({"type": "error", "status": error.status_code, "detail": error.message})
@@ -134,6 +137,8 @@ class GenerateCall:
             queue_ms=round(metrics.queue_ms, 3) if metrics else None,
             prompt_tokens=final.prompt_tokens,
             store_ms=round(self.turn.store_ms, 3),
+            engine_replica=(metrics.replica_id or None) if metrics else None,
+            ingress_replica=self.service.replica_id or None,
         )
         assert self.turn.conversation_id is not None
         return GenerationResponse(

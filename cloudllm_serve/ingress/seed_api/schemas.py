@@ -66,6 +66,8 @@ class Timings(BaseModel):
     store_ms: float | None = Field(
         None, description="time spent on Redis: loading the history and storing the turn"
     )
+    engine_replica: str | None = Field(None, description="Serve id of the engine replica")
+    ingress_replica: str | None = Field(None, description="Serve id of the ingress replica")
 
 
 class ModelInfo(BaseModel):

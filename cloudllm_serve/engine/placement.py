@@ -113,10 +113,7 @@ def engine_deployment_options(settings: Settings) -> dict[str, Any]:
     }
     router: dict[str, Any] = {
         "request_router_class": ROUTER_CLASS,
-        "request_router_kwargs": {
-            "affinity": settings.ROUTING_AFFINITY,
-            "full_at": settings.VLLM_MAX_NUM_SEQS,
-        },
+        "request_router_kwargs": {"affinity": settings.ROUTING_AFFINITY},
         "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
     }
     return {

@@ -13,11 +13,12 @@ conversation id, or a hash of the chat's opening) by rendezvous hashing (highest
 random weight), which needs no shared state and moves only a 1/N share of keys when
 replicas come or go.
 
-The preferred replica is skipped while it is busy: when its queue (as this router
-last saw it) holds ``full_at`` (``VLLM_MAX_NUM_SEQS``) requests or more, the request
-goes to the least loaded other replica instead, so affinity never queues a turn
-behind a full batch while another replica has room. Requests without a key, and all
-requests when ``affinity`` is off, use power-of-two-choices like Serve's default.
+The preferred replica is the first rank and all the others the second, so Serve tries
+the preferred one first and, when it is overloaded (at ``max_ongoing_requests``: a
+full batch plus its small waiting room, which Serve learns by probing the replica, not
+from a stale cache), sends the request to the least loaded other replica. Requests
+without a key, and all requests when ``affinity`` is off, use power-of-two-choices
+like Serve's default router.
 """
 
 from __future__ import annotations
@@ -55,17 +56,9 @@ def request_preferred_replica(pending_request: PendingRequest | None) -> str | N
 class ConversationAffinityRouter(RequestRouter):
     """Serve request router: conversation affinity, else power of two choices."""
 
-    def initialize_state(self, affinity: bool = True, full_at: int = 16, **_: Any) -> None:
+    def initialize_state(self, affinity: bool = True, **_: Any) -> None:
         """Router settings (``request_router_kwargs``)."""
         self._affinity = affinity
-        self._full_at = max(1, int(full_at))
-
-    def _queue_len(self, replica: RunningReplica) -> int | None:
-        return self.replica_queue_len_cache.get(replica.replica_id)
-
-    def _busy(self, replica: RunningReplica) -> bool:
-        queue_len = self._queue_len(replica)
-        return queue_len is not None and queue_len >= self._full_at
 
     async def choose_replicas(
         self,
@@ -75,25 +68,26 @@ class ConversationAffinityRouter(RequestRouter):
         """Ranks of replicas to try, most preferred first."""
         if not candidate_replicas:
             return []
-        if not self._affinity or len(candidate_replicas) == 1:
+        preferred = self.preferred(candidate_replicas, pending_request)
+        if preferred is None:
             return [_two_random(candidate_replicas)]
-        key = request_affinity_key(pending_request)
+        others = [r for r in candidate_replicas if r is not preferred]
+        return [[preferred], others] if others else [[preferred]]
+
+    def preferred(
+        self, candidates: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> RunningReplica | None:
+        """The replica this request should go to, or ``None`` (no affinity)."""
+        if not self._affinity:
+            return None
         recorded = request_preferred_replica(pending_request)
-        ranked = candidate_replicas
-        if key is not None:
-            ranked = sorted(
-                candidate_replicas,
-                key=lambda r: affinity_rank(key, r.replica_id.unique_id),
-                reverse=True,
-            )
-        ranked = sorted(ranked, key=lambda r: r.replica_id.unique_id != recorded)
-        if key is None and recorded not in {r.replica_id.unique_id for r in ranked}:
-            return [_two_random(candidate_replicas)]
-        preferred, others = ranked[0], ranked[1:]
-        if not self._busy(preferred):
-            return [[preferred], others]
-        free = [r for r in others if not self._busy(r)]
-        return [free, [preferred]] if free else [others, [preferred]]
+        for replica in candidates:
+            if recorded is not None and replica.replica_id.unique_id == recorded:
+                return replica
+        key = request_affinity_key(pending_request)
+        if key is None:
+            return None
+        return max(candidates, key=lambda r: affinity_rank(key, r.replica_id.unique_id))
 
 
 def _two_random(replicas: list[RunningReplica]) -> list[RunningReplica]:

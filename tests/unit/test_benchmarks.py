@@ -74,3 +74,31 @@ def test_ratios_and_markdown(tmp_path: Path) -> None:
     assert "could not run: ImportError: x" in text
     assert "| 1 | 1.100 | +5.0 | 1.000 |" in text
     assert "2.00 Redis round trips per request" in text
+
+
+def test_affinity_openings_differ_from_the_first_word_and_report_has_both_runs(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import affinity
+
+    openings = [affinity.opening(i, 50) for i in range(8)]
+    assert len({o.split(".")[0] for o in openings}) == 8  # no shared prefix beyond a token
+    assert all(len(o.split()) > 50 for o in openings)
+    run = {
+        "same_replica_as_previous_turn": 1.0,
+        "prefix_cache_hit_rate": 0.9,
+        "ttft_ms_p50": 40.0,
+        "ttft_ms_mean": 41.0,
+        "latency_ms_p50": 300.0,
+        "latency_ms_mean": 310.0,
+    }
+    report = {
+        "conversations": 8,
+        "turns": 5,
+        "opening_words": 50,
+        "with_affinity": run,
+        "without_affinity": {**run, "prefix_cache_hit_rate": 0.6},
+    }
+    affinity.write_markdown(report, tmp_path / "affinity.md")
+    text = (tmp_path / "affinity.md").read_text()
+    assert "| prefix-cache hit rate (tokens) | 0.9 | 0.6 |" in text

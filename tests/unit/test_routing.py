@@ -34,14 +34,10 @@ class FakePending:
 
 
 class Router(ConversationAffinityRouter):
-    """The real ranking over a plain queue-length table (no Serve router machinery)."""
+    """The real ranking, without Serve's router machinery around it."""
 
-    def __init__(self, queue_lens: dict[str, int], *, affinity: bool = True) -> None:
-        self.queue_lens = queue_lens
-        self.initialize_state(affinity=affinity, full_at=4)
-
-    def _queue_len(self, replica: Any) -> int | None:
-        return self.queue_lens.get(replica.replica_id.unique_id)
+    def __init__(self, *, affinity: bool = True) -> None:
+        self.initialize_state(affinity=affinity)
 
 
 REPLICAS = [FakeReplica(FakeId(name)) for name in ("a", "b", "c")]
@@ -60,14 +56,14 @@ def choose(router: Router, key: str | None) -> list[list[str]]:
 
 
 def test_a_key_always_prefers_the_same_replica() -> None:
-    router = Router({})
+    router = Router()
     first = choose(router, "conv:1")
     assert all(choose(router, "conv:1") == first for _ in range(20))
     assert len(first[0]) == 1 and sorted(first[0] + first[1]) == ["a", "b", "c"]
 
 
 def test_keys_spread_over_replicas() -> None:
-    router = Router({})
+    router = Router()
     preferred = Counter(choose(router, f"conv:{i}")[0][0] for i in range(300))
     assert set(preferred) == {"a", "b", "c"}
     assert min(preferred.values()) > 60  # roughly even
@@ -82,17 +78,16 @@ def test_a_new_replica_moves_only_its_share_of_conversations() -> None:
     assert len(moved) < 150
 
 
-def test_a_busy_preferred_replica_is_skipped_for_one_with_room() -> None:
-    preferred = choose(Router({}), "conv:7")[0][0]
-    ranks = choose(Router({preferred: 4}), "conv:7")
-    assert preferred not in ranks[0]
-    assert ranks[-1] == [preferred]  # still a last resort
+def test_the_others_come_next_when_the_preferred_one_is_full() -> None:
+    ranks = choose(Router(), "conv:7")
+    assert len(ranks) == 2 and len(ranks[0]) == 1
+    assert sorted(ranks[0] + ranks[1]) == ["a", "b", "c"]
 
 
 def test_without_a_key_or_affinity_two_random_choices() -> None:
-    assert len(choose(Router({}), None)) == 1
-    assert len(choose(Router({}), None)[0]) == 2
-    assert len(choose(Router({}, affinity=False), "conv:1")[0]) == 2
+    assert len(choose(Router(), None)) == 1
+    assert len(choose(Router(), None)[0]) == 2
+    assert len(choose(Router(affinity=False), "conv:1")[0]) == 2
 
 
 def test_request_key_comes_from_the_generation_request() -> None:
@@ -133,15 +128,14 @@ def choose_recorded(router: Router, key: str | None, recorded: str | None) -> li
 
 
 def test_the_replica_of_the_previous_turn_wins_over_the_hash() -> None:
-    hashed = choose(Router({}), "conv:5")[0][0]
+    hashed = choose(Router(), "conv:5")[0][0]
     recorded = next(name for name in "abc" if name != hashed)
-    assert choose_recorded(Router({}), "conv:5", recorded)[0] == [recorded]
-    assert choose_recorded(Router({}), None, recorded)[0] == [recorded]
+    assert choose_recorded(Router(), "conv:5", recorded)[0] == [recorded]
+    assert choose_recorded(Router(), None, recorded)[0] == [recorded]
 
 
-def test_a_gone_or_busy_recorded_replica_falls_back() -> None:
-    hashed = choose(Router({}), "conv:5")[0][0]
-    assert choose_recorded(Router({}), "conv:5", "gone")[0] == [hashed]
-    assert len(choose_recorded(Router({}), None, "gone")[0]) == 2
-    busy = choose_recorded(Router({"b": 4}), "conv:5", "b")
-    assert "b" not in busy[0] and busy[-1] == ["b"]
+def test_a_gone_recorded_replica_falls_back() -> None:
+    hashed = choose(Router(), "conv:5")[0][0]
+    assert choose_recorded(Router(), "conv:5", "gone")[0] == [hashed]
+    assert len(choose_recorded(Router(), None, "gone")[0]) == 2
+    assert len(choose_recorded(Router(affinity=False), None, "b")[0]) == 2

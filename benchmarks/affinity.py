@@ -24,11 +24,11 @@ import json
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import CloudLLM, say
+from benchmarks.conversation_cost import call_json
 from cloudllm_serve.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,17 +69,9 @@ def opening(index: int, words: int) -> str:
     return f"Conversation {index}. Remember these words: {body}. Reply with one word."
 
 
-def _call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        result: dict[str, Any] = json.loads(response.read())
-    return result
-
-
 def cache_counters(base_url: str) -> tuple[int, int]:
     """(prompt tokens looked up, tokens found) summed over the running engine replicas."""
-    replicas = _call(f"{base_url}/status/detailed")["engine"]["replicas"]
+    replicas = call_json(f"{base_url}/status/detailed")["engine"]["replicas"]
     stats = [r["stats"] for r in replicas if r["state"] == "RUNNING" and r["stats"]]
     return sum(s["prefix_cache_queries"] for s in stats), sum(s["prefix_cache_hits"] for s in stats)
 
@@ -101,7 +93,7 @@ def play(base_url: str, conversations: int, turns: int, opening_words: int) -> d
             if ids[index] is not None:
                 body["conversation_id"] = ids[index]
             started = time.perf_counter()
-            answer = _call(f"{base_url}/generate", body)
+            answer = call_json(f"{base_url}/generate", body)
             elapsed_ms = (time.perf_counter() - started) * 1000
             timings = answer["model_info"]["timings"]
             ids[index] = answer["conversation_id"]
@@ -143,7 +135,9 @@ def run(affinity: bool, args: argparse.Namespace, log_dir: Path) -> dict[str, An
         ready_s = server.wait_ready()
         # /health answers once one replica runs; wait for both.
         while (
-            _call(f"{server.base_url}/status/detailed")["engine"]["deployment"]["running_replicas"]
+            call_json(f"{server.base_url}/status/detailed")["engine"]["deployment"][
+                "running_replicas"
+            ]
             < 2
         ):
             time.sleep(1)

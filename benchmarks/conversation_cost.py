@@ -18,7 +18,8 @@ import urllib.request
 from typing import Any
 
 
-def _call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def call_json(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET ``url`` (or POST ``body`` as JSON) and return the JSON answer."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -36,13 +37,13 @@ def measure(
 ) -> dict[str, Any]:
     """Run the conversations; return the per-turn store cost."""
     status_url = f"{base_url}/status/detailed"
-    round_trips_before = _call(status_url)["redis"]["round_trips"]
+    round_trips_before = call_json(status_url)["redis"]["round_trips"]
     store_ms: list[float] = []
     total_minus_generation_ms: list[float] = []
     for index in range(conversations):
         conversation_id = None
         for turn in range(turns):
-            body = _call(
+            body = call_json(
                 f"{base_url}/generate",
                 {
                     "message": f"Conversation {index}, turn {turn}: tell me something new.",
@@ -56,7 +57,7 @@ def measure(
             store_ms.append(timings["store_ms"])
             total_minus_generation_ms.append(timings["total_ms"] - timings["generation_ms"])
     # the status reads themselves cost two round trips each (PING and ZCARD)
-    round_trips = _call(status_url)["redis"]["round_trips"] - round_trips_before - 2
+    round_trips = call_json(status_url)["redis"]["round_trips"] - round_trips_before - 2
     requests = conversations * turns
     return {
         "conversations": conversations,

@@ -42,6 +42,9 @@ def build_application(settings: Settings) -> Application:
         name=INGRESS_DEPLOYMENT,
         num_replicas=settings.INGRESS_REPLICAS,
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        # A stopping ingress replica waits for the generations it is streaming, as long
+        # as the engine replicas let theirs finish.
+        graceful_shutdown_timeout_s=settings.ENGINE_GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 0.25},
     )(Ingress)
     application: Application = ingress.bind(engine, settings)

@@ -92,7 +92,14 @@ class Settings(BaseSettings):
         "STRICT_PACK", description="placement group strategy of a tensor-parallel replica"
     )
     ENGINE_GRACEFUL_SHUTDOWN_S: float = Field(
-        60.0, ge=0.0, description="how long a stopping engine replica lets requests finish"
+        60.0, ge=0.0, description="how long a stopping engine/ingress replica lets requests finish"
+    )
+    ENGINE_NICENESS: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of engine replicas and vLLM's processes (CPU hosts: keeps the "
+        "HTTP front door and Redis responsive when generation saturates the cores)",
     )
     INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
     ROUTING_AFFINITY: bool = Field(

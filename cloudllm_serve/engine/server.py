@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -82,6 +83,10 @@ class EngineServer:
             logger.error(problem)
             raise SettingsError(problem)
         self._replica_id = current_replica_id()
+        increase = settings.ENGINE_NICENESS - os.nice(0)
+        if increase > 0:
+            # Before vLLM starts: its engine-core and worker processes inherit it.
+            os.nice(increase)
         self._backend = backend_factory(settings)
         await self._backend.start()
 

@@ -33,14 +33,11 @@ def wait_for(check: Callable[[], T | None], timeout_s: float, interval_s: float 
 class RedisServer:
     """A real ``redis-server`` on a free port that tests may stop, freeze and restart.
 
-    Data is kept in an append-only file, by default synced on every write, so a SIGKILL
-    loses nothing that Redis acknowledged; ``fsync_always=False`` syncs once a second,
-    as the Redis of ``make serve`` does.
+    Data is kept in an append-only file synced on every write, so a SIGKILL loses
+    nothing that Redis acknowledged.
     """
 
-    def __init__(
-        self, data_dir: Path, port: int | None = None, *, fsync_always: bool = True
-    ) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs it)")
@@ -48,7 +45,6 @@ class RedisServer:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.fsync_always = fsync_always
 
     @property
     def url(self) -> str:
@@ -61,7 +57,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             redis_server_command(
-                self.binary, "127.0.0.1", self.port, self.data_dir, fsync_always=self.fsync_always
+                self.binary, "127.0.0.1", self.port, self.data_dir, fsync_always=True
             ),
             stdout=subprocess.DEVNULL,
         )

@@ -135,3 +135,35 @@ def test_engine_args_follow_settings() -> None:
     assert args["kv_cache_memory_bytes"] == 1 << 30
     assert args["enforce_eager"] is True
     assert "distributed_executor_backend" not in args
+
+
+def test_engine_niceness_reaches_the_processes_vllm_starts() -> None:
+    """In a child interpreter (niceness cannot be undone): the replica lowers its own
+    priority before starting the backend, so the processes it spawns inherit it."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, os, subprocess, sys
+from cloudllm_serve.engine.server import EngineServer
+from cloudllm_serve.settings import Settings
+
+class Backend:
+    def __init__(self, settings): pass
+    async def start(self):
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"],
+                               capture_output=True, text=True, check=True)
+        print("child", child.stdout.strip())
+    def shutdown(self): pass
+
+async def main():
+    server = EngineServer.__new__(EngineServer)  # Ray awaits the async constructor itself
+    await server.__init__(Settings(ENGINE_NICENESS=5), Backend)
+    print("replica", os.nice(0))
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == ["child", "5", "replica", "5"], result.stdout + result.stderr

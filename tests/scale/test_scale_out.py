@@ -308,7 +308,13 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
     )
     if refused:
         print(f"[flood] a refusal: Retry-After {refused[0][2]}, body {refused[0][3]}")
-    assert set(statuses) <= {200, 429}, [r for r in results if r[0] not in (200, 429)]
+    # 200, the overload refusal (429 here), or a 503 with Retry-After: on this oversubscribed
+    # host the ingress sometimes waits for CPU longer than REDIS_TIMEOUT_S and reports Redis
+    # unavailable (README "Scaling"). Any other status, or no answer (-1), fails.
+    assert set(statuses) <= {200, 429, 503}, [r for r in results if r[0] not in (200, 429, 503)]
+    for _, _, retry_after, body in (r for r in results if r[0] == 503):
+        print(f"[flood] a 503: Retry-After {retry_after}, body {body}")
+        assert retry_after is not None and json.loads(body)["detail"]
     assert statuses[200] > 0
     assert statuses[429] > 0, "more requests than slots and queue: some must be refused"
     # How fast a refusal comes is printed, not asserted: with two vLLM engines on 2 cores

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from cloudllm_serve.engine.placement import (
+    ENGINE_DEPLOYMENT,
     cluster_capacity_problem,
     engine_deployment_options,
 )
@@ -25,7 +26,6 @@ from cloudllm_serve.settings import Settings, load_settings
 
 logger = logging.getLogger("ray.serve")
 
-ENGINE_DEPLOYMENT = "EngineServer"
 INGRESS_DEPLOYMENT = "Ingress"
 #: Requests one ingress replica handles at once (HTTP work and waiting on engines);
 #: the engine queue, not this, is what bounds waiting (ENGINE_MAX_QUEUED_REQUESTS).

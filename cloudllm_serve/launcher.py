@@ -35,15 +35,12 @@ from urllib.parse import urlparse
 
 import yaml
 
-from cloudllm_serve.engine.placement import refused_overrides
+from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, refused_overrides
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
-#: The engine deployment's name in the app (cloudllm_serve.app; that module imports
-#: Ray Serve, which the launcher does not need).
-ENGINE_DEPLOYMENT = "EngineServer"
 
 
 def say(message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from cloudllm_serve.engine.protocol import (
     ChoiceDelta,
@@ -111,22 +112,9 @@ class FakeEngine:
     async def fleet(self) -> EngineFleet:
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")
-        stats = EngineStats(
-            engine_status="running",
-            model_name="fake",
+        stats = engine_stats(
             running_requests=self.running,
-            pending_requests=0,
-            kv_cache_usage=0.0,
-            prefix_cache_hit_rate=None,
             requests_finished=len(self.requests),
-            tokens_generated=0,
-            max_model_len=2048,
-            max_num_seqs=16,
-            block_size=16,
-            tensor_parallel_size=1,
-            gpu_memory_utilization=0.9,
-            device="cpu",
-            uptime_s=1.0,
             replica_id="fake-1",
         )
         return EngineFleet(
@@ -134,3 +122,25 @@ class FakeEngine:
             target_replicas=1,
             replicas=[ReplicaStatus("fake-1", "RUNNING", stats=stats)],
         )
+
+
+def engine_stats(**changes: Any) -> EngineStats:
+    """An idle, running engine's stats (16 sequences, CPU); ``changes`` override fields."""
+    values: dict[str, Any] = {
+        "engine_status": "running",
+        "model_name": "fake",
+        "running_requests": 0,
+        "pending_requests": 0,
+        "kv_cache_usage": 0.0,
+        "prefix_cache_hit_rate": None,
+        "requests_finished": 0,
+        "tokens_generated": 0,
+        "max_model_len": 2048,
+        "max_num_seqs": 16,
+        "block_size": 16,
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.9,
+        "device": "cpu",
+        "uptime_s": 1.0,
+    }
+    return EngineStats(**{**values, **changes})

@@ -25,15 +25,20 @@ from typing import Any
 
 from cloudllm_serve.settings import Settings
 
+#: The engine deployment's name in the application (configs' ``deployments`` entries).
+ENGINE_DEPLOYMENT = "EngineServer"
+
 REPLICA_CPUS = 1.0
 #: On CPU the reservation is bookkeeping only (vLLM binds its own threads to the
 #: cores), and half a core lets two engine replicas and two ingress replicas be
 #: placed on a 2-core machine.
 CPU_REPLICA_CPUS = 0.5
 
-#: How often Serve's controller asks each engine replica for its stats, which the
-#: conversation-affinity router reads.
-ROUTING_STATS_PERIOD_S = 2.0
+#: How often Serve's controller calls each engine replica's ``record_routing_stats``.
+#: The ingress calls that method directly for live stats (``/health``); the controller's
+#: copy is read by nothing (the router relies on Serve's queue probes), yet each new copy
+#: (uptime and counters always change) is broadcast to every handle. So: rarely.
+CONTROLLER_STATS_PERIOD_S = 3600.0
 
 #: Import path of the request router (must be importable where handles live).
 ROUTER_CLASS = "cloudllm_serve.engine.routing:ConversationAffinityRouter"
@@ -114,7 +119,7 @@ def engine_deployment_options(settings: Settings) -> dict[str, Any]:
     router: dict[str, Any] = {
         "request_router_class": ROUTER_CLASS,
         "request_router_kwargs": {"affinity": settings.ROUTING_AFFINITY},
-        "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+        "request_routing_stats_period_s": CONTROLLER_STATS_PERIOD_S,
     }
     return {
         **resource_options(settings),

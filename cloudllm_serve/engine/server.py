@@ -99,13 +99,14 @@ class EngineServer:
                 )
             yield chunk
 
-    async def stats(self) -> EngineStats:
-        """This replica's live stats."""
-        return dataclasses.replace(self._backend.stats(), replica_id=self._replica_id)
-
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Serve's hook: the stats the controller and the ingress read from each replica."""
-        return dataclasses.asdict(await self.stats())
+        """This replica's live :class:`EngineStats`, as a dict.
+
+        A Serve hook, so it is an actor method: the ingress calls it directly, beside
+        the request queue (see :mod:`cloudllm_serve.ingress.engine_client`).
+        """
+        stats = dataclasses.replace(self._backend.stats(), replica_id=self._replica_id)
+        return dataclasses.asdict(stats)
 
     async def check_health(self) -> None:
         """Serve's periodic health check; raising makes Serve replace this replica."""

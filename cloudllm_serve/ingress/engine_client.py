@@ -15,6 +15,7 @@ replica with a full batch still answers ``/health`` at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -84,9 +85,10 @@ class ServeEngineClient:
             raise EngineUnavailableError(
                 f"Serve's controller did not describe the engine deployment: {_describe(error)}"
             ) from None
-        replicas = await asyncio.gather(
-            *(self._replica_status(r) for r in deployment.get("replicas", []))
-        )
+        listed = deployment.get("replicas", [])
+        current = {str(r.get("actor_name")) for r in listed}
+        self._actors = {name: a for name, a in self._actors.items() if name in current}
+        replicas = await asyncio.gather(*(self._replica_status(r) for r in listed))
         running = any(r.state == "RUNNING" for r in replicas)
         return EngineFleet(
             status=_name(deployment.get("status", "UNKNOWN")),
@@ -124,29 +126,26 @@ class ServeEngineClient:
         if status.state != "RUNNING" or not replica.get("actor_name"):
             return status
         try:
-            actor = await asyncio.to_thread(self._actor, str(replica["actor_name"]))
+            actor = await self._actor(str(replica["actor_name"]))
             values = await asyncio.wait_for(
                 actor.record_routing_stats.remote(), self._stats_timeout_s
             )
             stats = EngineStats.from_dict(values)
         except Exception as error:
-            return _replace(status, error=f"stats unavailable: {_describe(error)}")
-        return _replace(status, stats=stats)
+            return dataclasses.replace(status, error=f"stats unavailable: {_describe(error)}")
+        return dataclasses.replace(status, stats=stats)
 
-    def _actor(self, name: str) -> Any:
-        import ray
-
+    async def _actor(self, name: str) -> Any:
+        """A replica's actor handle; the first lookup (a blocking GCS call) off the loop."""
         if name not in self._actors:
-            self._actors[name] = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+            import ray
+
+            self._actors[name] = await asyncio.to_thread(
+                ray.get_actor, name, namespace=SERVE_NAMESPACE
+            )
         return self._actors[name]
 
 
 def _name(value: Any) -> str:
     """An enum member's value (Serve's details hold enums), else the string."""
     return str(getattr(value, "value", value))
-
-
-def _replace(status: ReplicaStatus, **changes: Any) -> ReplicaStatus:
-    import dataclasses
-
-    return dataclasses.replace(status, **changes)

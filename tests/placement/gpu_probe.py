@@ -7,7 +7,6 @@ real derived deployment options, on a Ray cluster with fake GPUs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from cloudllm_serve.engine.protocol import (
     GpuReading,
 )
 from cloudllm_serve.settings import Settings
+from tests.fakes import engine_stats
 
 
 @ray.remote(num_cpus=0, num_gpus=1)
@@ -70,22 +70,12 @@ class GpuProbeBackend:
             for rank, ids in self._ranks
             for gpu in ids
         ]
-        return EngineStats(
-            engine_status="running",
+        return engine_stats(
             model_name="gpu-probe",
-            running_requests=0,
-            pending_requests=0,
-            kv_cache_usage=0.0,
-            prefix_cache_hit_rate=None,
-            requests_finished=0,
-            tokens_generated=0,
-            max_model_len=0,
             max_num_seqs=self._settings.VLLM_MAX_NUM_SEQS,
             block_size=self._settings.VLLM_BLOCK_SIZE,
             tensor_parallel_size=self._settings.VLLM_TENSOR_PARALLEL_SIZE,
-            gpu_memory_utilization=0.0,
             device="gpu",
-            uptime_s=time.monotonic(),
             gpus=gpus,
         )
 

@@ -142,7 +142,7 @@ def test_first_token_arrives_long_before_the_last(stack: Stack) -> None:
     first_ms, last_ms = arrivals[0] * 1000, arrivals[-1] * 1000
     print(
         f"first delta {first_ms:.0f} ms, engine ttft {timings['ttft_ms']:.0f} ms, "
-        f"last delta {last_ms:.0f} ms, {len(arrivals)} deltas"
+        f"last delta {last_ms:.0f} ms, {len(arrivals)} deltas; timings {timings}"
     )
     assert len(arrivals) > 50
     assert first_ms < last_ms / 5

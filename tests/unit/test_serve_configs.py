@@ -11,7 +11,6 @@ from ray.serve.schema import ServeDeploySchema
 from cloudllm_serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 from cloudllm_serve.engine.placement import refused_overrides
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.launcher import ENGINE_DEPLOYMENT as LAUNCHER_ENGINE_DEPLOYMENT
 from cloudllm_serve.launcher import profile_settings
 from cloudllm_serve.settings import Settings
 
@@ -69,7 +68,3 @@ def test_gpu_config_carries_the_latency_tuning() -> None:
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     env_vars = raw["applications"][0]["runtime_env"]["env_vars"]
     assert {k: env_vars[k] for k in LATENCY_TUNING} == LATENCY_TUNING
-
-
-def test_launcher_knows_the_engine_deployment_name() -> None:
-    assert LAUNCHER_ENGINE_DEPLOYMENT == ENGINE_DEPLOYMENT

@@ -14,13 +14,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server model serve test test-fast lint bench bench-full bench-affinity clean
+.PHONY: help install redis-server model serve test test-fast lint bench bench-full bench-guard bench-affinity clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
 	@echo "make test    install what is missing, run the whole test suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   raw vLLM vs CloudLLM Serve vs Ray Serve LLM, quick mode (bench-full: more prompts)"
+	@echo "make bench-guard   fails when our throughput at 2x the batch size is under 0.85x raw vLLM's"
 	@echo "make bench-affinity   2 engine replicas, conversation-affinity routing on vs off"
 
 $(INSTALLED): pyproject.toml
@@ -66,6 +67,10 @@ bench: $(BENCH_INSTALLED) redis-server model
 
 bench-full: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare $(BENCH_ARGS)
+
+# Run before resolving any change to the request path (README "Development").
+bench-guard: $(BENCH_INSTALLED) redis-server model
+	@$(PY) -m benchmarks.compare --guard $(BENCH_ARGS)
 
 bench-affinity: install redis-server model
 	@$(PY) -m benchmarks.affinity $(BENCH_ARGS)

@@ -1,14 +1,23 @@
 """Raw vLLM vs CloudLLM Serve vs Ray Serve LLM, in one run, on the same model and engine.
 
-    python -m benchmarks.compare --quick        # make bench       (a few minutes)
+    python -m benchmarks.compare --quick        # make bench       (~15 minutes here)
     python -m benchmarks.compare                # make bench-full
+    python -m benchmarks.compare --guard        # make bench-guard (~5 minutes here)
 
 Each system is started in turn with the same engine settings (those of the CPU
-profile, ``deployments/cpu.yaml``, unless ``--profile`` says otherwise), warmed up,
-driven with ``vllm bench serve`` (random dataset, the same seed for everyone) at each
-concurrency, and stopped. Our app also runs the conversation benchmark
-(:mod:`benchmarks.conversation_cost`). Results go to ``--out`` (``benchmarks/results``):
-``results.json``, ``results.md`` (tables and ratios) and ``results.png`` (plots).
+profile, ``deployments/cpu.yaml``, unless ``--profile`` says otherwise), warmed up the
+same way, driven with ``vllm bench serve`` (random dataset, the same seed for everyone)
+at each concurrency, and stopped. The concurrencies default to 1, 4 and 1x, 2x and 4x
+the batch size (``VLLM_MAX_NUM_SEQS``): past the batch size requests queue, which is
+where a serving layer can cost the engine its CPU. Our app also runs the conversation
+benchmark (:mod:`benchmarks.conversation_cost`). Results go to ``--out``
+(``benchmarks/results``): ``results.json``, ``results.md`` (tables and ratios) and
+``results.png`` (plots).
+
+The saturation guard: when raw vLLM and our app both ran at twice the batch size, the
+run exits with status 1 if our output throughput there is under ``--min-ratio`` (0.85)
+times raw vLLM's. ``--guard`` is the short variant for that check alone (raw vLLM and
+our app, twice the batch size only, results in ``.bench/guard``).
 """
 
 from __future__ import annotations
@@ -69,11 +78,24 @@ class Plan:
     systems: list[str]
 
 
+#: Our throughput at twice the batch size must be at least this share of raw vLLM's.
+MIN_SATURATION_RATIO = 0.85
+
+
+def default_concurrencies(batch_size: int) -> list[int]:
+    """1 and 4 streams, then 1x, 2x and 4x the engine's batch size."""
+    return sorted({1, 4, batch_size, 2 * batch_size, 4 * batch_size})
+
+
 def make_plan(
     quick: bool, systems: list[str], input_len: int, output_len: int, concurrencies: list[int]
 ) -> Plan:
-    """Prompts per concurrency: enough for stable medians (more in the full mode)."""
-    quick_prompts = {c: max(8, 2 * c) for c in concurrencies}
+    """Prompts per concurrency: enough for stable medians (more in the full mode).
+
+    Two waves of requests at each concurrency, and at least 16 requests, so that a
+    median at low concurrency does not rest on a handful of samples.
+    """
+    quick_prompts = {c: max(16, 2 * c) for c in concurrencies}
     prompts = quick_prompts if quick else {c: 4 * n for c, n in quick_prompts.items()}
     return Plan(concurrencies, prompts, input_len, output_len, systems)
 
@@ -307,7 +329,17 @@ def bench(
     return metrics
 
 
-def run_system(name: str, plan: Plan, settings: Settings, out: Path) -> SystemRun:
+def warm_up(server: Server, plan: Plan, batch_size: int, out: Path) -> None:
+    """The same for every system: single requests, then full batches.
+
+    A server that has just started still compiles, allocates and (Ray) settles its
+    control processes; the first measurement (concurrency 1) must not pay for that.
+    """
+    bench(server, plan, 1, 4, out)
+    bench(server, plan, batch_size, 2 * batch_size, out)
+
+
+def run_system(name: str, plan: Plan, settings: Settings, out: Path, batch_size: int) -> SystemRun:
     """Start one system, warm it up, measure every concurrency, stop it."""
     run = SystemRun(name, LABELS[name])
     server = SERVERS[name](name, settings, out / "logs")
@@ -316,7 +348,7 @@ def run_system(name: str, plan: Plan, settings: Settings, out: Path) -> SystemRu
         server.start()
         run.startup_s = round(server.wait_ready(), 1)
         say(f"{name}: ready after {run.startup_s} s; warming up")
-        bench(server, plan, 4, 8, out)
+        warm_up(server, plan, batch_size, out)
         for concurrency in plan.concurrencies:
             metrics = bench(server, plan, concurrency, plan.prompts[concurrency], out)
             run.results[concurrency] = metrics
@@ -343,7 +375,7 @@ def run_system(name: str, plan: Plan, settings: Settings, out: Path) -> SystemRu
 
 
 def ratios(runs: dict[str, SystemRun], ours: str, other: str) -> dict[int, dict[str, float]]:
-    """ours/other for TTFT p50 (lower is better) and throughput (higher is better)."""
+    """ours/other for TTFT and TPOT p50 (lower is better) and throughput (higher is better)."""
     table: dict[int, dict[str, float]] = {}
     if runs.get(ours) is None or runs.get(other) is None:
         return table
@@ -353,11 +385,35 @@ def ratios(runs: dict[str, SystemRun], ours: str, other: str) -> dict[int, dict[
             table[concurrency] = {
                 "ttft_p50_ratio": round(mine["median_ttft_ms"] / theirs["median_ttft_ms"], 3),
                 "ttft_p50_delta_ms": round(mine["median_ttft_ms"] - theirs["median_ttft_ms"], 2),
+                "tpot_p50_ratio": round(mine["median_tpot_ms"] / theirs["median_tpot_ms"], 3),
                 "throughput_ratio": round(
                     mine["output_throughput"] / theirs["output_throughput"], 3
                 ),
             }
     return table
+
+
+def saturation_check(
+    ratios_vs_vllm: dict[int, dict[str, float]], batch_size: int, minimum: float
+) -> tuple[bool | None, str]:
+    """Whether our throughput at twice the batch size is at least ``minimum`` x raw vLLM's.
+
+    ``None`` when that point was not measured for both systems (nothing to check).
+    """
+    concurrency = 2 * batch_size
+    ratio = ratios_vs_vllm.get(concurrency)
+    if ratio is None:
+        return None, (
+            f"saturation guard: not checked (raw vLLM and CloudLLM Serve at concurrency "
+            f"{concurrency}, 2x VLLM_MAX_NUM_SEQS, were not both measured)"
+        )
+    value = ratio["throughput_ratio"]
+    ok = value >= minimum
+    return ok, (
+        f"saturation guard: CloudLLM Serve / raw vLLM output throughput at concurrency "
+        f"{concurrency} (2x VLLM_MAX_NUM_SEQS={batch_size}) is {value:.3f}, "
+        f"{'at least' if ok else 'UNDER'} the {minimum:.2f} floor: {'OK' if ok else 'FAILED'}"
+    )
 
 
 def machine() -> str:
@@ -413,14 +469,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "",
             f"**{title}** (TTFT: lower is better; throughput: higher is better)",
             "",
-            "| concurrency | TTFT p50 ratio | TTFT p50 difference ms | throughput ratio |",
-            "|---|---|---|---|",
+            "| concurrency | TTFT p50 ratio | TTFT p50 difference ms | TPOT p50 ratio "
+            "| throughput ratio |",
+            "|---|---|---|---|---|",
         ]
         for concurrency, r in sorted(table.items(), key=lambda kv: int(kv[0])):
+            tpot = r.get("tpot_p50_ratio")
             lines.append(
                 f"| {concurrency} | {r['ttft_p50_ratio']:.3f} | "
-                f"{r['ttft_p50_delta_ms']:+.1f} | {r['throughput_ratio']:.3f} |"
+                f"{r['ttft_p50_delta_ms']:+.1f} | {'-' if tpot is None else f'{tpot:.3f}'} "
+                f"| {r['throughput_ratio']:.3f} |"
             )
+    if report.get("saturation_guard"):
+        lines += ["", f"**{report['saturation_guard']}**"]
     cost = report.get("conversation_cost")
     if cost:
         lines += [
@@ -472,10 +533,26 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; write results.json, results.md and results.png."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer prompts (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts")
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="the saturation check alone: raw vLLM and our app at 2x the batch size, quick "
+        "mode, results in .bench/guard",
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--profile", type=Path, default=REPO / "deployments" / "cpu.yaml")
-    parser.add_argument("--concurrencies", default="1,4,16,32")
+    parser.add_argument(
+        "--concurrencies",
+        default="",
+        help="comma-separated (default: 1, 4 and 1x, 2x, 4x VLLM_MAX_NUM_SEQS)",
+    )
+    parser.add_argument(
+        "--min-ratio",
+        type=float,
+        default=MIN_SATURATION_RATIO,
+        help="saturation guard: least CloudLLM Serve / raw vLLM throughput at 2x the batch size",
+    )
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -485,6 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-render results.md and results.png from results.json",
     )
     args = parser.parse_args(argv)
+    settings = profile_settings(load_profile(args.profile))
+    batch_size = settings.VLLM_MAX_NUM_SEQS
+    if args.guard:
+        args.quick = True
+        args.systems = "vllm,cloudllm"
+        args.concurrencies = str(2 * batch_size)
+        if args.out == parser.get_default("out"):
+            args.out = REPO / ".bench" / "guard"
     if args.report_only:
         report = json.loads((args.out / "results.json").read_text())
         write_markdown(report, args.out / "results.md")
@@ -494,31 +579,38 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
-    concurrencies = [int(c) for c in args.concurrencies.split(",") if c]
+    concurrencies = [int(c) for c in args.concurrencies.split(",") if c] or (
+        default_concurrencies(batch_size)
+    )
     plan = make_plan(args.quick, systems, args.input_len, args.output_len, concurrencies)
-    settings = profile_settings(load_profile(args.profile))
     CloudLLM.settings_profile = args.profile
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
-    runs = {name: run_system(name, plan, settings, args.out) for name in systems}
+    runs = {name: run_system(name, plan, settings, args.out, batch_size) for name in systems}
+    ours_vs_vllm = ratios(runs, "cloudllm", "vllm")
+    guard_ok, guard_line = saturation_check(ours_vs_vllm, batch_size, args.min_ratio)
     report: dict[str, Any] = {
         "machine": machine(),
         "model": settings.model_name,
         "mode": "quick" if args.quick else "full",
-        "command": "make bench" if args.quick else "make bench-full",
+        "command": "make bench-guard"
+        if args.guard
+        else ("make bench" if args.quick else "make bench-full"),
         "input_len": plan.input_len,
         "output_len": plan.output_len,
         "prompts": plan.prompts,
         "engine_args": engine_args_from_settings(settings),
         "systems": [asdict(run) for run in runs.values()],
+        "batch_size": batch_size,
         "ratios": {
-            "ours_vs_vllm": ratios(runs, "cloudllm", "vllm"),
+            "ours_vs_vllm": ours_vs_vllm,
             "ours_vs_ray_serve_llm": ratios(runs, "cloudllm", "ray-serve-llm"),
         },
         "conversation_cost": runs["cloudllm"].extra.get("conversation_cost")
         if "cloudllm" in runs
         else None,
+        "saturation_guard": guard_line,
         "duration_s": round(time.monotonic() - started, 1),
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -526,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     write_plot(report, args.out / "results.png")
     say(f"done in {report['duration_s']:.0f} s: {args.out}/results.md, results.json, results.png")
     print((args.out / "results.md").read_text())
+    say(guard_line)
+    if guard_ok is False:
+        return 1
     return 0 if all(run.error is None for run in runs.values()) else 1
 
 

@@ -10,16 +10,17 @@ Resources:
   worker on each bundle, so the replica itself reserves no GPU.
 
 Scaling: a replica is full at ``VLLM_MAX_NUM_SEQS`` sequences, so that is the
-autoscaler's target of ongoing requests (queued ones included) per replica, and
-``max_ongoing_requests`` sits a little above it (vLLM's own waiting room). Past that,
-requests wait at the caller, at most ``ENGINE_MAX_QUEUED_REQUESTS`` per ingress
-replica; the next one is refused at once with ``OVERLOAD_STATUS_CODE`` and
-``Retry-After``.
+autoscaler's target of ongoing requests (queued ones included) per replica.
+``max_ongoing_requests`` is twice that: a full batch running and a full batch waiting
+in vLLM's own scheduler queue, which moves a waiting request into a freed batch slot at
+the next engine step, at no cost to the engine (see ``docs/performance.md``,
+"Saturation"). Past that, requests wait at the caller, at most
+``ENGINE_MAX_QUEUED_REQUESTS`` per ingress replica; the next one is refused at once
+with ``OVERLOAD_STATUS_CODE`` and ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,9 +75,16 @@ def expected_bundles(settings: Settings) -> list[dict[str, float]] | None:
 
 
 def max_ongoing_requests(settings: Settings) -> int:
-    """A little above the batch size: a full batch plus a quarter (at least 2) waiting."""
-    seqs = settings.VLLM_MAX_NUM_SEQS
-    return seqs + max(2, math.ceil(seqs / 4))
+    """Requests one engine replica takes: a full batch running, a full batch waiting.
+
+    Waiting in vLLM's scheduler queue refills every freed batch slot at the next engine
+    step, even when a whole batch finishes at once; a request waiting at the caller's
+    handle joins only when Serve's router retries (exponential backoff, up to 0.5 s).
+    One batch of waiting room is enough for the handle to catch up, and keeps the share
+    of requests committed to one replica (they cannot move to a replica added later)
+    at one batch.
+    """
+    return 2 * settings.VLLM_MAX_NUM_SEQS
 
 
 def autoscaling_config(settings: Settings) -> dict[str, Any]:
@@ -118,7 +126,10 @@ def engine_deployment_options(settings: Settings) -> dict[str, Any]:
     }
     router: dict[str, Any] = {
         "request_router_class": ROUTER_CLASS,
-        "request_router_kwargs": {"affinity": settings.ROUTING_AFFINITY},
+        "request_router_kwargs": {
+            "affinity": settings.ROUTING_AFFINITY,
+            "batch_size": settings.VLLM_MAX_NUM_SEQS,
+        },
         "request_routing_stats_period_s": CONTROLLER_STATS_PERIOD_S,
     }
     return {

@@ -13,21 +13,39 @@ conversation id, or a hash of the chat's opening) by rendezvous hashing (highest
 random weight), which needs no shared state and moves only a 1/N share of keys when
 replicas come or go.
 
-The preferred replica is the first rank and all the others the second, so Serve tries
-the preferred one first and, when it is overloaded (at ``max_ongoing_requests``: a
-full batch plus its small waiting room, which Serve learns by probing the replica, not
-from a stale cache), sends the request to the least loaded other replica. Requests
-without a key, and all requests when ``affinity`` is off, use power-of-two-choices
-like Serve's default router.
+The preferred replica is the first rank, and all the others the second, while the
+replica has a free batch slot: fewer ongoing requests than ``batch_size``
+(``VLLM_MAX_NUM_SEQS``). Once its batch is full, all replicas form one rank with the
+preferred one first, and Serve takes the least loaded: a request waits in a busy
+replica's vLLM queue only when no other replica is less busy. "Full" is never judged
+from Serve's queue-length cache alone: with several ingress replicas, each cache counts
+only its own requests since its last look, so it can overstate a replica's load (an
+early version of this router sent turns away from an idle replica that way). A cached
+"full" is checked with one probe of the replica before the request goes elsewhere.
+Requests without a key, and all requests when ``affinity`` is off, use
+power-of-two-choices like Serve's default router.
+
+When no replica has room (each is at ``max_ongoing_requests``), Serve retries with
+exponential backoff, and waiting requests are served first come, first served
+(:class:`~ray.serve.request_router.FIFOMixin`), as with Serve's default router. The
+backoff has to be asked for (``routing_context.should_backoff``; Serve's own routers set
+it in their locality step): without it every waiting request's routing task probed the
+replicas' queue lengths back to back, hundreds of RPCs a second, and that CPU came out
+of the engine (``docs/performance.md``, "Saturation").
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+#: How long the router waits for a replica's answer to "how many requests do you have?"
+#: (Serve's own first deadline for the same probe).
+PROBE_DEADLINE_S = 0.1
 
 
 def affinity_rank(key: str, replica_id: str) -> int:
@@ -53,12 +71,19 @@ def request_preferred_replica(pending_request: PendingRequest | None) -> str | N
     return _request_field(pending_request, "preferred_replica")
 
 
-class ConversationAffinityRouter(RequestRouter):
+class ConversationAffinityRouter(FIFOMixin, RequestRouter):
     """Serve request router: conversation affinity, else power of two choices."""
 
-    def initialize_state(self, affinity: bool = True, **_: Any) -> None:
-        """Router settings (``request_router_kwargs``)."""
+    def initialize_state(
+        self, affinity: bool = True, batch_size: int | None = None, **_: Any
+    ) -> None:
+        """Router settings (``request_router_kwargs``).
+
+        ``batch_size``: ongoing requests at which a replica's batch is full (``None``:
+        never treat the preferred replica as full before Serve does).
+        """
         self._affinity = affinity
+        self._batch_size = batch_size
 
     async def choose_replicas(
         self,
@@ -66,13 +91,20 @@ class ConversationAffinityRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         """Ranks of replicas to try, most preferred first."""
+        if pending_request is not None:
+            # The ranks below always cover every replica: after them, back off.
+            pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
         preferred = self.preferred(candidate_replicas, pending_request)
         if preferred is None:
             return [_two_random(candidate_replicas)]
         others = [r for r in candidate_replicas if r is not preferred]
-        return [[preferred], others] if others else [[preferred]]
+        if not others:
+            return [[preferred]]
+        if await self.batch_is_full(preferred):
+            return [[preferred, *others]]
+        return [[preferred], others]
 
     def preferred(
         self, candidates: list[RunningReplica], pending_request: PendingRequest | None
@@ -88,6 +120,28 @@ class ConversationAffinityRouter(RequestRouter):
         if key is None:
             return None
         return max(candidates, key=lambda r: affinity_rank(key, r.replica_id.unique_id))
+
+    async def batch_is_full(self, replica: RunningReplica) -> bool:
+        """Whether the replica runs a full batch (unknown or unanswered: no).
+
+        A cached count under ``batch_size`` is trusted; a cached "full" is confirmed by
+        probing the replica: the cache is the count at this router's last look, moved only
+        by this router's own requests, so requests of other ingress replicas that have
+        finished since are still in it. The probe's answer goes into the cache.
+        """
+        if self._batch_size is None:
+            return False
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        if cached is None or cached < self._batch_size:
+            return False
+        try:
+            ongoing = await asyncio.wait_for(
+                replica.get_queue_len(deadline_s=PROBE_DEADLINE_S), PROBE_DEADLINE_S
+            )
+        except Exception:  # no answer in time, or the replica is going away
+            return False
+        self.replica_queue_len_cache.update(replica.replica_id, ongoing)
+        return ongoing >= self._batch_size
 
 
 def _two_random(replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -48,7 +48,14 @@ def test_ratios_and_markdown(tmp_path: Path) -> None:
     broken = compare.SystemRun("ray-serve-llm", "Ray Serve LLM", error="ImportError: x\nmore")
     runs = {"cloudllm": ours, "vllm": raw, "ray-serve-llm": broken}
     ratio = compare.ratios(runs, "cloudllm", "vllm")
-    assert ratio == {1: {"ttft_p50_ratio": 1.1, "ttft_p50_delta_ms": 5.0, "throughput_ratio": 1.0}}
+    assert ratio == {
+        1: {
+            "ttft_p50_ratio": 1.1,
+            "ttft_p50_delta_ms": 5.0,
+            "tpot_p50_ratio": 1.0,
+            "throughput_ratio": 1.0,
+        }
+    }
     assert compare.ratios(runs, "cloudllm", "ray-serve-llm") == {}
     report = {
         "machine": "m",
@@ -72,8 +79,26 @@ def test_ratios_and_markdown(tmp_path: Path) -> None:
     text = path.read_text()
     assert "| CloudLLM Serve | 1 | 55.0 |" in text
     assert "could not run: ImportError: x" in text
-    assert "| 1 | 1.100 | +5.0 | 1.000 |" in text
+    assert "| 1 | 1.100 | +5.0 | 1.000 | 1.000 |" in text
     assert "2.00 Redis round trips per request" in text
+
+
+def test_concurrencies_go_past_the_batch_size() -> None:
+    assert compare.default_concurrencies(16) == [1, 4, 16, 32, 64]
+    assert compare.default_concurrencies(2) == [1, 2, 4, 8]
+    plan = compare.make_plan(True, ["vllm"], 128, 128, [1, 16, 64])
+    assert plan.prompts == {1: 16, 16: 32, 64: 128}
+
+
+def test_the_saturation_guard_fails_under_the_floor_at_twice_the_batch() -> None:
+    def at(concurrency: int, ratio: float) -> dict[int, dict[str, float]]:
+        return {concurrency: {"throughput_ratio": ratio}}
+
+    ok, line = compare.saturation_check(at(32, 0.97), 16, 0.85)
+    assert ok is True and "0.970" in line and "OK" in line
+    ok, line = compare.saturation_check(at(32, 0.63), 16, 0.85)
+    assert ok is False and "UNDER" in line and "concurrency 32" in line
+    assert compare.saturation_check(at(16, 0.5), 16, 0.85)[0] is None  # 2x not measured
 
 
 def test_affinity_openings_differ_from_the_first_word_and_report_has_both_runs(

@@ -68,18 +68,18 @@ def test_autoscaling_follows_batch_size_and_settings() -> None:
     assert scaling["target_ongoing_requests"] == 16  # a replica is full at its batch size
     assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 5)
     assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (3, 42)
-    assert options["max_ongoing_requests"] == 20  # a little above the batch size
+    assert options["max_ongoing_requests"] == 32  # a batch running, a batch waiting in vLLM
     assert options["max_queued_requests"] == 7
     assert options["graceful_shutdown_timeout_s"] == 11
     assert options["backpressure_config"] == BackpressureConfig(status_code=429, retry_after_s=9)
     router = options["request_router_config"]
     assert isinstance(router, RequestRouterConfig)
-    assert router.request_router_kwargs == {"affinity": True}
+    assert router.request_router_kwargs == {"affinity": True, "batch_size": 16}
     assert "num_replicas" not in options
 
 
-@pytest.mark.parametrize(("seqs", "ongoing"), [(1, 3), (4, 6), (16, 20), (256, 320)])
-def test_max_ongoing_sits_a_little_above_the_batch(seqs: int, ongoing: int) -> None:
+@pytest.mark.parametrize(("seqs", "ongoing"), [(1, 2), (4, 8), (16, 32), (256, 512)])
+def test_max_ongoing_is_a_batch_running_and_a_batch_waiting(seqs: int, ongoing: int) -> None:
     assert max_ongoing_requests(Settings(VLLM_MAX_NUM_SEQS=seqs)) == ongoing
 
 

@@ -46,15 +46,16 @@ model: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Three pytest processes: each of the last two starts a Ray cluster of its own
-# (fake GPUs; the scale-out stack), which must not meet the first one's stack.
+# Three pytest processes: each of the last two starts Ray clusters of its own
+# (fake GPUs; the scale-out stack, then the stack with API keys), which must not meet
+# the first one's stack.
 test: install redis-server model
-	@$(PY) -m pytest -m "not ray and not scale" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not ray and not scale and not tenants" $(PYTEST_ARGS)
 	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
-	@$(PY) -m pytest -m scale $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "scale or tenants" $(PYTEST_ARGS)
 
 test-fast: install redis-server
-	@$(PY) -m pytest -m "not stack and not vllm and not ray" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

@@ -22,6 +22,7 @@ from cloudllm_serve.engine.placement import (
 )
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.ingress.deployment import Ingress
+from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings, load_settings
 
 logger = logging.getLogger("ray.serve")
@@ -33,8 +34,14 @@ INGRESS_MAX_ONGOING_REQUESTS = 1000
 
 
 def build_application(settings: Settings) -> Application:
-    """The two-deployment application for already validated ``settings``."""
+    """The two-deployment application for already validated ``settings``.
+
+    The key file is read here too, so a bad one stops ``serve run`` before any replica
+    starts.
+    """
     warn_if_engines_cannot_be_placed(settings)
+    KeyRegistry(settings)
+    warn_if_open(settings)
     engine = serve.deployment(name=ENGINE_DEPLOYMENT, **engine_deployment_options(settings))(
         EngineServer
     ).bind(settings)
@@ -56,6 +63,21 @@ def warn_if_engines_cannot_be_placed(settings: Settings) -> None:
     problem = cluster_capacity_problem(settings)
     if problem:
         logger.warning("%s: %s", ENGINE_DEPLOYMENT, problem)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def warn_if_open(settings: Settings) -> None:
+    """Log a warning when no key is configured and the port is reachable from outside."""
+    if not settings.auth_enabled and settings.LLM_HOST not in LOOPBACK_HOSTS:
+        logger.warning(
+            "no API key is configured (API_KEYS_FILE or API_KEYS) and the service listens on "
+            "%s: anyone who reaches port %d can read and delete every conversation "
+            '(README "Security")',
+            settings.LLM_HOST,
+            settings.LLM_PORT,
+        )
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -54,6 +54,40 @@ class ModelNotFoundError(CloudLLMError):
         self.model = model
 
 
+class AuthenticationError(CloudLLMError):
+    """No API key, a malformed ``Authorization`` header or an unknown key (401)."""
+
+    status_code = 401
+    code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="Authorization")
+
+
+class PermissionDeniedError(CloudLLMError):
+    """The key is valid but its tenant may not use this route (403)."""
+
+    status_code = 403
+    code = "permission_denied"
+
+
+class RateLimitError(CloudLLMError):
+    """The tenant is over one of its limits (429); ``Retry-After`` says when to retry.
+
+    ``retry_after_s`` is ``None`` for a request that can never fit the limit (it gets
+    ``x-should-retry: false``).
+    """
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+    error_type = "rate_limit"
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 class PayloadTooLargeError(CloudLLMError):
     """The request body is larger than ``MAX_UPLOAD_BYTES`` (413)."""
 

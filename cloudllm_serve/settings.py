@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloudllm_serve.errors import SettingsError
@@ -134,6 +134,30 @@ class Settings(BaseSettings):
         3.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
     )
 
+    # Keys, tenants, retention, audit (README "Security")
+    API_KEYS_FILE: str | None = Field(
+        None,
+        min_length=1,
+        description="YAML file of tenants and the SHA-256 digests of their keys; auth is on "
+        "when set (re-read within 30 s of a change)",
+    )
+    API_KEYS: SecretStr | None = Field(
+        None,
+        description="development: comma-separated plaintext keys of one tenant 'default'",
+    )
+    CONVERSATION_TTL_S: int = Field(
+        0,
+        ge=0,
+        le=10 * 365 * 86400,
+        description="a conversation without a new turn this long is deleted (0: kept)",
+    )
+    AUDIT_LOG: str = Field(
+        "stderr",
+        min_length=1,
+        description="where the audit log's JSON lines go: 'stderr' (the ingress replica's "
+        "log), 'off', or a file path (appended to)",
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.MAX_TOKENS_CAP >= self.VLLM_MAX_MODEL_LEN:
@@ -167,7 +191,16 @@ class Settings(BaseSettings):
                 f"INGRESS_REPLICAS={self.INGRESS_REPLICAS} set SERVE_DIRECT_INGRESS=false "
                 "so the Serve proxy spreads requests over them"
             )
+        if self.API_KEYS is not None and not any(
+            key.strip() for key in self.API_KEYS.get_secret_value().split(",")
+        ):
+            raise ValueError("API_KEYS is set but holds no key (comma-separated keys)")
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests need an API key (a key file or development keys configured)."""
+        return self.API_KEYS_FILE is not None or self.API_KEYS is not None
 
     @property
     def model_name(self) -> str:
@@ -178,6 +211,10 @@ class Settings(BaseSettings):
         return path.name if path.is_absolute() or path.exists() else self.LLM_MODEL
 
 
+#: Settings whose values never appear in a message or a log line.
+SECRET_SETTINGS = frozenset({"API_KEYS"})
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Turn a pydantic error into lines that each name the variable at fault."""
     lines = []
@@ -185,7 +222,8 @@ def describe_validation_error(error: ValidationError) -> str:
         loc = item.get("loc") or ()
         message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
         if loc:
-            lines.append(f"{loc[0]}={item.get('input')!r}: {message}")
+            value = "'***'" if loc[0] in SECRET_SETTINGS else repr(item.get("input"))
+            lines.append(f"{loc[0]}={value}: {message}")
         else:
             lines.append(message)
     return "invalid settings:\n  " + "\n  ".join(lines)

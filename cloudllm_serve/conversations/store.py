@@ -1,6 +1,8 @@
 """The conversation store: ordered message history per conversation, in Redis.
 
-Layout (``{p}`` is the key prefix, ``cloudllm:`` by default):
+Layout (``{p}`` is the key prefix, ``cloudllm:`` by default; with API keys on, each
+tenant's conversations live under ``{p}t:{tenant}:`` instead, see :meth:`for_tenant`,
+so a lookup made for one tenant cannot reach another tenant's keys):
 
 * ``{p}conv:{id}``          hash: ``created_at``, ``updated_at`` (Unix seconds) and
   ``engine_replica`` (the engine replica that answered the last turn: its prefix cache
@@ -8,11 +10,16 @@ Layout (``{p}`` is the key prefix, ``cloudllm:`` by default):
 * ``{p}conv:{id}:messages`` list of JSON messages, oldest first
 * ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
 
+With a retention (``ttl_s`` > 0, ``CONVERSATION_TTL_S``) every write sets the keys of
+the conversation (and the index) to expire ``ttl_s`` after it, and index entries older
+than that are dropped before the index is read, so a conversation without a new turn
+for ``ttl_s`` is gone with everything it holds.
+
 Each method is one network round trip (a pipeline, a script or a single command),
-except :meth:`list_page` (three). A turn (the user message and the answer) is appended by
-one Lua script that also
-checks the conversation still exists, so concurrent turns on one conversation never
-overwrite each other and a deleted conversation is never brought back half-way.
+except :meth:`list_page` (three, four with a retention). A turn (the user message and
+the answer) is appended by one Lua script that also checks the conversation still
+exists, so concurrent turns on one conversation never overwrite each other and a
+deleted conversation is never brought back half-way.
 
 Every Redis failure (refused, timed out, frozen server) becomes
 :class:`~cloudllm_serve.errors.StoreUnavailableError`; calls are bounded by the
@@ -42,14 +49,34 @@ _APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'engine_replica', ARGV[3])
 end
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[1]) - ttl))
+end
 return 1
 """
+
+
+def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
+    """A lazily connecting client with bounded timeouts and a single quick retry."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+    return client
 
 
 @dataclass(frozen=True)
@@ -86,31 +113,71 @@ class Conversation:
     engine_replica: str | None = None
 
 
+@dataclass
+class StoreStats:
+    """Network round trips made so far and the time spent in them (``/status/detailed``)."""
+
+    round_trips: int = 0
+    busy_s: float = 0.0
+
+
 class ConversationStore:
     """Conversations in Redis; see the module docstring for layout and failure behaviour."""
 
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "cloudllm:") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "cloudllm:",
+        ttl_s: int = 0,
+        stats: StoreStats | None = None,
+    ) -> None:
         self._redis = client
+        self._root_prefix = key_prefix
         self._prefix = key_prefix
+        self.ttl_s = ttl_s
         self._append = client.register_script(_APPEND_SCRIPT)
-        #: Network round trips made so far and the time spent in them (``/status/detailed``).
-        self.round_trips = 0
-        self.busy_s = 0.0
+        self.stats = stats or StoreStats()
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float, key_prefix: str = "cloudllm:"
+        cls, url: str, *, timeout_s: float, key_prefix: str = "cloudllm:", ttl_s: int = 0
     ) -> ConversationStore:
         """Connect lazily to ``url`` with bounded timeouts and a single quick retry."""
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-        )
-        return cls(client, key_prefix=key_prefix)
+        return cls(redis_client(url, timeout_s=timeout_s), key_prefix=key_prefix, ttl_s=ttl_s)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (shared with the rate limiter: one connection pool)."""
+        return self._redis
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix of every key this store writes (the deployment's, not a tenant's)."""
+        return self._root_prefix
+
+    def for_tenant(self, tenant_id: str | None) -> ConversationStore:
+        """The same store seeing only ``tenant_id``'s conversations (``None``: no tenants).
+
+        Tenant ids are restricted to ``[A-Za-z0-9._-]`` by the key file, so one tenant's
+        prefix is never a prefix of another's keys.
+        """
+        if tenant_id is None:
+            return self
+        view = ConversationStore.__new__(ConversationStore)
+        view.__dict__.update(self.__dict__)
+        view._prefix = f"{self._root_prefix}t:{tenant_id}:"
+        return view
+
+    @property
+    def round_trips(self) -> int:
+        """Network round trips made so far (every tenant's view together)."""
+        return self.stats.round_trips
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent in those round trips."""
+        return self.stats.busy_s
 
     def _meta_key(self, conversation_id: str) -> str:
         return f"{self._prefix}conv:{conversation_id}"
@@ -129,8 +196,8 @@ class ConversationStore:
         except (RedisError, OSError) as error:
             raise StoreUnavailableError(f"Redis is unavailable: {error}") from None
         finally:
-            self.round_trips += round_trips
-            self.busy_s += time.perf_counter() - started
+            self.stats.round_trips += round_trips
+            self.stats.busy_s += time.perf_counter() - started
 
     async def create(self) -> str:
         """Create an empty conversation with a new unguessable id; return the id."""
@@ -143,6 +210,10 @@ class ConversationStore:
                     self._meta_key(conversation_id), mapping={"created_at": now, "updated_at": now}
                 )
                 pipe.zadd(self._index_key, {conversation_id: now})
+                if self.ttl_s:
+                    pipe.expire(self._meta_key(conversation_id), self.ttl_s)
+                    pipe.expire(self._index_key, self.ttl_s)
+                    self._drop_expired(pipe, now)
                 await pipe.execute()
 
         await self._call(run)
@@ -175,6 +246,7 @@ class ConversationStore:
             now,
             conversation_id,
             engine_replica or "",
+            self.ttl_s,
             *(m.to_json() for m in messages),
         ]
         appended = await self._call(lambda: self._append(keys=keys, args=args))
@@ -210,6 +282,8 @@ class ConversationStore:
         """The total count and a page of conversations, most recently updated first."""
 
         async def run() -> tuple[int, list[Conversation]]:
+            if self.ttl_s:
+                await self._drop_expired(self._redis, time.time())
             total = await self._redis.zcard(self._index_key)
             ids = [
                 str(item)
@@ -237,7 +311,7 @@ class ConversationStore:
                 )
             return total, page
 
-        return await self._call(run, round_trips=3)
+        return await self._call(run, round_trips=4 if self.ttl_s else 3)
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation; 404 error when it does not exist."""
@@ -255,7 +329,21 @@ class ConversationStore:
 
     async def count(self) -> int:
         """How many conversations exist (``active_conversations``)."""
-        return int(await self._call(lambda: self._redis.zcard(self._index_key)))
+        if not self.ttl_s:
+            return int(await self._call(lambda: self._redis.zcard(self._index_key)))
+
+        async def run() -> int:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._drop_expired(pipe, time.time())
+                pipe.zcard(self._index_key)
+                _, total = await pipe.execute()
+            return int(total)
+
+        return await self._call(run)
+
+    def _drop_expired(self, target: Any, now: float) -> Any:
+        """Remove index entries untouched for ``ttl_s`` (their keys have expired)."""
+        return target.zremrangebyscore(self._index_key, "-inf", f"({now - self.ttl_s}")
 
     async def ping(self) -> float:
         """Round-trip time to Redis in milliseconds."""

@@ -1,10 +1,12 @@
-"""The ingress's ASGI app: both API surfaces, error handlers and request limits."""
+"""The ingress's ASGI app: both API surfaces, error handlers, access control and limits."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from cloudllm_serve import __version__
+from cloudllm_serve.ingress.access import AccessMiddleware
+from cloudllm_serve.ingress.audit import AuditLog
 from cloudllm_serve.ingress.errors import install_error_handlers
 from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware
 from cloudllm_serve.ingress.openai_api.routes import router as openai_router
@@ -26,6 +28,14 @@ def create_app(service: CloudLLMService) -> FastAPI:
     app.add_middleware(
         RequestLimitsMiddleware,
         max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
+        counters=service.counters,
+    )
+    # Outermost: a request without a valid key goes no further than this.
+    app.add_middleware(
+        AccessMiddleware,
+        registry=service.registry,
+        limiter=service.limiter,
+        audit=AuditLog(service.settings.AUDIT_LOG, replica=service.replica_id or None),
         counters=service.counters,
     )
     return app

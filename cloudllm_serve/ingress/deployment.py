@@ -23,7 +23,11 @@ class Ingress:
     """HTTP front door: the seed's API, conversations in Redis, engines behind a handle."""
 
     def __init__(self, engine: Any, settings: Settings) -> None:
-        store = ConversationStore.from_url(settings.REDIS_URL, timeout_s=settings.REDIS_TIMEOUT_S)
+        store = ConversationStore.from_url(
+            settings.REDIS_URL,
+            timeout_s=settings.REDIS_TIMEOUT_S,
+            ttl_s=settings.CONVERSATION_TTL_S,
+        )
         context = serve.get_replica_context()
         client = ServeEngineClient(engine, settings, app_name=context.app_name)
         self._service = CloudLLMService(settings, store, client)

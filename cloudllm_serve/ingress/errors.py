@@ -14,6 +14,7 @@ Two bodies, by API surface:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from http import HTTPStatus
 from typing import Any
@@ -25,9 +26,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudllm_serve.errors import (
+    AuthenticationError,
     CloudLLMError,
     InvalidRequestError,
     PayloadTooLargeError,
+    RateLimitError,
     ServiceUnavailableError,
 )
 from cloudllm_serve.ingress.seed_api.schemas import ErrorBody
@@ -50,6 +53,8 @@ def openai_error(error: CloudLLMError) -> dict[str, Any]:
     """OpenAI's error body for one of the project's errors."""
     kinds = {
         400: "invalid_request_error",
+        401: "invalid_request_error",
+        403: "permission_error",
         404: "not_found_error",
         413: "invalid_request_error",
         429: "rate_limit_error",
@@ -82,16 +87,33 @@ def error_response(
     )
 
 
+def seed_error(error: CloudLLMError) -> dict[str, Any]:
+    """The seed API's error body for one of the project's errors."""
+    kind = getattr(error, "error_type", None) or _snake(type(error).__name__)
+    return {"detail": error.message, "error_type": kind, "param": error.param}
+
+
+def error_headers(error: CloudLLMError) -> dict[str, str]:
+    """Headers that go with an error: when to retry, how to authenticate."""
+    headers: dict[str, str] = {}
+    if isinstance(error, ServiceUnavailableError):
+        headers["Retry-After"] = str(error.retry_after_s)
+    elif isinstance(error, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, RateLimitError):
+        if error.retry_after_s is None:
+            headers["x-should-retry"] = "false"
+        else:
+            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(error.retry_after_s * 1000)))
+        headers.update(getattr(error, "limit_headers", []))
+    return headers
+
+
 def cloudllm_error_response(error: CloudLLMError, *, openai: bool = False) -> JSONResponse:
     """Response for one of the project's errors, in the body of the API it came from."""
-    headers = None
-    if isinstance(error, ServiceUnavailableError):
-        headers = {"Retry-After": str(error.retry_after_s)}
-    if openai:
-        return JSONResponse(openai_error(error), status_code=error.status_code, headers=headers)
-    return error_response(
-        error.status_code, error.message, _snake(type(error).__name__), error.param, headers
-    )
+    body = openai_error(error) if openai else seed_error(error)
+    return JSONResponse(body, status_code=error.status_code, headers=error_headers(error) or None)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -198,9 +220,11 @@ ErrorResponses = documented_errors(
     ErrorBody,
     {
         400: "malformed request",
+        401: "no API key, a malformed Authorization header or an unknown key",
         404: "unknown conversation",
         413: "request body too large",
         422: "invalid field",
+        429: "over a rate limit of the tenant (Retry-After), or engines overloaded",
         501: "not implemented",
         503: "Redis or engine unavailable (with Retry-After)",
     },

@@ -32,7 +32,13 @@ from cloudllm_serve.errors import (
     PromptTooLongError,
     RequestTimeoutError,
 )
+from cloudllm_serve.ingress.context import RequestContext
+from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
+from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings
+
+#: Characters per token assumed when estimating a prompt before it is tokenized.
+CHARS_PER_TOKEN = 4
 
 
 @dataclass
@@ -45,6 +51,7 @@ class IngressCounters:
     tokens_generated: int = 0
     generation_ms_total: float = 0.0
     errors_by_status: dict[int, int] = field(default_factory=dict)
+    rate_limited: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,14 @@ class CompletionBuilder:
 class ConversationTurn:
     """The conversation a request continues (or none), loaded before generating.
 
-    ``store_ms`` adds up the time this request spent waiting on Redis.
+    ``store`` is the caller's tenant's view of the store; ``store_ms`` adds up the time
+    this request spent waiting on Redis.
     """
 
     conversation_id: str | None
     created: bool
     history: list[StoredMessage]
+    store: ConversationStore | None = None
     store_ms: float = 0.0
     #: The engine replica that answered the previous turn (its prefix cache has it).
     engine_replica: str | None = None
@@ -153,10 +162,25 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
 class CloudLLMService:
     """Shared logic of both APIs over a :class:`ConversationStore` and an ``EngineClient``."""
 
-    def __init__(self, settings: Settings, store: ConversationStore, engine: EngineClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ConversationStore,
+        engine: EngineClient,
+        *,
+        registry: KeyRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
+        self.registry = registry or KeyRegistry(settings)
+        self.limiter = RateLimiter(
+            store.client,
+            key_prefix=store.key_prefix,
+            # A slot lapses by itself a while after the longest a request may take.
+            lease_s=settings.REQUEST_TIMEOUT_S + 60,
+            ingress_replicas=settings.INGRESS_REPLICAS,
+        )
         self.counters = IngressCounters()
         #: Serve's id of the ingress replica running this service ("" outside Serve).
         self.replica_id = ""
@@ -173,20 +197,59 @@ class CloudLLMService:
         cap = self.settings.MAX_TOKENS_CAP
         return cap if requested is None else min(requested, cap)
 
+    # Tenants and limits -----------------------------------------------------------
+
+    def conversations(self, context: RequestContext) -> ConversationStore:
+        """The store as the caller's tenant sees it: its own conversations only."""
+        return self.store.for_tenant(context.tenant_id)
+
+    async def admit(
+        self, context: RequestContext, *, prompt_chars: int, max_tokens: int, stateless: bool
+    ) -> None:
+        """Charge a generation to the caller's tenant, or refuse it (429).
+
+        The charge is an estimate (``prompt_chars`` / 4 plus ``max_tokens``), settled
+        with the real count when the answer is done (:mod:`.access`). No-op without keys.
+        """
+        if context.principal is None:
+            return
+        tokens = -(-prompt_chars // CHARS_PER_TOKEN) + max_tokens
+        try:
+            context.admission = await self.limiter.admit(
+                context.principal, tokens=tokens, request_id=context.request_id, stateless=stateless
+            )
+        except RateLimited as refusal:
+            context.decision = f"rate_limited:{refusal.reason}"
+            counts = self.counters.rate_limited
+            counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
+            raise
+
     # Conversations --------------------------------------------------------------
 
-    async def begin_turn(self, conversation_id: str | None, *, create: bool) -> ConversationTurn:
-        """Load the conversation to continue (404 if unknown), or start one when ``create``."""
+    async def begin_turn(
+        self, conversation_id: str | None, *, create: bool, context: RequestContext
+    ) -> ConversationTurn:
+        """Load the conversation to continue (404 if unknown), or start one when ``create``.
+
+        Only the caller's tenant's conversations are visible: another tenant's id is as
+        unknown as an id never made.
+        """
         started = time.perf_counter()
+        store = self.conversations(context)
         if conversation_id is not None:
-            stored = await self.store.get(conversation_id)
+            stored = await store.get(conversation_id)
             turn = ConversationTurn(
-                conversation_id, False, stored.messages or [], engine_replica=stored.engine_replica
+                conversation_id,
+                False,
+                stored.messages or [],
+                store,
+                engine_replica=stored.engine_replica,
             )
         elif create:
-            turn = ConversationTurn(await self.store.create(), True, [])
+            turn = ConversationTurn(await store.create(), True, [], store)
         else:
             return ConversationTurn(None, False, [])
+        context.conversation_id = turn.conversation_id
         turn.store_ms += (time.perf_counter() - started) * 1000
         return turn
 
@@ -197,10 +260,10 @@ class CloudLLMService:
 
         The engine replica that answered is recorded, so the next turn goes there.
         """
-        if turn.conversation_id is not None:
+        if turn.conversation_id is not None and turn.store is not None:
             started = time.perf_counter()
             metrics = completion.final.metrics
-            await self.store.append(
+            await turn.store.append(
                 turn.conversation_id,
                 [*new, StoredMessage("assistant", completion.text, time.time())],
                 engine_replica=metrics.replica_id if metrics else None,
@@ -209,10 +272,10 @@ class CloudLLMService:
 
     async def abandon_turn(self, turn: ConversationTurn) -> None:
         """Remove a conversation this request created and could not complete."""
-        if turn.created and turn.conversation_id is not None:
+        if turn.created and turn.conversation_id is not None and turn.store is not None:
             # Redis is down or the conversation is gone already: nothing more to do.
             with contextlib.suppress(CloudLLMError):
-                await asyncio.shield(self.store.delete(turn.conversation_id))
+                await asyncio.shield(turn.store.delete(turn.conversation_id))
 
     # Generation ----------------------------------------------------------------
 

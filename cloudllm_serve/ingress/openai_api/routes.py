@@ -17,7 +17,7 @@ from cloudllm_serve.ingress.openai_api.schemas import (
     OpenAIErrorBody,
 )
 from cloudllm_serve.ingress.openai_api.serving import CompletionCall
-from cloudllm_serve.ingress.seed_api.routes import Service
+from cloudllm_serve.ingress.seed_api.routes import Admitted, Context, Service
 from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
 router = APIRouter(prefix="/v1")
@@ -26,7 +26,9 @@ OPENAI_ERRORS = documented_errors(
     OpenAIErrorBody,
     {
         400: "invalid parameter (names it in error.param)",
+        401: "no API key or an invalid one (code invalid_api_key)",
         404: "unknown model or conversation",
+        429: "over a rate limit of the tenant (code rate_limit_exceeded, Retry-After)",
         503: "Redis or the engine is unavailable (with Retry-After)",
     },
 )
@@ -45,13 +47,13 @@ def _model_card(service: Any) -> ModelCard:
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(service: Service) -> ModelList:
+async def list_models(service: Service, _: Admitted) -> ModelList:
     """The served model."""
     return ModelList(data=[_model_card(service)])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses=OPENAI_ERRORS)
-async def get_model(model_id: str, service: Service) -> ModelCard:
+async def get_model(model_id: str, service: Service, _: Admitted) -> ModelCard:
     """One served model by id."""
     if model_id != service.settings.model_name:
         raise ModelNotFoundError(model_id)
@@ -68,16 +70,16 @@ async def _answer(call: CompletionCall) -> Any:
 
 
 @router.post("/chat/completions", responses={**OPENAI_ERRORS, **STREAM_DOC})
-async def chat_completions(body: ChatCompletionRequest, service: Service) -> Any:
+async def chat_completions(body: ChatCompletionRequest, service: Service, context: Context) -> Any:
     """Chat completion; ``conversation_id`` continues a stored conversation, ``store`` starts one.
 
     The conversation id comes back in the ``X-Conversation-Id`` header (and in the
     body's ``conversation_id`` when not streaming).
     """
-    return await _answer(await CompletionCall.for_chat(service, body))
+    return await _answer(await CompletionCall.for_chat(service, body, context))
 
 
 @router.post("/completions", responses={**OPENAI_ERRORS, **STREAM_DOC})
-async def completions(body: CompletionRequest, service: Service) -> Any:
+async def completions(body: CompletionRequest, service: Service, context: Context) -> Any:
     """Text completion of a raw prompt (text or token ids), no chat template."""
-    return await _answer(await CompletionCall.for_completion(service, body))
+    return await _answer(await CompletionCall.for_completion(service, body, context))

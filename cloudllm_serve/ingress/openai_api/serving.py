@@ -14,6 +14,7 @@ from typing import Any
 from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
 from cloudllm_serve.errors import CloudLLMError, InvalidRequestError, ModelNotFoundError
+from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error
 from cloudllm_serve.ingress.openai_api.schemas import (
     ChatCompletionRequest,
@@ -43,7 +44,9 @@ class CompletionCall:
         chat: bool,
         turn: ConversationTurn,
         new_messages: list[StoredMessage],
+        context: RequestContext,
     ) -> None:
+        self.context = context
         self.service = service
         self.body = body
         self.request = request
@@ -93,9 +96,9 @@ class CompletionCall:
 
     @classmethod
     async def for_chat(
-        cls, service: CloudLLMService, body: ChatCompletionRequest
+        cls, service: CloudLLMService, body: ChatCompletionRequest, context: RequestContext
     ) -> CompletionCall:
-        """Validate a chat request and load (or start) its conversation."""
+        """Validate a chat request, charge the tenant, load (or start) its conversation."""
         sampling = cls._sampling(service, body, body.max_completion_tokens or body.max_tokens)
         now = time.time()
         try:
@@ -112,7 +115,14 @@ class CompletionCall:
                 "store starts a new conversation; do not combine it with conversation_id",
                 param="store",
             )
-        turn = await service.begin_turn(body.conversation_id, create=body.store)
+        stateless = body.conversation_id is None and not body.store
+        await service.admit(
+            context,
+            prompt_chars=sum(len(m.content) for m in new),
+            max_tokens=sampling.max_tokens * sampling.n,
+            stateless=stateless,
+        )
+        turn = await service.begin_turn(body.conversation_id, create=body.store, context=context)
         messages = turn.chat_messages(new)
         request = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -122,21 +132,30 @@ class CompletionCall:
             affinity_key=turn.affinity_key(messages),
             preferred_replica=turn.engine_replica,
         )
-        return cls(service, body, request, chat=True, turn=turn, new_messages=new)
+        return cls(service, body, request, chat=True, turn=turn, new_messages=new, context=context)
 
     @classmethod
     async def for_completion(
-        cls, service: CloudLLMService, body: CompletionRequest
+        cls, service: CloudLLMService, body: CompletionRequest, context: RequestContext
     ) -> CompletionCall:
-        """Validate a text completion request."""
+        """Validate a text completion request and charge the tenant."""
+        sampling = cls._sampling(service, body, body.max_tokens)
+        prompt = body.single_prompt
+        await service.admit(
+            context,
+            # A token-id prompt: about CHARS_PER_TOKEN characters per id.
+            prompt_chars=len(prompt) if isinstance(prompt, str) else 4 * len(prompt),
+            max_tokens=sampling.max_tokens * sampling.n,
+            stateless=True,
+        )
         request = GenerationRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
-            sampling=cls._sampling(service, body, body.max_tokens),
-            prompt=body.single_prompt,
+            sampling=sampling,
+            prompt=prompt,
             stream=body.stream,
         )
         turn = ConversationTurn(None, False, [])
-        return cls(service, body, request, chat=False, turn=turn, new_messages=[])
+        return cls(service, body, request, chat=False, turn=turn, new_messages=[], context=context)
 
     # Running it ------------------------------------------------------------------
 
@@ -144,6 +163,9 @@ class CompletionCall:
         """The whole answer as one response body."""
         try:
             completion = await self.service.collect(self.request, prompt_param=self.prompt_param)
+            self.context.record_usage(
+                completion.final.prompt_tokens, sum(completion.completion_tokens)
+            )
             if self.turn.conversation_id is not None:
                 await self.service.finish_turn(self.turn, self.new_messages, completion)
         except BaseException:
@@ -199,6 +221,9 @@ class CompletionCall:
                     event["choices"] = deltas
                     yield sse_event(event)
             completion = builder.build()
+            self.context.record_usage(
+                completion.final.prompt_tokens, sum(completion.completion_tokens)
+            )
             if self.turn.conversation_id is not None:
                 await self.service.finish_turn(self.turn, self.new_messages, completion)
         except CloudLLMError as error:

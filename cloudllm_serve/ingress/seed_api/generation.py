@@ -12,6 +12,7 @@ import jsonschema
 from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
 from cloudllm_serve.errors import CloudLLMError
+from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.response_json import extract_json
 from cloudllm_serve.ingress.seed_api.schemas import (
     GenerateRequest,
@@ -38,10 +39,12 @@ class GenerateCall:
         body: GenerateRequest,
         turn: ConversationTurn,
         received_at: float,
+        context: RequestContext,
     ) -> None:
         self.service = service
         self.body = body
         self.turn = turn
+        self.context = context
         self.received_at = received_at
         self.started = time.perf_counter()
         self.user_message = StoredMessage("user", body.message, time.time())
@@ -61,22 +64,36 @@ class GenerateCall:
 
     @classmethod
     async def prepare(
-        cls, service: CloudLLMService, body: GenerateRequest, received_at: float
+        cls,
+        service: CloudLLMService,
+        body: GenerateRequest,
+        received_at: float,
+        context: RequestContext,
     ) -> GenerateCall:
-        """Check what needs no engine and load (or start) the conversation.
+        """Check what needs no engine, charge the tenant, load (or start) the conversation.
 
         Everything that can fail before generating fails here, so a streamed answer
-        still gets a proper HTTP status for a bad schema, an unknown id or Redis down.
+        still gets a proper HTTP status for a bad schema, a rate limit, an unknown id or
+        Redis down.
         """
         if body.json_schema is not None:
             check_json_schema(body.json_schema, "json_schema")
-        turn = await service.begin_turn(body.conversation_id, create=True)
-        return cls(service, body, turn, received_at)
+        await service.admit(
+            context,
+            prompt_chars=len(body.message),
+            max_tokens=service.clamp_max_tokens(body.max_tokens),
+            stateless=False,
+        )
+        turn = await service.begin_turn(body.conversation_id, create=True, context=context)
+        return cls(service, body, turn, received_at, context)
 
     async def run(self) -> GenerationResponse:
         """Generate the whole answer, store the turn, build the response."""
         try:
             completion = await self.service.collect(self.request, prompt_param="message")
+            self.context.record_usage(
+                completion.final.prompt_tokens, completion.completion_tokens[0]
+            )
             await self.service.finish_turn(self.turn, [self.user_message], completion)
         except BaseException:
             await self.service.abandon_turn(self.turn)
@@ -102,6 +119,9 @@ class GenerateCall:
                     if choice.text:
                         yield sse_event({"type": "delta", "delta": choice.text})
             completion = builder.build()
+            self.context.record_usage(
+                completion.final.prompt_tokens, completion.completion_tokens[0]
+            )
             await self.service.finish_turn(self.turn, [self.user_message], completion)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)

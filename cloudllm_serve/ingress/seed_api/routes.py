@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cloudllm_serve.errors import FeatureNotImplementedError
+from cloudllm_serve.ingress.context import RequestContext, request_context
 from cloudllm_serve.ingress.errors import ErrorResponses
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
 from cloudllm_serve.ingress.seed_api import status
@@ -36,11 +37,34 @@ def get_service(request: Request) -> CloudLLMService:
 
 
 Service = Annotated[CloudLLMService, Depends(get_service)]
+#: The caller (tenant, key) and what the request was charged; see ``ingress.context``.
+Context = Annotated[RequestContext, Depends(request_context)]
+
+
+async def charge_request(service: CloudLLMService, context: RequestContext) -> None:
+    """Count a request that generates nothing against the tenant's limits."""
+    await service.admit(context, prompt_chars=0, max_tokens=0, stateless=True)
+
+
+async def admitted(request: Request, service: Service) -> RequestContext:
+    """Dependency of every protected route that generates nothing: :func:`charge_request`.
+
+    Generations are charged by their own handlers, with their token estimates.
+    """
+    context = request_context(request)
+    await charge_request(service, context)
+    return context
+
+
+Admitted = Annotated[RequestContext, Depends(admitted)]
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(service: Service) -> JSONResponse:
-    """Liveness of the model and Redis: 200 when both answer, 503 naming what is wrong."""
+    """Liveness of the model and Redis: 200 when both answer, 503 naming what is wrong.
+
+    Public even with API keys on; ``active_conversations`` is then left out (null).
+    """
     code, body = await status.health(service)
     return JSONResponse(body.model_dump(), status_code=code)
 
@@ -58,10 +82,12 @@ async def health(service: Service) -> JSONResponse:
         },
     },
 )
-async def generate(body: GenerateRequest, request: Request, service: Service) -> Any:
+async def generate(
+    body: GenerateRequest, request: Request, service: Service, context: Context
+) -> Any:
     """Generate the answer to ``message``, in a new or a stored conversation."""
     received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
-    call = await GenerateCall.prepare(service, body, received_at)
+    call = await GenerateCall.prepare(service, body, received_at, context)
     if body.stream:
         events = await call.start_events()
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
@@ -69,7 +95,7 @@ async def generate(body: GenerateRequest, request: Request, service: Service) ->
 
 
 @router.post("/vision", status_code=501, responses=ErrorResponses)
-async def vision() -> None:
+async def vision(_: Admitted) -> None:
     """Image + prompt analysis: not available yet (501)."""
     raise FeatureNotImplementedError(
         "POST /vision is not implemented yet: image input needs a vision-language model "
@@ -78,7 +104,7 @@ async def vision() -> None:
 
 
 @router.post("/multimodal", status_code=501, responses=ErrorResponses)
-async def multimodal() -> None:
+async def multimodal(_: Admitted) -> None:
     """Text + images in a conversation: not available yet (501)."""
     raise FeatureNotImplementedError(
         "POST /multimodal is not implemented yet: image input needs a vision-language model "
@@ -89,11 +115,12 @@ async def multimodal() -> None:
 @router.get("/conversations", response_model=ConversationList, responses=ErrorResponses)
 async def list_conversations(
     service: Service,
+    context: Admitted,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ConversationList:
-    """Conversations, most recently updated first (``offset``/``limit`` page through them)."""
-    total, page = await service.store.list_page(offset=offset, limit=limit)
+    """The caller's conversations, most recently updated first (``offset``/``limit`` page)."""
+    total, page = await service.conversations(context).list_page(offset=offset, limit=limit)
     return ConversationList(
         total=total,
         offset=offset,
@@ -113,9 +140,12 @@ async def list_conversations(
 @router.get(
     "/conversations/{conversation_id}", response_model=ConversationDetail, responses=ErrorResponses
 )
-async def get_conversation(conversation_id: str, service: Service) -> ConversationDetail:
-    """One conversation with every message in order."""
-    conversation = await service.store.get(conversation_id)
+async def get_conversation(
+    conversation_id: str, service: Service, context: Admitted
+) -> ConversationDetail:
+    """One of the caller's conversations with every message in order."""
+    context.conversation_id = conversation_id
+    conversation = await service.conversations(context).get(conversation_id)
     return ConversationDetail(
         conversation_id=conversation.conversation_id,
         created_at=conversation.created_at,
@@ -131,13 +161,21 @@ async def get_conversation(conversation_id: str, service: Service) -> Conversati
 @router.delete(
     "/conversations/{conversation_id}", response_model=ConversationDeleted, responses=ErrorResponses
 )
-async def delete_conversation(conversation_id: str, service: Service) -> ConversationDeleted:
-    """Delete a conversation and its messages."""
-    await service.store.delete(conversation_id)
+async def delete_conversation(
+    conversation_id: str, service: Service, context: Admitted
+) -> ConversationDeleted:
+    """Delete one of the caller's conversations and its messages."""
+    context.conversation_id = conversation_id
+    await service.conversations(context).delete(conversation_id)
     return ConversationDeleted(conversation_id=conversation_id)
 
 
 @router.get("/status/detailed", responses=ErrorResponses)
-async def detailed_status(service: Service) -> dict[str, Any]:
-    """Engine state and performance: per-replica batching, KV cache, GPU, Redis, counters."""
+async def detailed_status(service: Service, context: Context) -> dict[str, Any]:
+    """Engine state and performance: per-replica batching, KV cache, GPU, Redis, counters.
+
+    With API keys on, an admin key only (403 otherwise).
+    """
+    context.require_admin()
+    await charge_request(service, context)
     return await status.detailed_status(service)

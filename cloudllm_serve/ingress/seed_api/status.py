@@ -18,8 +18,10 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
 
     Pending and running requests are summed over every running engine replica.
     """
+    # With keys on, how many conversations all tenants hold is not for anyone to see.
+    redis_check = service.store.ping() if service.registry.enabled else service.store.count()
     fleet_result, count_result = await asyncio.gather(
-        service.engine.fleet(), service.store.count(), return_exceptions=True
+        service.engine.fleet(), redis_check, return_exceptions=True
     )
     problems = []
     stats: list[EngineStats] = []
@@ -30,10 +32,11 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
         if not stats:
             problems.append(f"engine: {_no_replica_problem(fleet_result)}")
     conversations: int | None = None
+    redis_ok = not isinstance(count_result, BaseException)
     if isinstance(count_result, BaseException):
         problems.append(f"redis: {_message(count_result)}")
-    else:
-        conversations = count_result
+    elif not service.registry.enabled:
+        conversations = int(count_result)
     model_loaded = bool(stats) and all(s.engine_status == "running" for s in stats)
     if stats and not model_loaded:
         problems.append("engine: a replica reports engine_status errored")
@@ -49,7 +52,7 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
         vllm_stats=_sum_engine_stats(stats),
         active_conversations=conversations,
         uptime=round(service.uptime_s, 3),
-        redis_ok=conversations is not None,
+        redis_ok=redis_ok,
         problems=problems,
     )
     return (200 if not problems else 503), body
@@ -144,6 +147,15 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             if counters.generation_ms_total
             else None,
             "errors_by_status": {str(k): v for k, v in sorted(counters.errors_by_status.items())},
+            "rate_limited": dict(sorted(counters.rate_limited.items())),
+            "rate_limit_fallback_decisions": service.limiter.fallback_decisions,
+        },
+        "security": {
+            "auth": service.registry.enabled,
+            "tenants": len(service.registry.tenants),
+            "key_file_loads": service.registry.loads,
+            "key_file_error": service.registry.reload_error,
+            "conversation_ttl_s": settings.CONVERSATION_TTL_S,
         },
     }
 

@@ -1,0 +1,188 @@
+"""Access control and the access trail, as one pure-ASGI middleware.
+
+For every HTTP request it
+
+* takes ``X-Request-Id`` (letters, digits, ``._:-``, at most 128) or makes one, and
+  returns it on the answer;
+* with keys configured, authenticates ``Authorization: Bearer <key>`` on every path
+  except :data:`PUBLIC_PATHS` and ``OPTIONS``: deny by default, so a route added
+  later is protected unless it is declared public here. 401 carries
+  ``WWW-Authenticate: Bearer`` and the body of the API the path belongs to;
+* adds the ``x-ratelimit-*`` headers of the request's admission to the answer (on a
+  stream, with the headers, before the first byte);
+* when the answer is done, settles the rate-limit charge with the real token count (in
+  the background, off the request's path) and writes the audit line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from cloudllm_serve.errors import AuthenticationError
+from cloudllm_serve.ingress.audit import AuditLog
+from cloudllm_serve.ingress.context import SCOPE_KEY, RequestContext
+from cloudllm_serve.ingress.errors import OPENAI_PREFIX, error_headers, openai_error, seed_error
+from cloudllm_serve.ingress.rate_limits import RateLimiter
+from cloudllm_serve.ingress.service import IngressCounters
+from cloudllm_serve.keys import KeyRegistry
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Paths anyone may call when keys are on. Everything else needs a key.
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+MISSING_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+MALFORMED_HEADER = "Malformed Authorization header: expected 'Authorization: Bearer YOUR_KEY'."
+WRONG_KEY = "Incorrect API key provided."
+
+
+def bearer_key(header: bytes | None) -> tuple[str | None, str | None]:
+    """``(key, None)`` from an ``Authorization`` value, else ``(None, problem)``."""
+    if header is None:
+        return None, MISSING_KEY
+    try:
+        text = header.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None, MALFORMED_HEADER
+    scheme, _, key = text.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or " " in key:
+        return None, MALFORMED_HEADER
+    return key, None
+
+
+class AccessMiddleware:
+    """Request id, authentication, rate-limit headers, settling and the audit log."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: KeyRegistry,
+        limiter: RateLimiter,
+        audit: AuditLog,
+        counters: IngressCounters,
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.limiter = limiter
+        self.audit = audit
+        self.counters = counters
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        context = RequestContext(
+            request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        )
+        scope.setdefault("state", {})[SCOPE_KEY] = context
+        status: list[int] = []
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+                extra = [(REQUEST_ID_HEADER, context.request_id)]
+                if context.admission is not None:
+                    extra += context.admission.headers()
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((name.encode(), value.encode()) for name, value in extra),
+                ]
+            await send(message)
+
+        try:
+            if self._public(scope):
+                context.decision = "public" if self.registry.enabled else "open"
+            else:
+                key, problem = bearer_key(headers.get(b"authorization"))
+                principal = self.registry.authenticate(key) if key is not None else None
+                if principal is None:
+                    context.decision = "unauthenticated"
+                    await self._refuse(scope, sending, AuthenticationError(problem or WRONG_KEY))
+                    return
+                context.principal = principal
+                context.decision = "allowed"
+            await self.app(scope, receive, sending)
+        finally:
+            self._finish(scope, context, status[0] if status else 500, started)
+
+    def _public(self, scope: Scope) -> bool:
+        return (
+            not self.registry.enabled
+            or scope["method"] == "OPTIONS"
+            or scope["path"] in PUBLIC_PATHS
+        )
+
+    async def _refuse(self, scope: Scope, send: Send, error: AuthenticationError) -> None:
+        openai = str(scope.get("path", "")).startswith(OPENAI_PREFIX)
+        body = openai_error(error) if openai else seed_error(error)
+        payload = json.dumps(body).encode()
+        counters = self.counters
+        counters.requests_total += 1
+        counters.requests_failed += 1
+        counters.errors_by_status[401] = counters.errors_by_status.get(401, 0) + 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status_code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    *((k.encode(), v.encode()) for k, v in error_headers(error).items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    def _finish(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
+        admission = context.admission
+        if admission is not None:
+            used = context.prompt_tokens + context.completion_tokens
+            task = asyncio.ensure_future(self.limiter.settle(admission, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        if not self.audit.enabled:
+            return
+        route = scope.get("route")
+        principal = context.principal
+        client = scope.get("client")
+        self.audit.write(
+            {
+                "request_id": context.request_id,
+                "tenant": principal.tenant_id if principal else None,
+                "key_id": principal.key_id if principal else None,
+                "client": client[0] if client else None,
+                "method": scope.get("method"),
+                "route": getattr(route, "path", None) or "(no route)",
+                "status": status,
+                "decision": context.decision,
+                "conversation_id": context.conversation_id,
+                "prompt_tokens": context.prompt_tokens,
+                "completion_tokens": context.completion_tokens,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )

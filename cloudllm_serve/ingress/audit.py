@@ -1,0 +1,52 @@
+"""The audit log: one JSON line per request, never message content, never a key.
+
+Fields: ``time`` (Unix seconds), ``replica`` (the ingress replica), ``request_id``,
+``tenant``, ``key_id``, ``client`` (address), ``method``, ``route`` (the route template,
+e.g. ``/conversations/{conversation_id}``), ``status``, ``decision`` (see
+:class:`~cloudllm_serve.ingress.context.RequestContext`), ``conversation_id``,
+``prompt_tokens``, ``completion_tokens`` and ``latency_ms``.
+
+``AUDIT_LOG`` says where the lines go: ``stderr`` (the ingress replica's log, where Ray
+keeps it), ``off``, or a file appended to (one ``write`` per line, so the ingress
+replicas of one host can share a file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+
+class AuditLog:
+    """Writes audit records to ``AUDIT_LOG``'s target."""
+
+    def __init__(self, target: str, *, replica: str | None = None) -> None:
+        self.enabled = target != "off"
+        self.replica = replica
+        self._stream: TextIO | None = None
+        self._fd: int | None = None
+        if target == "stderr":
+            self._stream = sys.stderr
+        elif self.enabled:
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line."""
+        if not self.enabled:
+            return
+        stamped = {"time": round(time.time(), 3), "replica": self.replica, **record}
+        line = json.dumps(stamped, separators=(",", ":")) + "\n"
+        if self._fd is not None:
+            os.write(self._fd, line.encode())
+        elif self._stream is not None:
+            self._stream.write(line)
+            self._stream.flush()
+
+    def close(self) -> None:
+        """Close the file, if any."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import urllib.request
 from typing import Any
@@ -21,7 +22,10 @@ from typing import Any
 def call_json(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """GET ``url`` (or POST ``body`` as JSON) and return the JSON answer."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):  # as vllm bench serve sends it (needs an admin key)
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=120) as response:
         result: dict[str, Any] = json.loads(response.read())
     return result

@@ -191,8 +191,10 @@ class RateLimiter:
         self.window_s = window_s
         self.ingress_replicas = ingress_replicas
         self._memory: dict[str, _MemoryWindow] = {}
-        #: Decisions made in memory because Redis was down (``/status/detailed``).
+        #: Decisions made in memory because Redis was down, and Redis round trips made
+        #: (``/status/detailed``).
         self.fallback_decisions = 0
+        self.round_trips = 0
 
     def _keys(self, tenant_id: str) -> list[str]:
         base = f"{self._prefix}rl:{{{tenant_id}}}"
@@ -218,6 +220,7 @@ class RateLimiter:
             self.lease_s,
             self.window_s,
         ]
+        self.round_trips += 1
         try:
             reason, requests_used, tokens_used, window, reset = await self._admit(
                 keys=self._keys(tenant.id), args=args
@@ -288,6 +291,7 @@ class RateLimiter:
             return
         if not admission.needs_settling:
             return
+        self.round_trips += 1
         try:
             await self._settle(
                 keys=self._keys(admission.tenant.id),

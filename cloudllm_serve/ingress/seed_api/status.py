@@ -149,6 +149,7 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "errors_by_status": {str(k): v for k, v in sorted(counters.errors_by_status.items())},
             "rate_limited": dict(sorted(counters.rate_limited.items())),
             "rate_limit_fallback_decisions": service.limiter.fallback_decisions,
+            "rate_limit_round_trips": service.limiter.round_trips,
         },
         "security": {
             "auth": service.registry.enabled,

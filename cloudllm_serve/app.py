@@ -21,6 +21,7 @@ from cloudllm_serve.engine.placement import (
     engine_deployment_options,
 )
 from cloudllm_serve.engine.server import EngineServer
+from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.ingress.deployment import Ingress
 from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings, load_settings
@@ -40,6 +41,7 @@ def build_application(settings: Settings) -> Application:
     starts.
     """
     warn_if_engines_cannot_be_placed(settings)
+    check_engine_kwargs(settings)
     KeyRegistry(settings)
     warn_if_open(settings)
     engine = serve.deployment(name=ENGINE_DEPLOYMENT, **engine_deployment_options(settings))(

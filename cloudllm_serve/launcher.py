@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import yaml
 
 from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, refused_overrides
+from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
 from cloudllm_serve.settings import Settings, load_settings
@@ -83,7 +84,9 @@ def profile_settings(profile: dict[str, Any]) -> Settings:
                 "ENGINE_MAX_REPLICAS, ENGINE_MAX_QUEUED_REQUESTS, ...): remove them and set "
                 'the variables instead (README "Scaling")'
             )
-    return load_settings(application.get("args") or {})
+    settings = load_settings(application.get("args") or {})
+    check_engine_kwargs(settings)
+    return settings
 
 
 def render_profile(

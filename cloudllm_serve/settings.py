@@ -7,13 +7,14 @@ names a field names the variable to fix. Everything else in the project receives
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import default_model_dir
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     VLLM_ENFORCE_EAGER: bool = Field(False, description="skip torch.compile/CUDA graphs")
     VLLM_KV_CACHE_MEMORY_BYTES: int | None = Field(
         None, ge=MiB, description="fixed KV-cache size in bytes (needed on small CPU hosts)"
+    )
+    VLLM_ENGINE_KWARGS: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="JSON object of further vLLM engine arguments (quantization, dtype, "
+        "max_num_batched_tokens, ...); checked against vLLM's at start-up",
     )
 
     # Scaling of the engine deployment (README "Scaling"). A replica is full at
@@ -157,6 +163,18 @@ class Settings(BaseSettings):
         description="where the audit log's JSON lines go: 'stderr' (the ingress replica's "
         "log), 'off', or a file path (appended to)",
     )
+
+    @field_validator("VLLM_ENGINE_KWARGS", mode="before")
+    @classmethod
+    def _parse_engine_kwargs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object, e.g. {"dtype": "bfloat16"}')
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -6,6 +6,7 @@ so that importing the package (and most tests) needs no vLLM at all.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,7 @@ from cloudllm_serve.engine.protocol import (
     GenerationMetrics,
     GenerationRequest,
 )
+from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,54 @@ def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_MEMORY_BYTES
     if settings.ENGINE_DEVICE == "gpu" and settings.VLLM_TENSOR_PARALLEL_SIZE > 1:
         args["distributed_executor_backend"] = "ray"
-    return args
+    return {**args, **settings.VLLM_ENGINE_KWARGS}
+
+
+#: Engine arguments that a setting of ours controls: VLLM_ENGINE_KWARGS may not set them.
+SETTING_OF_ENGINE_ARG = {
+    "model": "LLM_MODEL",
+    "served_model_name": "LLM_SERVED_MODEL_NAME",
+    "max_model_len": "VLLM_MAX_MODEL_LEN",
+    "max_num_seqs": "VLLM_MAX_NUM_SEQS",
+    "block_size": "VLLM_BLOCK_SIZE",
+    "gpu_memory_utilization": "VLLM_GPU_MEMORY_UTILIZATION",
+    "tensor_parallel_size": "VLLM_TENSOR_PARALLEL_SIZE",
+    "enforce_eager": "VLLM_ENFORCE_EAGER",
+    "kv_cache_memory_bytes": "VLLM_KV_CACHE_MEMORY_BYTES",
+    "distributed_executor_backend": "VLLM_TENSOR_PARALLEL_SIZE and ENGINE_DEVICE",
+}
+
+
+def check_engine_kwargs(settings: Settings) -> None:
+    """Refuse ``VLLM_ENGINE_KWARGS`` keys vLLM does not know or that a setting controls.
+
+    Raises :class:`~cloudllm_serve.errors.SettingsError` naming the key. Imports vLLM
+    only when there is something to check.
+    """
+    if not settings.VLLM_ENGINE_KWARGS:
+        return
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    problems = []
+    for key in sorted(settings.VLLM_ENGINE_KWARGS):
+        if key in SETTING_OF_ENGINE_ARG:
+            problems.append(f"'{key}' is set by {SETTING_OF_ENGINE_ARG[key]}; set that instead")
+        elif key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"'{key}' is not a vLLM engine argument{hint}")
+    if problems:
+        raise SettingsError("invalid settings:\n  VLLM_ENGINE_KWARGS: " + "; ".join(problems))
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """The exceptions vLLM raises for a bad request (``VLLMValidationError``: no ValueError)."""
+    from vllm.exceptions import VLLMClientError
+
+    return (VLLMClientError,)
 
 
 class VLLMEngine:
@@ -236,7 +285,7 @@ class VLLMEngine:
                     prompt_tokens=prompt_tokens,
                     dropped_messages=dropped,
                 )
-        except ValueError as error:  # vLLM's verdict on bad parameters
+        except (ValueError, *_client_errors()) as error:  # vLLM's verdict on the request
             yield GenerationChunk(finished=True, error=EngineError("invalid_request", str(error)))
         except Exception as error:
             logger.exception("generation %s failed", request.request_id)

@@ -72,6 +72,15 @@ def openai_error(error: CloudLLMError) -> dict[str, Any]:
     }
 
 
+def openai_http_error(status: int, message: str) -> dict[str, Any]:
+    """The OpenAI error body vllm serve gives a plain HTTP error (type: the status's phrase)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "HTTP Error"
+    return {"error": {"message": message, "type": phrase, "param": None, "code": status}}
+
+
 def error_response(
     status: int,
     detail: str,
@@ -188,11 +197,15 @@ def install_error_handlers(app: FastAPI) -> None:
             return cloudllm_error_response(
                 PayloadTooLargeError(str(error.detail), param="body"), openai=_is_openai(request)
             )
+        headers = dict(error.headers) if error.headers else None
+        if _is_openai(request):
+            # As vllm serve answers an unknown /v1 route or a wrong method.
+            body = openai_http_error(error.status_code, str(error.detail))
+            return JSONResponse(body, status_code=error.status_code, headers=headers)
         try:
             error_type = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
         except ValueError:
             error_type = "http_error"
-        headers = dict(error.headers) if error.headers else None
         return error_response(error.status_code, str(error.detail), error_type, headers=headers)
 
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -261,3 +261,21 @@ def test_prompt_too_long_is_400_also_when_streaming(app: App) -> None:
     raw = app.client.post("/v1/completions", json={"prompt": "w " * 500, "stream": True})
     assert raw.status_code == 400
     assert raw.json()["error"]["param"] == "prompt"
+
+
+def test_unknown_v1_routes_and_methods_answer_in_openai_body(app: App) -> None:
+    """As vllm serve: the error body is OpenAI's, its type the HTTP phrase."""
+    wrong_method = app.client.get("/v1/chat/completions")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {
+        "error": {
+            "message": "Method Not Allowed",
+            "type": "Method Not Allowed",
+            "param": None,
+            "code": 405,
+        }
+    }
+    unknown = app.client.post("/v1/embeddings", json={})
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["type"] == "Not Found"
+    assert app.client.get("/nope").json()["error_type"] == "not_found"  # seed API's body

@@ -258,3 +258,48 @@ def test_streamed_errors_keep_their_status(stack: Stack) -> None:
     )
     assert too_long.status_code == 400
     assert too_long.json()["error"]["param"] == "messages"
+
+
+#: A JSON schema feature vLLM's grammar backend (xgrammar) refuses: a client error.
+UNSUPPORTED_SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "number", "multipleOf": 3}},
+    "required": ["n"],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param_or_phrase"),
+    [
+        ("/v1/completions", {"prompt": [[27381192073]], "max_tokens": 4}, "out of vocabulary"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "A number?"}],
+                "max_tokens": 8,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": UNSUPPORTED_SCHEMA},
+                },
+            },
+            "xgrammar",
+        ),
+        (
+            "/generate",
+            {"message": "A number?", "max_tokens": 8, "json_schema": UNSUPPORTED_SCHEMA},
+            "xgrammar",
+        ),
+    ],
+)
+def test_requests_vllm_refuses_are_client_errors(
+    stack: Stack, path: str, body: dict[str, Any], param_or_phrase: str
+) -> None:
+    """vLLM's VLLMValidationError (no ValueError) is a 400, never a 503 the SDK retries."""
+    for stream in (False, True):
+        response = requests.post(
+            f"{stack.base_url}{path}", json={**body, "stream": stream}, timeout=60
+        )
+        print(f"\n[{path} stream={stream}] {response.status_code} {response.text[:200]}")
+        assert response.status_code == 400, response.text
+        assert param_or_phrase in response.text
+        assert "Retry-After" not in response.headers

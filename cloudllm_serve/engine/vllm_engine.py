@@ -141,7 +141,7 @@ def _client_errors() -> tuple[type[Exception], ...]:
     """The exceptions vLLM raises for a bad request (``VLLMValidationError``: no ValueError)."""
     from vllm.exceptions import VLLMClientError
 
-    return (VLLMClientError,)
+    return (ValueError, VLLMClientError)
 
 
 class VLLMEngine:
@@ -285,7 +285,7 @@ class VLLMEngine:
                     prompt_tokens=prompt_tokens,
                     dropped_messages=dropped,
                 )
-        except (ValueError, *_client_errors()) as error:  # vLLM's verdict on the request
+        except _client_errors() as error:  # vLLM's verdict on the request
             yield GenerationChunk(finished=True, error=EngineError("invalid_request", str(error)))
         except Exception as error:
             logger.exception("generation %s failed", request.request_id)

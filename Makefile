@@ -47,12 +47,12 @@ serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
 # Three pytest processes: each of the last two starts Ray clusters of its own
-# (fake GPUs; the scale-out stack, then the stack with API keys), which must not meet
-# the first one's stack.
+# (fake GPUs; the scale-out stack, the stack with API keys, the start-up tests' stacks),
+# which must not meet the first one's stack.
 test: install redis-server model
-	@$(PY) -m pytest -m "not ray and not scale and not tenants" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not ray and not scale and not tenants and not startup" $(PYTEST_ARGS)
 	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
-	@$(PY) -m pytest -m "scale or tenants" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "scale or tenants or startup" $(PYTEST_ARGS)
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants" $(PYTEST_ARGS)

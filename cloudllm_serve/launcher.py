@@ -18,6 +18,7 @@ Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it sta
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -26,8 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,9 +38,22 @@ from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, refused_overrides
 from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
+from cloudllm_serve.ports import wait_until_listenable
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
+#: How long a busy LLM_PORT is waited for, at start and after a stop: a little more than
+#: Linux's TIME_WAIT (60 s), which keeps the port of a stopped server from being bound
+#: again by Serve's direct ingress (it binds without SO_REUSEADDR).
+PORT_WAIT_S = 75.0
+#: How often Serve is restarted when its HTTP server lost the race for LLM_PORT.
+BIND_RESTARTS = 3
+#: What Serve's replica (direct ingress) or proxy logs when it cannot bind its port.
+BIND_FAILURES = (
+    "Failed to start RequestProtocol.HTTP server on port",
+    "Failed to start proxy HTTP server",
+)
+RAY_SESSION_LOGS = Path("/tmp/ray/session_latest/logs")
 
 
 def say(message: str) -> None:
@@ -202,35 +214,99 @@ def start_redis(url: str) -> subprocess.Popen[bytes] | None:
     raise SettingsError(f"redis-server did not answer on port {port} within 10 s")
 
 
-def wait_healthy(base_url: str, serve_process: subprocess.Popen[bytes]) -> None:
-    """Poll ``/health`` until 200; print progress; fail if ``serve run`` exits."""
+class PortLost(RuntimeError):
+    """Serve's HTTP server could not bind its port after start-up (its log line)."""
+
+
+def bind_failure(since: float, port: int, logs: Path = RAY_SESSION_LOGS) -> str | None:
+    """The line of Serve's logs (written after ``since``) saying it could not bind ``port``.
+
+    With direct ingress Ray then moves the ingress to the next port and never comes back
+    to ``port`` (the controller blocks it), so the app would stay unreachable.
+    """
+    files = []
+    for folder in (logs, logs / "serve"):
+        try:
+            files += [f for f in folder.iterdir() if f.is_file() and f.stat().st_mtime >= since]
+        except OSError:
+            continue
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if any(marker in line for marker in BIND_FAILURES) and (
+                f"port {port}" in line or "proxy" in line
+            ):
+                return line.strip()[-400:]
+    return None
+
+
+def check_port(host: str, port: int, what: str, wait_s: float = PORT_WAIT_S) -> None:
+    """Wait (at most ``wait_s``) until ``port`` can be bound; else a SettingsError naming it."""
+    holder: list[str] = []
+
+    def waiting(description: str) -> None:
+        holder.append(description)
+        say(f"port {port} ({what}) is in use by {description}; waiting up to {wait_s:.0f} s")
+
+    if not wait_until_listenable(host, port, wait_s, on_wait=waiting):
+        raise SettingsError(
+            f"port {port} ({what}) on {host} is still in use by {holder[0]} after {wait_s:.0f} s: "
+            f"stop that process or choose another {what}"
+        )
+    if holder:
+        say(f"port {port} is free now")
+
+
+def wait_healthy(
+    base_url: str, serve_process: subprocess.Popen[bytes], port: int, since: float
+) -> None:
+    """Poll ``/health`` until 200; print progress; fail if ``serve run`` exits.
+
+    Raises :class:`PortLost` when Serve logs that its HTTP server could not bind ``port``.
+    """
     started = time.monotonic()
     last_report = 0.0
     last_state = "starting"
-    while time.monotonic() - started < STARTUP_TIMEOUT_S:
-        if serve_process.poll() is not None:
-            raise RuntimeError(f"serve run exited with status {serve_process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
+    parsed = urlparse(base_url)
+    # One keep-alive connection, closed by us: a "Connection: close" poll (urllib) would
+    # leave the server's side of each connection in TIME_WAIT, and those keep the port
+    # from being bound again for a minute after a stop.
+    connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=5)
+    try:
+        while time.monotonic() - started < STARTUP_TIMEOUT_S:
+            if serve_process.poll() is not None:
+                raise RuntimeError(f"serve run exited with status {serve_process.returncode}")
+            try:
+                connection.request("GET", "/health")
+                response = connection.getresponse()
+                body = response.read()
                 if response.status == 200:
                     return
-        except urllib.error.HTTPError as error:
-            last_state = f"HTTP {error.code}{_health_problems(error)}"
-        except (urllib.error.URLError, OSError):
-            last_state = "not listening yet"
-        elapsed = time.monotonic() - started
-        if elapsed - last_report >= 10:
-            say(f"waiting for the app ({elapsed:.0f} s, /health: {last_state})")
-            last_report = elapsed
-        time.sleep(1)
+                last_state = f"HTTP {response.status}{_health_problems(body)}"
+            except (http.client.HTTPException, OSError):
+                connection.close()
+                last_state = "not listening yet"
+                failure = bind_failure(since, port)
+                if failure is not None:
+                    raise PortLost(failure) from None
+            elapsed = time.monotonic() - started
+            if elapsed - last_report >= 10:
+                say(f"waiting for the app ({elapsed:.0f} s, /health: {last_state})")
+                last_report = elapsed
+            time.sleep(1)
+    finally:
+        connection.close()
     raise RuntimeError(f"the app was not healthy within {STARTUP_TIMEOUT_S:.0f} s")
 
 
-def _health_problems(error: urllib.error.HTTPError) -> str:
+def _health_problems(body: bytes) -> str:
     """The ``problems`` of a 503 from ``/health`` (why replicas are not up), if any."""
     try:
-        problems = json.loads(error.read()).get("problems") or []
-    except (OSError, ValueError, AttributeError):
+        problems = json.loads(body).get("problems") or []
+    except (ValueError, AttributeError):
         return ""
     return f": {'; '.join(str(p) for p in problems)[:600]}" if problems else ""
 
@@ -248,7 +324,27 @@ def stop_process(process: subprocess.Popen[bytes] | None, name: str, timeout_s: 
         process.wait()
 
 
-def run(profile_path: Path, start_redis_server: bool) -> int:
+def start_serve(
+    profile: dict[str, Any], settings: Settings
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Write the rendered profile and start ``serve run`` on it; return it and its start time."""
+    run_dir = cache_root() / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / f"serve-config-{settings.LLM_PORT}.yaml"
+    proxy_port = free_port() if settings.SERVE_DIRECT_INGRESS else None
+    rendered = render_profile(profile, settings, proxy_port)
+    config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    env = serve_environment(settings, dict(os.environ))
+    serve_binary = Path(sys.executable).parent / "serve"
+    say(f"starting Ray Serve: {serve_binary.name} run {config_path}")
+    started = time.time()
+    process = subprocess.Popen(
+        [str(serve_binary), "run", str(config_path)], env=env, start_new_session=True
+    )
+    return process, started
+
+
+def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_WAIT_S) -> int:
     """Launch everything; return the exit status."""
     try:
         profile = load_profile(profile_path)
@@ -264,25 +360,29 @@ def run(profile_path: Path, start_redis_server: bool) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     redis_process: subprocess.Popen[bytes] | None = None
     serve_process: subprocess.Popen[bytes] | None = None
+    host = "127.0.0.1" if settings.LLM_HOST in ("0.0.0.0", "::") else settings.LLM_HOST
+    base_url = f"http://{host}:{settings.LLM_PORT}"
     try:
+        check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
         if start_redis_server:
             redis_process = start_redis(settings.REDIS_URL)
-        run_dir = cache_root() / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / f"serve-config-{settings.LLM_PORT}.yaml"
-        proxy_port = free_port() if settings.SERVE_DIRECT_INGRESS else None
-        rendered = render_profile(profile, settings, proxy_port)
-        config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
-        env = serve_environment(settings, dict(os.environ))
-        serve_binary = Path(sys.executable).parent / "serve"
-        say(f"starting Ray Serve: {serve_binary.name} run {config_path}")
-        serve_process = subprocess.Popen(
-            [str(serve_binary), "run", str(config_path)], env=env, start_new_session=True
-        )
-        host = "127.0.0.1" if settings.LLM_HOST in ("0.0.0.0", "::") else settings.LLM_HOST
-        base_url = f"http://{host}:{settings.LLM_PORT}"
-        wait_healthy(base_url, serve_process)
+        for attempt in range(1, BIND_RESTARTS + 1):
+            serve_process, started = start_serve(profile, settings)
+            try:
+                wait_healthy(base_url, serve_process, settings.LLM_PORT, started)
+                break
+            except PortLost as lost:
+                say(f"Serve could not listen on port {settings.LLM_PORT}: {lost}")
+                if attempt == BIND_RESTARTS:
+                    raise RuntimeError(
+                        f"Serve could not listen on port {settings.LLM_PORT} (LLM_PORT) in "
+                        f"{BIND_RESTARTS} starts"
+                    ) from None
+                say(f"restarting Ray Serve once the port is free (attempt {attempt + 1})")
+                stop_serve(serve_process, settings, port_wait_s)
+                check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
         say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
+        assert serve_process is not None
         status = serve_process.wait()
         say(f"serve run exited with status {status}")
         return status or 1
@@ -295,8 +395,25 @@ def run(profile_path: Path, start_redis_server: bool) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_process(serve_process, "Ray Serve", 60)
+        stop_serve(serve_process, settings, port_wait_s)
         stop_process(redis_process, "Redis", 10)
+
+
+def stop_serve(
+    process: subprocess.Popen[bytes] | None, settings: Settings, wait_s: float = PORT_WAIT_S
+) -> None:
+    """Stop ``serve run``, then wait until its HTTP server has let go of ``LLM_PORT``.
+
+    Ray's workers may outlive ``serve run`` by a moment; a start right after this
+    returns then finds the port free.
+    """
+    if process is None:
+        return
+    stop_process(process, "Ray Serve", 60)
+    if not wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, 0):
+        say(f"waiting (at most {wait_s:.0f} s) until port {settings.LLM_PORT} is free again")
+        if not wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, wait_s):
+            say(f"port {settings.LLM_PORT} is still in use {wait_s:.0f} s after the stop")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,8 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start redis-server for REDIS_URL unless one answers there",
     )
+    parser.add_argument(
+        "--port-wait-s",
+        type=float,
+        default=PORT_WAIT_S,
+        help=f"how long a busy LLM_PORT is waited for, at start and after a stop "
+        f"(default {PORT_WAIT_S:.0f} s: a stopped server's port stays busy up to 60 s)",
+    )
     args = parser.parse_args(argv)
-    return run(args.profile, args.start_redis)
+    return run(args.profile, args.start_redis, args.port_wait_s)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def running_stack(
         yield running
     finally:
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(90)
+        launcher.wait(180)
         _running_stacks.remove(running)
 
 

@@ -1,0 +1,111 @@
+"""Is a TCP port free to listen on, and if not, which process holds it (Linux ``/proc``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_LISTEN = "0A"  # TCP state of a listening socket in /proc/net/tcp
+
+
+def can_listen(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now, as Serve's direct ingress binds it.
+
+    That server does not set ``SO_REUSEADDR``, so not only a listener blocks the port but
+    also connections it closed itself within the last minute (TIME_WAIT): this check
+    binds the same way.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_of(address: str) -> int:
+    """The port of a ``/proc/net/tcp`` address (``0100007F:1F41``)."""
+    return int(address.rsplit(":", 1)[1], 16)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) <= 9 or fields[3] != _LISTEN:
+                continue
+            if _port_of(fields[1]) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _closing(port: int) -> bool:
+    """Whether sockets on local ``port`` wait in TIME_WAIT (state 06)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "06" and _port_of(fields[1]) == port:
+                return True
+    return False
+
+
+def port_holder(port: int) -> str | None:
+    """``"pid 123 (command line)"`` of a process listening on ``port``, when it can be told.
+
+    Reads ``/proc/net/tcp*`` and the processes' open files: a process of another user
+    (without root) or another network namespace cannot be seen.
+    """
+    inodes = _listening_inodes(port)
+    if not inodes:
+        if _closing(port):
+            return "connections a stopped server closed (TIME_WAIT; Linux clears them within 60 s)"
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    command = (
+                        (entry / "cmdline")
+                        .read_bytes()
+                        .replace(b"\0", b" ")
+                        .decode(errors="replace")
+                    )
+                    return f"pid {entry.name} ({command.strip()[:120]})"
+        except OSError:
+            continue
+    return None
+
+
+def wait_until_listenable(
+    host: str, port: int, timeout_s: float, *, on_wait: Callable[[str], None] | None = None
+) -> bool:
+    """Poll until ``host:port`` can be bound; ``False`` when ``timeout_s`` passed first.
+
+    ``on_wait`` is called once, with the holder's description, when the port is busy.
+    """
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while not can_listen(host, port):
+        if not told and on_wait is not None:
+            on_wait(port_holder(port) or "a process this user cannot see")
+            told = True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True

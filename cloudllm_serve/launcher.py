@@ -6,13 +6,18 @@ Steps, each printed as it happens:
 
 1. validate the settings (a bad variable stops here, exit status 2);
 2. prepare the default model when it is the one configured and missing;
-3. with ``--start-redis``, start ``redis-server`` on ``REDIS_URL``'s port unless one
+3. check that ``LLM_PORT`` can be bound; if not, say by whom and wait up to
+   ``--port-wait-s`` (75 s), then stop with an error naming the port;
+4. with ``--start-redis``, start ``redis-server`` on ``REDIS_URL``'s port unless one
    already answers there (data under ``~/.cache/cloudllm-serve/redis``);
-4. write the profile with ``http_options`` set from ``LLM_HOST``/``LLM_PORT`` and run
+5. write the profile with ``http_options`` set from ``LLM_HOST``/``LLM_PORT`` and run
    ``serve run`` on it (a local Ray cluster);
-5. wait until ``/health`` answers 200, then keep running.
+6. wait until ``/health`` answers 200, then keep running. If Serve logs that its HTTP
+   server could not bind ``LLM_PORT`` (taken after step 3: with direct ingress Ray then
+   moves to the next port for good), stop Serve and start it again once the port is free.
 
-Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it started.
+Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it started,
+and returns once ``LLM_PORT`` can be bound again (a stop followed by a start works).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ test: install redis-server model
 	@$(PY) -m pytest -m "scale or tenants or startup" $(PYTEST_ARGS)
 
 test-fast: install redis-server
-	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

@@ -102,5 +102,9 @@ def test_a_stuck_generation_ends_with_a_timeout(redis_server: RedisServer) -> No
         assert slow.cancelled == 1  # the engine request was stopped, not left running
         assert slow.running == 0
         assert client.get("/conversations").json()["total"] == conversations
-        streamed = client.post("/v1/completions", json={"model": "fake", "prompt": "go"})
-        assert streamed.status_code in (404, 504)
+        streamed = client.post("/v1/completions", json={"prompt": "go", "stream": True})
+        assert streamed.status_code == 200  # the first token came in time; then it stopped
+        events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert "timeout_error" in events[-2] and "REQUEST_TIMEOUT_S" in events[-2]
+        assert events[-1] == "data: [DONE]"
+        assert slow.cancelled == 2 and slow.running == 0

@@ -9,6 +9,7 @@ import pytest
 
 from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
 from cloudllm_serve.errors import ConversationNotFoundError, StoreUnavailableError
+from tests.http.conftest import App
 from tests.support import RedisServer, free_port
 
 
@@ -108,3 +109,10 @@ def test_the_answering_engine_replica_is_recorded(redis_server: RedisServer) -> 
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_huge_offset_is_a_422_not_an_outage(app: App) -> None:
+    response = app.client.get("/conversations?offset=75183055677885583693822558208&limit=56")
+    assert response.status_code == 422
+    assert response.json()["param"] == "query.offset"
+    assert app.client.get("/conversations?offset=1000000000").status_code == 200

@@ -43,10 +43,6 @@ def test_start_redis_starts_and_reuses(
     assert process.poll() is not None
 
 
-def test_settings_type_is_exported() -> None:
-    assert launcher.Settings is Settings
-
-
 def test_serve_environment_defaults_keep_the_proxy() -> None:
     settings = Settings(LLM_PORT=9100)
     env = launcher.serve_environment(settings, {"PATH": "/bin"})

@@ -29,6 +29,10 @@ from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
 router = APIRouter()
 
+#: Largest ``offset`` of ``GET /conversations`` (Redis takes 64-bit ranges; a page that far
+#: in is empty anyway).
+MAX_OFFSET = 1_000_000_000
+
 
 def get_service(request: Request) -> CloudLLMService:
     """The service this app was built with."""
@@ -116,7 +120,7 @@ async def multimodal(_: Admitted) -> None:
 async def list_conversations(
     service: Service,
     context: Admitted,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ConversationList:
     """The caller's conversations, most recently updated first (``offset``/``limit`` page)."""

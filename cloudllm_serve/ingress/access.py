@@ -41,8 +41,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Paths anyone may call when keys are on. Everything else needs a key.
+#: Paths anyone may call when keys are on, and the docs pages' assets under
+#: PUBLIC_PREFIX. Everything else needs a key.
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIX = "/docs/static/"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -135,6 +137,7 @@ class AccessMiddleware:
             not self.registry.enabled
             or scope["method"] == "OPTIONS"
             or scope["path"] in PUBLIC_PATHS
+            or str(scope["path"]).startswith(PUBLIC_PREFIX)
         )
 
     async def _refuse(self, scope: Scope, send: Send, error: AuthenticationError) -> None:

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from cloudllm_serve import __version__
 from cloudllm_serve.ingress.access import AccessMiddleware
 from cloudllm_serve.ingress.audit import AuditLog
+from cloudllm_serve.ingress.docs import install_offline_docs
 from cloudllm_serve.ingress.errors import install_error_handlers
 from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware
 from cloudllm_serve.ingress.openai_api.routes import router as openai_router
@@ -20,7 +21,10 @@ def create_app(service: CloudLLMService) -> FastAPI:
         title="CloudLLM Serve",
         version=__version__,
         description="The CloudLLM API and an OpenAI-compatible API on vLLM, Ray Serve and Redis.",
+        docs_url=None,
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.service = service
     app.include_router(seed_router)
     app.include_router(openai_router)

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from cloudllm_serve.conversations.store import ConversationStore
-from cloudllm_serve.ingress.access import PUBLIC_PATHS
+from cloudllm_serve.ingress.access import PUBLIC_PATHS, PUBLIC_PREFIX
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
@@ -100,7 +100,7 @@ def test_every_route_is_covered_by_the_matrix(app: TenantApp) -> None:
     templated = {path.replace(UNKNOWN, "{conversation_id}") for _, path, _ in ROUTE_CALLS}
     templated |= {"/v1/models/{model_id:path}"}
     for route in app.client.app.routes:  # type: ignore[attr-defined]
-        if route.path in PUBLIC_PATHS:
+        if route.path in PUBLIC_PATHS or f"{route.path}/" == PUBLIC_PREFIX:
             continue
         assert isinstance(route, APIRoute), route.path
         assert route.path in templated, f"{route.path} is protected but not in the matrix"
@@ -153,8 +153,9 @@ def test_unknown_paths_and_methods_need_a_key_too(app: TenantApp) -> None:
 
 
 def test_public_routes_need_no_key_and_health_hides_cross_tenant_counts(app: TenantApp) -> None:
-    for path in ("/docs", "/openapi.json", "/redoc"):
+    for path in ("/docs", "/openapi.json", "/redoc", "/docs/static/swagger-ui.css"):
         assert app.client.get(path).status_code == 200, path
+    assert app.client.get("/docs/static/../keys.yaml").status_code in (401, 404)
     health = app.client.get("/health")
     assert health.status_code == 200, health.text
     assert health.json()["active_conversations"] is None

@@ -18,6 +18,31 @@ from tests.support import RedisServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Markers of every test in a folder (``make test`` and ``make test-fast`` select by them),
+#: so a new test file gets its group's markers without declaring any.
+FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
+    "unit": (),
+    "http": ("redis",),
+    "stack": ("stack", "vllm", "redis"),
+    "scale": ("stack", "scale", "vllm", "redis"),
+    "tenants": ("stack", "tenants", "vllm", "redis"),
+    "startup": ("stack", "startup", "vllm", "redis"),
+    "placement": ("ray",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder (see :data:`FOLDER_MARKERS`); unknown folders fail."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder not in FOLDER_MARKERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in one of {sorted(FOLDER_MARKERS)} (tests/conftest.py)"
+            )
+        for name in FOLDER_MARKERS[folder]:
+            item.add_marker(name)
+
+
 #: Settings of the test stack: not the default (512), so seeing it in
 #: /status/detailed proves the environment reaches the replicas; above 500 for the
 #: cancellation test's 500-token request.

@@ -26,8 +26,6 @@ from cloudllm_serve.settings import Settings
 from tests.placement.gpu_probe import GpuProbeBackend
 from tests.support import wait_for
 
-pytestmark = pytest.mark.ray
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_GPUS = 4
 

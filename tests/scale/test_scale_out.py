@@ -32,8 +32,6 @@ from cloudllm_serve.models.prepare import cache_root
 from tests.conftest import Stack, running_stack
 from tests.support import RedisServer, wait_for
 
-pytestmark = [pytest.mark.stack, pytest.mark.scale]
-
 BATCH = 4  # VLLM_MAX_NUM_SEQS of each engine replica
 MAX_REPLICAS = 2
 INGRESS = 2

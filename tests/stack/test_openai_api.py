@@ -15,8 +15,6 @@ import requests
 from cloudllm_serve.models.prepare import default_model_dir
 from tests.conftest import Stack
 
-pytestmark = pytest.mark.stack
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import requests
 
 from tests.conftest import Stack
 from tests.support import wait_for
-
-pytestmark = pytest.mark.stack
 
 
 def post_generate(stack: Stack, **body: object) -> requests.Response:

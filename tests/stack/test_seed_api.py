@@ -12,8 +12,6 @@ import requests
 
 from tests.conftest import STACK_MAX_TOKENS_CAP, Stack
 
-pytestmark = pytest.mark.stack
-
 
 def generate(stack: Stack, **body: object) -> dict:
     response = requests.post(f"{stack.base_url}/generate", json=body, timeout=120)

@@ -17,14 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import requests
 
 from cloudllm_serve.launcher import PORT_WAIT_S
 from tests.conftest import REPO
 from tests.support import RedisServer, free_port, wait_for
-
-pytestmark = [pytest.mark.stack, pytest.mark.startup]
 
 
 @contextmanager

@@ -22,8 +22,6 @@ from tests.conftest import Stack, running_stack
 from tests.support import RedisServer, wait_for
 from tests.tenants_support import TenantKeys, write_key_file
 
-pytestmark = [pytest.mark.stack, pytest.mark.tenants]
-
 INGRESS = 2
 UNKNOWN = "f" * 32
 

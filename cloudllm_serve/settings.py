@@ -1,8 +1,10 @@
 """All settings of the service, read from the environment and validated at start-up.
 
 Field names are the environment variable names (SPEC §2), so an error message that
-names a field names the variable to fix. Everything else in the project receives a
-:class:`Settings` instance as an argument; nothing reads ``os.environ`` on its own.
+names a field names the variable to fix. The rest of the project receives a
+:class:`Settings` instance as an argument; the one other variable read is
+``CLOUDLLM_CACHE_DIR`` (where prepared models and ``make serve``'s Redis data live,
+:mod:`cloudllm_serve.models.prepare`), needed before settings exist.
 """
 
 from __future__ import annotations

@@ -219,10 +219,6 @@ class ConversationStore:
         await self._call(run)
         return conversation_id
 
-    async def messages(self, conversation_id: str) -> list[StoredMessage]:
-        """All messages of a conversation, oldest first; 404 error when it does not exist."""
-        return (await self.get(conversation_id)).messages or []
-
     async def append(
         self,
         conversation_id: str,

@@ -40,11 +40,6 @@ class GpuMonitor:
         except Exception:  # no driver, no library, no GPU: all mean "no readings"
             self._nvml = None
 
-    @property
-    def available(self) -> bool:
-        """Whether NVML answered at start-up."""
-        return self._nvml is not None
-
     def read(self) -> list[GpuReading]:
         """Return one reading per visible GPU (empty without NVML)."""
         nvml = self._nvml

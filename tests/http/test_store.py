@@ -31,7 +31,7 @@ def test_turns_are_kept_in_order(redis_server: RedisServer) -> None:
                     StoredMessage("assistant", f"a{turn}", turn),
                 ],
             )
-        messages = await store.messages(conversation_id)
+        messages = (await store.get(conversation_id)).messages
         assert [m.content for m in messages] == [x for t in range(5) for x in (f"q{t}", f"a{t}")]
         conversation = await store.get(conversation_id)
         assert conversation.message_count == 10
@@ -56,7 +56,7 @@ def test_concurrent_turns_on_one_conversation_lose_nothing(redis_server: RedisSe
             )
 
         await asyncio.gather(*(turn(i) for i in range(50)))
-        messages = await store.messages(conversation_id)
+        messages = (await store.get(conversation_id)).messages
         assert len(messages) == 100
         # each user message is directly followed by its own answer
         for question, answer in zip(messages[::2], messages[1::2], strict=True):
@@ -72,7 +72,7 @@ def test_deleted_conversation_is_gone_and_not_revived(redis_server: RedisServer)
         conversation_id = await store.create()
         await store.delete(conversation_id)
         with pytest.raises(ConversationNotFoundError):
-            await store.messages(conversation_id)
+            await store.get(conversation_id)
         with pytest.raises(ConversationNotFoundError):
             await store.append(conversation_id, [StoredMessage("user", "late", 0.0)])
         with pytest.raises(ConversationNotFoundError):
@@ -86,7 +86,7 @@ def test_deleted_conversation_is_gone_and_not_revived(redis_server: RedisServer)
 def test_unreachable_redis_is_a_quick_store_error() -> None:
     async def scenario() -> None:
         store = make_store(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
-        for call in (store.create(), store.count(), store.messages("x")):
+        for call in (store.create(), store.count(), store.get("x")):
             with pytest.raises(StoreUnavailableError):
                 await asyncio.wait_for(call, 5)
 

@@ -201,14 +201,6 @@ class CompletionRequest(SamplingFields):
         return value  # type: ignore[return-value]
 
 
-class Usage(BaseModel):
-    """Token counts of one request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     """One entry of ``/v1/models``."""
 

@@ -32,8 +32,9 @@ def _port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1], 16)
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
+def _sockets_on(port: int) -> list[tuple[str, str]]:
+    """``(state, inode)`` of every TCP socket whose local port is ``port``."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -41,25 +42,18 @@ def _listening_inodes(port: int) -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) <= 9 or fields[3] != _LISTEN:
-                continue
-            if _port_of(fields[1]) == port:
-                inodes.add(fields[9])
-    return inodes
+            if len(fields) > 9 and _port_of(fields[1]) == port:
+                found.append((fields[3], fields[9]))
+    return found
+
+
+def _listening_inodes(port: int) -> set[str]:
+    return {inode for state, inode in _sockets_on(port) if state == _LISTEN}
 
 
 def _closing(port: int) -> bool:
     """Whether sockets on local ``port`` wait in TIME_WAIT (state 06)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "06" and _port_of(fields[1]) == port:
-                return True
-    return False
+    return any(state == "06" for state, _ in _sockets_on(port))
 
 
 def port_holder(port: int) -> str | None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 from cloudllm_serve.keys import key_digest
@@ -54,3 +56,20 @@ def write_key_file(path: Path, tenants: list[dict[str, Any]] = TENANTS) -> Tenan
         entries.append(entry)
     path.write_text(yaml.safe_dump({"tenants": entries}, sort_keys=False))
     return TenantKeys(keys)
+
+
+def redis_dump(client: redis.Redis, pattern: str = "*") -> list[str]:
+    """Every key matching ``pattern`` and every value it holds, as text (to scan for secrets)."""
+    dump: list[str] = []
+    for key in client.scan_iter(pattern):
+        kind = client.type(key)
+        if kind == "string":
+            dump.append(str(client.get(key)))
+        elif kind == "hash":
+            dump.append(json.dumps(client.hgetall(key)))
+        elif kind == "list":
+            dump.extend(client.lrange(key, 0, -1))
+        elif kind == "zset":
+            dump.extend(client.zrange(key, 0, -1))
+        dump.append(key)
+    return dump

@@ -25,7 +25,7 @@ from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.support import RedisServer, wait_for
-from tests.tenants_support import TenantKeys, write_key_file
+from tests.tenants_support import TenantKeys, redis_dump, write_key_file
 
 
 @dataclass
@@ -356,19 +356,7 @@ def test_no_plaintext_key_in_redis_or_the_audit_log(app: TenantApp) -> None:
             headers=auth,
         )
     app.client.get("/conversations", headers={"Authorization": "Bearer sk-cllm-guess"})
-    client = app.redis.client()
-    dump = []
-    for key in client.scan_iter(f"{app.prefix}*"):
-        kind = client.type(key)
-        if kind == "string":
-            dump.append(str(client.get(key)))
-        elif kind == "hash":
-            dump.append(json.dumps(client.hgetall(key)))
-        elif kind == "list":
-            dump.extend(client.lrange(key, 0, -1))
-        elif kind == "zset":
-            dump.extend(client.zrange(key, 0, -1))
-        dump.append(key)
+    dump = redis_dump(app.redis.client(), f"{app.prefix}*")
     text = "\n".join(dump) + app.audit_path.read_text()
     assert dump
     for key in [*app.keys.all_keys(), "sk-cllm-guess"]:

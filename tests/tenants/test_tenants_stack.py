@@ -20,7 +20,7 @@ import requests
 
 from tests.conftest import Stack, running_stack
 from tests.support import RedisServer, wait_for
-from tests.tenants_support import TenantKeys, write_key_file
+from tests.tenants_support import TenantKeys, redis_dump, write_key_file
 
 INGRESS = 2
 UNKNOWN = "f" * 32
@@ -245,19 +245,7 @@ def test_key_file_change_applies_within_30_s(tenant_stack: TenantStack) -> None:
 def test_no_plaintext_key_in_redis_or_logs(tenant_stack: TenantStack) -> None:
     ts = tenant_stack
     keys = ts.keys.all_keys()
-    redis = ts.stack.redis.client()
-    values = []
-    for key in redis.scan_iter("*"):
-        kind = redis.type(key)
-        values.append(key)
-        if kind == "string":
-            values.append(str(redis.get(key)))
-        elif kind == "hash":
-            values.append(json.dumps(redis.hgetall(key)))
-        elif kind == "list":
-            values.extend(redis.lrange(key, 0, -1))
-        elif kind == "zset":
-            values.extend(redis.zrange(key, 0, -1))
+    values = redis_dump(ts.stack.redis.client())
     logs = [ts.stack.log_path, ts.audit]
     session = Path("/tmp/ray/session_latest/logs")
     if session.exists():

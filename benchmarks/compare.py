@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import conversation_cost
-from cloudllm_serve.engine.vllm_engine import engine_args_from_settings
+from cloudllm_serve.engine.vllm_engine import engine_args_from_settings, vllm_cli_args
 from cloudllm_serve.launcher import (
     free_port,
     load_profile,
@@ -201,16 +201,7 @@ class RawVllm(Server):
             "--port",
             str(self.port),
         ]
-        for key, value in engine_args_from_settings(self.settings).items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                if value:
-                    command.append(flag)
-            elif isinstance(value, dict):
-                command += [flag, json.dumps(value)]
-            else:
-                command += [flag, str(value)]
-        self._spawn(command)
+        self._spawn(command + vllm_cli_args(self.settings))
 
 
 class CloudLLM(Server):

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     VLLM_KV_CACHE_MEMORY_BYTES: int | None = Field(
         None, ge=MiB, description="fixed KV-cache size in bytes (needed on small CPU hosts)"
     )
+    VLLM_TOOL_CALL_PARSER: str = Field(
+        "hermes",
+        description="vLLM tool-call parser for tool_choice auto (vllm serve "
+        "--tool-call-parser); empty turns auto tool choice off",
+    )
     VLLM_ENGINE_KWARGS: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict,
         description="JSON object of further vLLM engine arguments (quantization, dtype, "

@@ -19,6 +19,10 @@ from cloudllm_serve.engine.protocol import (
     GenerationChunk,
     GenerationMetrics,
     GenerationRequest,
+    OpenAIAnswer,
+    OpenAICall,
+    OpenAIItem,
+    OpenAIStreamEnd,
     ReplicaStatus,
 )
 from cloudllm_serve.errors import EngineUnavailableError
@@ -37,6 +41,8 @@ class FakeEngine:
         self.delay_s = delay_s
         self.down = False
         self.requests: list[GenerationRequest] = []
+        self.calls: list[OpenAICall] = []
+        self.model = "SmolLM2-135M-Instruct"
         self.running = 0
         self.cancelled = 0
 
@@ -109,6 +115,124 @@ class FakeEngine:
         finally:
             self.running -= 1
 
+    # /v1: a small stand-in for vLLM's OpenAI serving layer ----------------------------
+
+    async def models(self) -> dict[str, Any]:
+        if self.down:
+            raise EngineUnavailableError("engine unavailable: no replica")
+        card = {"id": self.model, "object": "model", "owned_by": "vllm", "max_model_len": 2048}
+        return {"object": "list", "data": [card]}
+
+    def _fits(self, call: OpenAICall) -> tuple[list[dict[str, Any]], int] | None:
+        """The messages that fit ``context_words`` (oldest droppable first), or None."""
+        messages = list(call.body["messages"])
+        dropped = 0
+        while True:
+            words = sum(len(str(m.get("content") or "").split()) for m in messages)
+            if words <= self.context_words:
+                return messages, dropped
+            if dropped >= call.droppable_messages:
+                return None
+            messages.pop(0)
+            dropped += 1
+
+    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """Answers like :meth:`generate` (one word per chunk), in vLLM's shapes."""
+        if self.down:
+            raise EngineUnavailableError("engine unavailable: no replica")
+        self.calls.append(call)
+        body = call.body
+        if body.get("model") not in (None, self.model):
+            yield _error(404, "NotFoundError", f"The model `{body['model']}` does not exist.")
+            return
+        if not isinstance(body.get("temperature", 1.0), (int, float)):
+            yield _error(400, "Bad Request", "temperature: Input should be a valid number")
+            return
+        chat = call.kind == "chat"
+        if chat:
+            fitted = self._fits(call)
+            if fitted is None:
+                yield _error(400, "BadRequestError", "maximum context length exceeded")
+                return
+            messages, dropped = fitted
+            last = str(messages[-1].get("content") or "")
+            text = f"{len(messages) - 1} earlier messages; you said: {last}"
+            if last.startswith("say:"):
+                text = last.removeprefix("say:")
+        else:
+            dropped = 0
+            text = str(body.get("prompt"))
+        words = text.split(" ")[: int(body.get("max_tokens") or 10_000)]
+        usage = {
+            "prompt_tokens": len(text.split()),
+            "completion_tokens": len(words),
+            "total_tokens": len(text.split()) + len(words),
+        }
+        envelope = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{call.request_id}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 1,
+            "model": self.model,
+        }
+        self.running += 1
+        try:
+            if not body.get("stream"):
+                if "FAIL" in words:
+                    yield _error(500, "InternalServerError", "boom")
+                    return
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s * len(words))
+                answer = " ".join(words)
+                choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": answer}
+                else:
+                    choice["text"] = answer
+                yield OpenAIAnswer(
+                    200,
+                    {**envelope, "choices": [choice], "usage": usage},
+                    dropped_messages=dropped,
+                    replica_id="fake-1",
+                )
+                return
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            for position, word in enumerate(words):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                if word == "FAIL":
+                    yield _sse({"error": {"message": "boom", "type": "InternalServerError"}})
+                    yield "data: [DONE]\n\n"
+                    yield OpenAIStreamEnd(usage=None, message=None, replica_id="fake-1")
+                    return
+                piece = word if position == 0 else " " + word
+                last_word = position == len(words) - 1
+                if chat:
+                    delta: dict[str, Any] = {"content": piece}
+                    if position == 0:
+                        delta["role"] = "assistant"
+                    part = {"index": 0, "delta": delta, "finish_reason": None}
+                else:
+                    part = {"index": 0, "text": piece, "finish_reason": None}
+                if last_word:
+                    part["finish_reason"] = "stop"
+                yield _sse({**envelope, "object": kind, "choices": [part]})
+            options = body.get("stream_options") or {}
+            if options.get("include_usage"):
+                yield _sse({**envelope, "object": kind, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+            message = {"role": "assistant", "content": " ".join(words)}
+            yield OpenAIStreamEnd(
+                usage=usage,
+                message=message if call.collect else None,
+                dropped_messages=dropped,
+                replica_id="fake-1",
+            )
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+
     async def fleet(self) -> EngineFleet:
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")
@@ -122,6 +246,16 @@ class FakeEngine:
             target_replicas=1,
             replicas=[ReplicaStatus("fake-1", "RUNNING", stats=stats)],
         )
+
+
+def _error(status: int, kind: str, message: str) -> OpenAIAnswer:
+    return OpenAIAnswer(
+        status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    )
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 def engine_stats(**changes: Any) -> EngineStats:

@@ -81,24 +81,51 @@ def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
 
 @dataclass(frozen=True)
 class StoredMessage:
-    """One message of a conversation."""
+    """One message of a conversation.
+
+    An assistant's ``tool_calls`` and a ``tool`` message's ``tool_call_id`` (and
+    ``name``) are kept, in OpenAI's shapes, so a later turn shows the model its calls.
+    """
 
     role: str
     content: str
     timestamp: float
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def to_json(self) -> str:
         """Serialise for Redis."""
-        return json.dumps(
-            {"role": self.role, "content": self.content, "timestamp": self.timestamp},
-            ensure_ascii=False,
-        )
+        data: dict[str, Any] = {
+            "role": self.role,
+            "content": self.content,
+            "timestamp": self.timestamp,
+        }
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> StoredMessage:
         """Parse a message written by :meth:`to_json`."""
         data = json.loads(raw)
-        return cls(role=data["role"], content=data["content"], timestamp=float(data["timestamp"]))
+        return cls(
+            role=data["role"],
+            content=data["content"],
+            timestamp=float(data["timestamp"]),
+            tool_calls=data.get("tool_calls"),
+            tool_call_id=data.get("tool_call_id"),
+            name=data.get("name"),
+        )
+
+    def chat_message(self) -> dict[str, Any]:
+        """The message as a chat request carries it (no timestamp)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,55 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class OpenAICall:
+    """One ``/v1`` chat or text completion for vLLM's own OpenAI serving layer.
+
+    ``body`` is the client's JSON (our own fields removed, a stored conversation's
+    history put in front of ``messages``); vLLM's request model validates it in the
+    engine replica. The first ``droppable_messages`` messages are stored history the
+    engine may leave out, oldest turn first, when the whole does not fit the context.
+    """
+
+    kind: Literal["chat", "completion"]
+    body: dict[str, Any]
+    request_id: str
+    droppable_messages: int = 0
+    #: Gather the assistant's message of a stream into its :class:`OpenAIStreamEnd`.
+    collect: bool = False
+    #: As on :class:`GenerationRequest` (read by the router).
+    affinity_key: str | None = None
+    preferred_replica: str | None = None
+
+
+@dataclass(frozen=True)
+class OpenAIAnswer:
+    """A whole ``/v1`` answer from the engine: a response body or vLLM's error body."""
+
+    status: int
+    body: dict[str, Any]
+    dropped_messages: int = 0
+    replica_id: str = ""
+
+
+@dataclass(frozen=True)
+class OpenAIStreamEnd:
+    """Sent after a ``/v1`` stream's last SSE string (never forwarded to the client).
+
+    ``usage`` is vLLM's usage of the whole stream; ``message`` the first choice's
+    assistant message (``content``, ``tool_calls``) when the call asked to ``collect``.
+    """
+
+    usage: dict[str, Any] | None
+    message: dict[str, Any] | None = None
+    dropped_messages: int = 0
+    replica_id: str = ""
+
+
+#: What an engine replica's ``openai`` method yields.
+OpenAIItem = str | OpenAIAnswer | OpenAIStreamEnd
+
+
+@dataclass(frozen=True)
 class GenerationMetrics:
     """Timings measured inside the engine replica, in milliseconds."""
 
@@ -191,6 +240,14 @@ class EngineClient(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Run one generation; yields chunks as described in the module docstring."""
+        ...
+
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """Run one ``/v1`` call: an :class:`OpenAIAnswer`, or SSE strings then an end."""
+        ...
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` as vLLM answers it."""
         ...
 
     async def fleet(self) -> EngineFleet:

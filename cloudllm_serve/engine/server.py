@@ -17,7 +17,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from cloudllm_serve.engine.placement import bundle_mismatch
-from cloudllm_serve.engine.protocol import EngineStats, GenerationChunk, GenerationRequest
+from cloudllm_serve.engine.protocol import (
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    OpenAIAnswer,
+    OpenAICall,
+    OpenAIItem,
+    OpenAIStreamEnd,
+)
 from cloudllm_serve.engine.vllm_engine import VLLMEngine
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
@@ -54,6 +62,14 @@ class EngineBackend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Run one generation (see :mod:`cloudllm_serve.engine.protocol`)."""
+        ...
+
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """Run one ``/v1`` call through vLLM's OpenAI serving layer."""
+        ...
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` as vLLM answers it."""
         ...
 
     def stats(self) -> EngineStats:
@@ -98,6 +114,17 @@ class EngineServer:
                     chunk, metrics=dataclasses.replace(chunk.metrics, replica_id=self._replica_id)
                 )
             yield chunk
+
+    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """Stream one ``/v1`` call's items back (its answer or end names us)."""
+        async for item in self._backend.openai(call):
+            if isinstance(item, (OpenAIAnswer, OpenAIStreamEnd)):
+                item = dataclasses.replace(item, replica_id=self._replica_id)
+            yield item
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` as vLLM answers it."""
+        return await self._backend.models()
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's live :class:`EngineStats`, as a dict.

@@ -7,6 +7,7 @@ so that importing the package (and most tests) needs no vLLM at all.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,8 @@ from cloudllm_serve.engine.protocol import (
     GenerationChunk,
     GenerationMetrics,
     GenerationRequest,
+    OpenAICall,
+    OpenAIItem,
 )
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
@@ -97,6 +100,35 @@ def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
     return {**args, **settings.VLLM_ENGINE_KWARGS}
 
 
+def vllm_cli_args(settings: Settings) -> list[str]:
+    """The ``vllm serve`` command-line arguments our engine replicas run with.
+
+    Engine arguments (:func:`engine_args_from_settings`) plus the front-end ones of
+    vLLM's OpenAI layer (the tool-call parser). Raw vLLM in the benchmark and the
+    differential test gets exactly these, so both run the same engine.
+    """
+    command: list[str] = []
+    for key, value in engine_args_from_settings(settings).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                command.append(flag)
+            elif key in _TRUE_BY_DEFAULT:
+                command.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, (dict, list)):
+            command += [flag, json.dumps(value)]
+        elif value is not None:
+            command += [flag, str(value)]
+    if settings.VLLM_TOOL_CALL_PARSER:
+        parser = settings.VLLM_TOOL_CALL_PARSER
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    return command
+
+
+#: Boolean engine arguments that are on unless turned off.
+_TRUE_BY_DEFAULT = frozenset({"enable_prefix_caching"})
+
+
 #: Engine arguments that a setting of ours controls: VLLM_ENGINE_KWARGS may not set them.
 SETTING_OF_ENGINE_ARG = {
     "model": "LLM_MODEL",
@@ -156,22 +188,36 @@ class VLLMEngine:
         self._requests_finished = 0
         self._tokens_generated = 0
         self._sampling: Any = None
+        self._openai: Any = None
 
     async def start(self) -> None:
-        """Load the model and start the engine (blocks until it is ready)."""
+        """Load the model, start the engine and vLLM's OpenAI serving layer around it."""
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args_from_settings(self._settings)
-        logger.info("starting vLLM engine: %s", args)
+        from cloudllm_serve.engine.openai_serving import OpenAIServer, parse_vllm_args
+
+        cli_args = vllm_cli_args(self._settings)
+        logger.info("starting vLLM engine: vllm serve %s", " ".join(cli_args))
+        args = parse_vllm_args(cli_args)
         self._engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**args),
+            AsyncEngineArgs.from_cli_args(args),
             stat_loggers=[_make_stat_logger_factory(self._snapshot)],
         )
+        self._openai = OpenAIServer(self._engine, args, self._settings.VLLM_MAX_MODEL_LEN)
+        await self._openai.start()
         self._sampling = (SamplingParams, RequestOutputKind)
         self._started_at = time.monotonic()
+
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """One ``/v1`` call through vLLM's own OpenAI serving layer."""
+        return self._openai.answer(call)  # type: ignore[no-any-return]
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` as vLLM answers it."""
+        return await self._openai.models()  # type: ignore[no-any-return]
 
     def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
         tokenizer = self._engine.get_tokenizer()

@@ -26,6 +26,8 @@ from cloudllm_serve.engine.protocol import (
     EngineStats,
     GenerationChunk,
     GenerationRequest,
+    OpenAICall,
+    OpenAIItem,
     ReplicaStatus,
 )
 from cloudllm_serve.errors import EngineOverloadedError, EngineUnavailableError
@@ -48,7 +50,9 @@ class ServeEngineClient:
     def __init__(
         self, handle: Any, settings: Settings, *, app_name: str, stats_timeout_s: float = 3.0
     ) -> None:
+        self._handle = handle
         self._stream_handle = handle.options(stream=True)
+        self._models: dict[str, Any] | None = None
         self._deployment = str(handle.deployment_name)
         self._app_name = app_name
         self._settings = settings
@@ -56,13 +60,30 @@ class ServeEngineClient:
         self._details: tuple[float, dict[str, Any]] | None = None
         self._actors: dict[str, Any] = {}
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one generation from an engine replica."""
+        return self._relay(self._stream_handle.generate.remote(request))
+
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """Stream one ``/v1`` call's items from an engine replica."""
+        return self._relay(self._stream_handle.openai.remote(call))
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` from an engine replica (asked once, then remembered)."""
+        if self._models is None:
+            try:
+                self._models = await self._handle.models.remote()
+            except Exception as error:
+                raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
+        return self._models
+
+    async def _relay(self, items: Any) -> AsyncIterator[Any]:
+        """A handle's stream, its failures turned into the project's errors."""
         from ray.serve.exceptions import BackPressureError
 
         try:
-            async for chunk in self._stream_handle.generate.remote(request):
-                yield chunk
+            async for item in items:
+                yield item
         except asyncio.CancelledError:
             raise
         except BackPressureError:

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 
@@ -24,6 +24,10 @@ from cloudllm_serve.engine.protocol import (
     EngineClient,
     GenerationChunk,
     GenerationRequest,
+    OpenAIAnswer,
+    OpenAICall,
+    OpenAIItem,
+    OpenAIStreamEnd,
 )
 from cloudllm_serve.errors import (
     CloudLLMError,
@@ -36,6 +40,8 @@ from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
 from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings
+
+_Item = TypeVar("_Item")
 
 #: Characters per token assumed when estimating a prompt before it is tokenized.
 CHARS_PER_TOKEN = 4
@@ -113,7 +119,7 @@ class ConversationTurn:
 
     def chat_messages(self, new: list[StoredMessage]) -> list[ChatMessage]:
         """History plus the new messages, as the engine takes them."""
-        return [{"role": m.role, "content": m.content} for m in (*self.history, *new)]
+        return [m.chat_message() for m in (*self.history, *new)]
 
     def affinity_key(self, messages: list[ChatMessage]) -> str:
         """Routing key of this conversation (see :func:`affinity_key`)."""
@@ -260,13 +266,21 @@ class CloudLLMService:
 
         The engine replica that answered is recorded, so the next turn goes there.
         """
+        metrics = completion.final.metrics
+        await self.store_turn(
+            turn,
+            [*new, StoredMessage("assistant", completion.text, time.time())],
+            engine_replica=metrics.replica_id if metrics else None,
+        )
+
+    async def store_turn(
+        self, turn: ConversationTurn, messages: list[StoredMessage], *, engine_replica: str | None
+    ) -> None:
+        """Append a turn's ``messages`` (the new ones and the answer) in one write."""
         if turn.conversation_id is not None and turn.store is not None:
             started = time.perf_counter()
-            metrics = completion.final.metrics
             await turn.store.append(
-                turn.conversation_id,
-                [*new, StoredMessage("assistant", completion.text, time.time())],
-                engine_replica=metrics.replica_id if metrics else None,
+                turn.conversation_id, messages, engine_replica=engine_replica or None
             )
             turn.store_ms += (time.perf_counter() - started) * 1000
 
@@ -286,23 +300,10 @@ class CloudLLMService:
 
         ``prompt_param`` is the request field a too-long prompt is blamed on.
         """
-        self.counters.in_flight += 1
         tokens = 0
-        timeout_s = self.settings.REQUEST_TIMEOUT_S
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        chunks = aiter(self.engine.generate(request))
+        chunks = self._within_deadline(self.engine.generate(request))
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise RequestTimeoutError(
-                        f"the generation did not finish within {timeout_s:g} s "
-                        "(REQUEST_TIMEOUT_S) and was stopped"
-                    ) from None
+            async for chunk in chunks:
                 if chunk.error is not None:
                     error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
                     param = prompt_param if chunk.error.kind == "prompt_too_long" else None
@@ -315,10 +316,48 @@ class CloudLLMService:
                 yield chunk
                 if chunk.finished:
                     return
-            raise EngineUnavailableError("engine stream ended without a final chunk")
+        finally:
+            await close_stream(chunks)
+        raise EngineUnavailableError("engine stream ended without a final chunk")
+
+    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+        """A ``/v1`` call's items from the engine, within ``REQUEST_TIMEOUT_S``."""
+        items = self._within_deadline(self.engine.openai(call))
+        try:
+            async for item in items:
+                usage = None
+                if isinstance(item, OpenAIStreamEnd):
+                    usage = item.usage
+                elif isinstance(item, OpenAIAnswer):
+                    usage = item.body.get("usage")
+                if isinstance(usage, dict):
+                    self.counters.tokens_generated += int(usage.get("completion_tokens") or 0)
+                yield item
+        finally:
+            await close_stream(items)
+
+    async def _within_deadline(self, items: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
+        """``items`` until ``REQUEST_TIMEOUT_S`` from now (then 504); counted in flight."""
+        self.counters.in_flight += 1
+        timeout_s = self.settings.REQUEST_TIMEOUT_S
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        items = aiter(items)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"the generation did not finish within {timeout_s:g} s "
+                        "(REQUEST_TIMEOUT_S) and was stopped"
+                    ) from None
+                yield item
         finally:
             self.counters.in_flight -= 1
-            await _close(chunks)
+            await close_stream(items)
 
     async def open_stream(
         self, request: GenerationRequest, *, prompt_param: str = "messages"
@@ -349,8 +388,11 @@ class CloudLLMService:
         return builder.build()
 
 
-async def _close(chunks: AsyncIterator[GenerationChunk]) -> None:
-    """Close an engine stream early (cancels the engine request) or after its end."""
+async def close_stream(chunks: AsyncIterator[Any]) -> None:
+    """Close an engine stream early (cancels the engine request) or after its end.
+
+    A stream that failed was handled where it raised; closing it raises nothing.
+    """
     close = getattr(chunks, "aclose", None)
     if close is not None:
         with contextlib.suppress(Exception):

@@ -34,5 +34,6 @@ def app(redis_server: RedisServer) -> Iterator[App]:
         key_prefix=f"test-{uuid.uuid4().hex[:8]}:",
     )
     engine = FakeEngine()
+    engine.model = settings.model_name
     with TestClient(create_app(CloudLLMService(settings, store, engine))) as client:
         yield App(client, engine, settings)

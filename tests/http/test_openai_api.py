@@ -1,4 +1,9 @@
-"""The OpenAI-compatible API over the fake engine and a real Redis: wire format and errors."""
+"""The ``/v1`` ingress over the fake engine and a real Redis: relaying, conversations, errors.
+
+What vLLM's serving layer answers is proven against raw vLLM in
+``tests/stack/test_openai_differential.py``; here the fake stands in for it, so these
+tests check only what the ingress itself does with the body and the answer.
+"""
 
 from __future__ import annotations
 
@@ -25,230 +30,168 @@ def chat(app: App, content: str = "hello", **body: Any) -> Any:
     return app.client.post(CHAT, json={"messages": [{"role": "user", "content": content}], **body})
 
 
-def test_models(app: App) -> None:
+def test_models_come_from_the_engine(app: App) -> None:
     listed = app.client.get("/v1/models").json()
     name = app.settings.model_name
-    assert listed["object"] == "list"
     assert [m["id"] for m in listed["data"]] == [name]
-    assert listed["data"][0]["max_model_len"] == app.settings.VLLM_MAX_MODEL_LEN
     assert app.client.get(f"/v1/models/{name}").json()["id"] == name
     missing = app.client.get("/v1/models/gpt-4")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_chat_completion_body(app: App) -> None:
-    response = chat(app, max_tokens=20, temperature=0.5, top_p=0.9, seed=7)
-    assert response.status_code == 200
-    body = response.json()
-    assert body["object"] == "chat.completion"
-    assert body["id"].startswith("chatcmpl-")
-    assert body["model"] == app.settings.model_name
-    (choice,) = body["choices"]
-    assert choice["message"] == {
-        "role": "assistant",
-        "content": "0 earlier messages; you said: hello",
+def test_the_body_reaches_the_engine_as_sent(app: App) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"x": 1},
     }
-    assert choice["finish_reason"] == "stop"
-    usage = body["usage"]
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    response = app.client.post(CHAT, json=body)
+    assert response.status_code == 200, response.text
+    call = app.engine.calls[-1]
+    assert call.kind == "chat"
+    assert call.body == body
+    assert call.droppable_messages == 0 and not call.collect
+    assert call.affinity_key is not None and call.affinity_key.startswith("chat:")
     assert "X-Conversation-Id" not in response.headers  # nothing stored unless asked
-    sampling = app.engine.requests[-1].sampling
-    assert (sampling.temperature, sampling.top_p, sampling.seed) == (0.5, 0.9, 7)
+    assert response.json()["choices"][0]["message"]["content"] == "0 earlier messages; you said: hi"
 
 
-def test_chat_stream_with_usage(app: App) -> None:
-    response = chat(app, stream=True, stream_options={"include_usage": True})
+def test_a_stream_is_relayed_and_its_end_kept_back(app: App) -> None:
+    response = chat(app, stream=True)
     assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response.text)
     assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    text = "".join(e["choices"][0]["delta"]["content"] for e in events[:-1])
     assert text == "0 earlier messages; you said: hello"
-    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert finishing[-1]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"]["completion_tokens"] == len(text.split(" "))
-
-
-def test_stream_without_usage_has_no_usage_chunk(app: App) -> None:
-    events = sse_events(chat(app, stream=True).text)
     assert all("usage" not in e for e in events[:-1])
+    with_usage = sse_events(chat(app, stream=True, stream_options={"include_usage": True}).text)
+    assert with_usage[-2]["choices"] == [] and with_usage[-2]["usage"]["completion_tokens"] == 6
 
 
-def test_text_completion(app: App) -> None:
-    body = app.client.post("/v1/completions", json={"prompt": "say:Paris is nice"}).json()
-    assert body["object"] == "text_completion"
-    assert body["choices"][0]["text"] == "Paris is nice"
-    ids = app.client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5})
-    assert ids.status_code == 200
-    assert app.engine.requests[-1].prompt == [1, 2, 3]
-    batch_of_one = app.client.post("/v1/completions", json={"prompt": ["say:x"]})
-    assert batch_of_one.json()["choices"][0]["text"] == "x"
-
-
-def test_text_completion_stream(app: App) -> None:
-    raw = app.client.post(
-        "/v1/completions",
-        json={
-            "prompt": "say:one two three",
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    ).text
-    events = sse_events(raw)
-    assert events[-1] == "[DONE]"
-    text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
-    assert text == "one two three"
-    assert events[-2]["usage"]["completion_tokens"] == 3
-
-
-def test_parameters_reach_the_engine(app: App) -> None:
-    chat(
-        app,
-        max_completion_tokens=7,
-        max_tokens=99,
-        stop=["x"],
-        n=2,
-        presence_penalty=0.5,
-        frequency_penalty=-0.5,
-        ignore_eos=True,
-    )
-    sampling = app.engine.requests[-1].sampling
-    assert sampling.max_tokens == 7  # max_completion_tokens wins
-    assert sampling.stop == ("x",)
-    assert (sampling.n, sampling.presence_penalty, sampling.frequency_penalty) == (2, 0.5, -0.5)
-    assert sampling.ignore_eos is True
-    chat(app, max_tokens=10_000)
-    assert app.engine.requests[-1].sampling.max_tokens == app.settings.MAX_TOKENS_CAP
-
-
-def test_n_choices_and_stop(app: App) -> None:
-    """n choices come back in order; stop strings reach the engine (which applies them:
-    vLLM's truncation is tested on the stack by openai_sdk_script.py's stop check)."""
-    body = chat(app, content="say:alpha beta", n=2, stop=["gamma", "delta"]).json()
-    assert app.engine.requests[-1].sampling.stop == ("gamma", "delta")
-    assert app.engine.requests[-1].sampling.n == 2
-    assert [c["index"] for c in body["choices"]] == [0, 1]
-    assert [c["message"]["content"] for c in body["choices"]] == [
-        "alpha beta [0]",
-        "alpha beta [1]",
-    ]
-    assert body["usage"]["completion_tokens"] == 6
-
-
-def test_json_schema_response_format(app: App) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"answer": {"type": "string"}},
-        "required": ["answer"],
-    }
-    body = chat(
-        app, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
-    ).json()
-    assert json.loads(body["choices"][0]["message"]["content"]) == {"answer": "hello"}
-    assert app.engine.requests[-1].sampling.json_schema == schema
-    chat(app, response_format={"type": "json_object"})
-    assert app.engine.requests[-1].sampling.json_object is True
+def test_engine_answers_keep_their_status_and_body(app: App) -> None:
+    for stream in (False, True):
+        response = chat(app, model="gpt-4", stream=stream)
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "NotFoundError"
+        bad = chat(app, temperature="hot", stream=stream)
+        assert bad.status_code == 400
+        assert bad.json()["error"]["type"] == "Bad Request"
 
 
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("content", "content_type", "words"),
     [
-        ({"temperature": -3}, "temperature"),
-        ({"temperature": "hot"}, "temperature"),
-        ({"top_p": 0}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 0}, "n"),
-        ({"presence_penalty": 3}, "presence_penalty"),
-        ({"stop": [""]}, "stop"),
-        ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "xml"}}, "response_format.type"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
-        (
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
-                }
-            },
-            "response_format.json_schema.schema",
-        ),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+        (b"{", "application/json", "JSON decode error"),
+        (b"[1, 2]", "application/json", "JSON object"),
+        (b'{"prompt": "x"}', "text/plain", "Unsupported Media Type"),
     ],
 )
-def test_bad_parameters_are_400_in_openai_format(
-    app: App, body: dict[str, Any], param: str
+def test_bodies_vllm_would_not_parse_are_400(
+    app: App, content: bytes, content_type: str, words: str
 ) -> None:
-    payload = {"messages": [{"role": "user", "content": "hi"}], **body}
-    response = app.client.post(CHAT, json=payload)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error"
-    assert error["param"] == param
-    assert error["message"]
+    for path in (CHAT, "/v1/completions"):
+        response = app.client.post(path, content=content, headers={"Content-Type": content_type})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["type"] == "Bad Request" and words in error["message"]
+    assert not app.engine.calls
 
 
-def test_unknown_model_is_404(app: App) -> None:
-    response = chat(app, model="gpt-4")
-    assert response.status_code == 404
-    assert response.json()["error"]["message"] == "The model `gpt-4` does not exist."
-    assert chat(app, model=app.settings.model_name).status_code == 200
-
-
-def test_body_errors_in_openai_format(app: App) -> None:
-    broken = app.client.post(CHAT, content=b"{", headers={"Content-Type": "application/json"})
-    assert broken.status_code == 400
-    assert "not valid JSON" in broken.json()["error"]["message"]
-    huge = app.client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 5000}]})
+def test_a_body_over_the_upload_limit_is_413(app: App) -> None:
+    huge = chat(app, content="x" * 5000)
     assert huge.status_code == 413
     assert "MAX_UPLOAD_BYTES" in huge.json()["error"]["message"]
-
-
-def test_completion_refuses_what_it_cannot_do(app: App) -> None:
-    for extra, param in [
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"suffix": "x"}, "suffix"),
-    ]:
-        response = app.client.post("/v1/completions", json={"prompt": "x", **extra})
-        assert response.status_code == 400, (extra, response.text)
-        assert response.json()["error"]["param"] == param
-
-
-def test_unknown_fields_are_ignored_like_vllm(app: App) -> None:
-    response = chat(app, user="u1", repetition_penalty=1.0, metadata={"k": "v"})
-    assert response.status_code == 200
 
 
 def test_server_side_conversation(app: App) -> None:
     first = chat(app, content="first", store=True)
     cid = first.headers["X-Conversation-Id"]
     assert first.json()["conversation_id"] == cid
+    assert "store" not in app.engine.calls[-1].body
     second = chat(app, content="second", conversation_id=cid)
     assert second.headers["X-Conversation-Id"] == cid
     assert second.json()["choices"][0]["message"]["content"].startswith("2 earlier messages")
+    call = app.engine.calls[-1]
+    assert "conversation_id" not in call.body
+    assert call.droppable_messages == 2 and call.collect
+    assert call.body["max_tokens"] == app.settings.MAX_TOKENS_CAP  # the fitting budget
+    assert call.affinity_key == f"conv:{cid}"
     streamed = chat(app, content="third", conversation_id=cid, stream=True)
     assert streamed.headers["X-Conversation-Id"] == cid
     stored = app.client.get(f"/conversations/{cid}").json()
     assert [m["content"] for m in stored["messages"]][::2] == ["first", "second", "third"]
+    assert stored["messages"][-1]["content"] == "4 earlier messages; you said: third"
     # the seed API continues the same conversation
     seed = app.client.post("/generate", json={"message": "fourth", "conversation_id": cid})
     assert seed.json()["response"].startswith("6 earlier messages")
 
 
+def test_tool_calls_and_tool_messages_are_stored(app: App) -> None:
+    cid = chat(app, content="weather?", store=True).headers["X-Conversation-Id"]
+    call = {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turn = [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "18 C"},
+    ]
+    response = app.client.post(CHAT, json={"messages": turn, "conversation_id": cid})
+    assert response.status_code == 200, response.text
+    stored = app.client.get(f"/conversations/{cid}").json()["messages"]
+    assert stored[2]["tool_calls"] == [call] and stored[2]["content"] == ""
+    assert stored[3]["tool_call_id"] == "call-1"
+    assert "tool_calls" not in stored[0]  # plain messages keep the seed's three keys
+    sent = app.engine.calls[-1].body["messages"]
+    assert sent[2] == turn[0]  # this turn goes as sent; stored, content None is ""
+    assert sent[3] == turn[1]
+
+
 def test_conversation_rules(app: App) -> None:
-    assert chat(app, conversation_id="nope").status_code == 404
-    assert chat(app, conversation_id="nope").json()["error"]["param"] == "conversation_id"
+    unknown = chat(app, conversation_id="nope")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "conversation_id"
     cid = chat(app, store=True).headers["X-Conversation-Id"]
-    assert chat(app, conversation_id=cid, n=2).json()["error"]["param"] == "n"
-    assert chat(app, conversation_id=cid, store=True).json()["error"]["param"] == "store"
+    for body, param in [
+        ({"conversation_id": cid, "n": 2}, "n"),
+        ({"conversation_id": cid, "store": True}, "store"),
+        ({"store": "yes"}, "store"),
+        ({"conversation_id": 7}, "conversation_id"),
+    ]:
+        response = chat(app, **body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+    refused = app.client.post(
+        CHAT, json={"messages": [{"role": "user", "content": image}], "conversation_id": cid}
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "messages.0.content"
+    completion = app.client.post("/v1/completions", json={"prompt": "x", "store": True})
+    assert completion.status_code == 400
+
+
+def test_history_that_does_not_fit_drops_the_oldest_turns(app: App) -> None:
+    cid = chat(app, content="w " * 90, store=True).headers["X-Conversation-Id"]
+    response = chat(app, content="w " * 90, conversation_id=cid)
+    assert response.status_code == 200, response.text
+    # The first user message went (the fake drops message by message, vLLM's path by turn).
+    assert not response.json()["choices"][0]["message"]["content"].startswith("2 earlier")
+    alone = chat(app, content="w " * 500, conversation_id=cid)
+    assert alone.status_code == 400
+    assert app.client.get(f"/conversations/{cid}").json()["message_count"] == 4
+
+
+def test_a_failed_first_turn_leaves_no_conversation(app: App) -> None:
+    before = app.client.get("/conversations").json()["total"]
+    for stream in (False, True):
+        assert chat(app, model="gpt-4", store=True, stream=stream).status_code == 404
+        failed = chat(app, content="say:one FAIL", store=True, stream=stream)
+        if stream:
+            events = sse_events(failed.text)
+            assert "error" in events[-2] and events[-1] == "[DONE]"
+    assert app.client.get("/conversations").json()["total"] == before + 0
 
 
 def test_engine_outage_is_503_in_openai_format(app: App) -> None:
@@ -258,16 +201,7 @@ def test_engine_outage_is_503_in_openai_format(app: App) -> None:
         assert response.status_code == 503
         assert response.headers["Retry-After"]
         assert response.json()["error"]["type"] == "service_unavailable_error"
-
-
-def test_prompt_too_long_is_400_also_when_streaming(app: App) -> None:
-    for stream in (False, True):
-        response = chat(app, content="w " * 500, stream=stream)
-        assert response.status_code == 400
-        assert response.json()["error"]["param"] == "messages"
-    raw = app.client.post("/v1/completions", json={"prompt": "w " * 500, "stream": True})
-    assert raw.status_code == 400
-    assert raw.json()["error"]["param"] == "prompt"
+    assert app.client.get("/v1/models").status_code == 503
 
 
 def test_unknown_v1_routes_and_methods_answer_in_openai_body(app: App) -> None:

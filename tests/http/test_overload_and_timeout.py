@@ -37,6 +37,10 @@ class FullQueueHandle:
     def generate(self) -> FullQueueHandle:
         return self
 
+    @property
+    def openai(self) -> FullQueueHandle:
+        return self
+
     async def remote(self, request: Any) -> AsyncIterator[GenerationChunk]:
         raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
         yield GenerationChunk()  # pragma: no cover  (makes this an async generator)
@@ -102,7 +106,9 @@ def test_a_stuck_generation_ends_with_a_timeout(redis_server: RedisServer) -> No
         assert slow.cancelled == 1  # the engine request was stopped, not left running
         assert slow.running == 0
         assert client.get("/conversations").json()["total"] == conversations
-        streamed = client.post("/v1/completions", json={"prompt": "go", "stream": True})
+        streamed = client.post(
+            "/v1/completions", json={"prompt": "go on and on and on", "stream": True}
+        )
         assert streamed.status_code == 200  # the first token came in time; then it stopped
         events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
         assert "timeout_error" in events[-2] and "REQUEST_TIMEOUT_S" in events[-2]

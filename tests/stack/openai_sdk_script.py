@@ -128,7 +128,64 @@ def run_sync(client: OpenAI) -> str:
         raise AssertionError("temperature=-3 accepted")
     except openai.BadRequestError as error:
         report("temperature=-3", f"BadRequestError {error.status_code}")
+
+    run_tools(client, model)
     return model
+
+
+WEATHER_PARAMS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+
+
+def run_tools(client: OpenAI, model: str) -> None:
+    """A named tool call in a stored conversation, then the conversation goes on."""
+    import json
+
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The current weather in a city",
+                "parameters": WEATHER_PARAMS,
+                "strict": True,
+            },
+        }
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=120,
+        temperature=0,
+        extra_body={"store": True},
+    )
+    conversation_id = raw.headers["x-conversation-id"]
+    message = raw.parse().choices[0].message
+    assert message.tool_calls, message
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather", call
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER_PARAMS)
+    report("named tool_choice", f"{call.function.name}({arguments})")
+
+    after = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}],
+        tools=tools,
+        max_tokens=30,
+        temperature=0,
+        extra_body={"conversation_id": conversation_id},
+    )
+    assert after.choices[0].message.content, after
+    # vLLM's usage counts the whole prompt: the stored question and tool call came along.
+    assert after.usage is not None and after.usage.prompt_tokens > 40, after.usage
+    report("tool message in a stored conversation", repr(after.choices[0].message.content))
 
 
 async def run_async(base_url: str, model: str, streams: int) -> None:

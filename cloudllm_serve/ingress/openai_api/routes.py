@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from cloudllm_serve.errors import ModelNotFoundError
 from cloudllm_serve.ingress.errors import documented_errors
 from cloudllm_serve.ingress.openai_api.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
+    CHAT_BODY_DOC,
+    COMPLETION_BODY_DOC,
     OpenAIErrorBody,
+    request_body_doc,
 )
-from cloudllm_serve.ingress.openai_api.serving import CompletionCall
+from cloudllm_serve.ingress.openai_api.serving import (
+    BadBody,
+    CompletionCall,
+    bad_body_response,
+    read_json_body,
+)
 from cloudllm_serve.ingress.seed_api.routes import Admitted, Context, Service
-from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
+from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.ingress.sse import SSE_MEDIA_TYPE
 
 router = APIRouter(prefix="/v1")
 
@@ -37,49 +42,53 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _model_card(service: Any) -> ModelCard:
-    settings = service.settings
-    return ModelCard(
-        id=settings.model_name,
-        created=int(service.started_at_unix),
-        max_model_len=settings.VLLM_MAX_MODEL_LEN,
-    )
+@router.get("/models", responses=OPENAI_ERRORS)
+async def list_models(service: Service, _: Admitted) -> JSONResponse:
+    """The served model, as vLLM lists it."""
+    return JSONResponse(await service.engine.models())
 
 
-@router.get("/models", response_model=ModelList)
-async def list_models(service: Service, _: Admitted) -> ModelList:
-    """The served model."""
-    return ModelList(data=[_model_card(service)])
+@router.get("/models/{model_id:path}", responses=OPENAI_ERRORS)
+async def get_model(model_id: str, service: Service, _: Admitted) -> JSONResponse:
+    """One served model by id (an extension: vllm serve lists models only)."""
+    listed = await service.engine.models()
+    for card in listed.get("data", []):
+        if card.get("id") == model_id:
+            return JSONResponse(card)
+    raise ModelNotFoundError(model_id)
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard, responses=OPENAI_ERRORS)
-async def get_model(model_id: str, service: Service, _: Admitted) -> ModelCard:
-    """One served model by id."""
-    if model_id != service.settings.model_name:
-        raise ModelNotFoundError(model_id)
-    return _model_card(service)
+async def _complete(
+    request: Request, service: CloudLLMService, context: Any, kind: Literal["chat", "completion"]
+) -> Response:
+    try:
+        body = await read_json_body(request)
+    except BadBody as error:
+        return bad_body_response(error)
+    call = await CompletionCall.prepare(service, kind, body, context)
+    return await call.respond()
 
 
-async def _answer(call: CompletionCall) -> Any:
-    if call.request.stream:
-        events = await call.start_events()
-        return StreamingResponse(
-            events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **call.headers}
-        )
-    return JSONResponse(await call.run(), headers=call.headers)
+@router.post(
+    "/chat/completions",
+    responses={**OPENAI_ERRORS, **STREAM_DOC},
+    openapi_extra=request_body_doc(CHAT_BODY_DOC),
+)
+async def chat_completions(request: Request, service: Service, context: Context) -> Response:
+    """Chat completion, answered by vLLM's own OpenAI serving layer.
 
-
-@router.post("/chat/completions", responses={**OPENAI_ERRORS, **STREAM_DOC})
-async def chat_completions(body: ChatCompletionRequest, service: Service, context: Context) -> Any:
-    """Chat completion; ``conversation_id`` continues a stored conversation, ``store`` starts one.
-
-    The conversation id comes back in the ``X-Conversation-Id`` header (and in the
-    body's ``conversation_id`` when not streaming).
+    ``conversation_id`` continues a stored conversation (send only the new messages),
+    ``store`` starts one; its id comes back in the ``X-Conversation-Id`` header (and in
+    the body's ``conversation_id`` when not streaming).
     """
-    return await _answer(await CompletionCall.for_chat(service, body, context))
+    return await _complete(request, service, context, "chat")
 
 
-@router.post("/completions", responses={**OPENAI_ERRORS, **STREAM_DOC})
-async def completions(body: CompletionRequest, service: Service, context: Context) -> Any:
-    """Text completion of a raw prompt (text or token ids), no chat template."""
-    return await _answer(await CompletionCall.for_completion(service, body, context))
+@router.post(
+    "/completions",
+    responses={**OPENAI_ERRORS, **STREAM_DOC},
+    openapi_extra=request_body_doc(COMPLETION_BODY_DOC),
+)
+async def completions(request: Request, service: Service, context: Context) -> Response:
+    """Text completion of a raw prompt, answered by vLLM's own OpenAI serving layer."""
+    return await _complete(request, service, context, "completion")

@@ -1,62 +1,141 @@
-"""Chat and text completions in OpenAI's wire format over :class:`CloudLLMService`.
+"""``/v1/chat/completions`` and ``/v1/completions``: vLLM's serving layer, plus conversations.
 
-Responses are built as plain dicts (no model validation on the way out): the shape is
-fixed here and covered by the tests, and the hot path stays cheap.
+The body goes to an engine replica as the client sent it, and vLLM's own OpenAI
+serving classes validate and answer it there (:mod:`cloudllm_serve.engine.openai_serving`),
+so ``/v1`` accepts and answers what ``vllm serve`` does. The ingress reads only what it
+needs besides: our own fields (``conversation_id``, ``store``), rough sizes for the
+tenant's rate limits, and the answer's usage. A stored conversation's history is put in
+front of ``messages``; the answer's message (tool calls included) is stored after it.
+
+A stateless stream is relayed string by string: nothing is decoded per token here.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloudllm_serve.conversations.store import StoredMessage
-from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
-from cloudllm_serve.errors import CloudLLMError, InvalidRequestError, ModelNotFoundError
+from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
+from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, InvalidRequestError
 from cloudllm_serve.ingress.context import RequestContext
-from cloudllm_serve.ingress.errors import openai_error
-from cloudllm_serve.ingress.openai_api.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingFields,
-)
+from cloudllm_serve.ingress.errors import openai_error, openai_http_error
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
-    CompletionBuilder,
     ConversationTurn,
-    check_json_schema,
+    affinity_key,
+    close_stream,
 )
-from cloudllm_serve.ingress.sse import DONE, sse_event
+from cloudllm_serve.ingress.sse import DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 
 CONVERSATION_HEADER = "X-Conversation-Id"
+#: Longest ``conversation_id`` accepted (ids we make are 32 hex characters).
+MAX_CONVERSATION_ID_CHARS = 128
+
+
+class BadBody(Exception):
+    """A body vLLM's server would refuse before validating it (400 ``Bad Request``)."""
+
+
+async def read_json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, or :class:`BadBody` as ``vllm serve`` words it."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise BadBody("Unsupported Media Type: Only 'application/json' is allowed")
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadBody(f"JSON decode error: {error}") from None
+    if not isinstance(body, dict):
+        raise BadBody("the request body must be a JSON object")
+    return body
+
+
+def bad_body_response(error: BadBody) -> JSONResponse:
+    """The 400 for a :class:`BadBody`."""
+    return JSONResponse(openai_http_error(400, str(error)), status_code=400)
 
 
 class CompletionCall:
-    """One chat or text completion: validated, conversation loaded, ready to run."""
+    """One ``/v1`` chat or text completion: our fields taken out, history put in."""
 
     def __init__(
         self,
         service: CloudLLMService,
-        body: SamplingFields,
-        request: GenerationRequest,
-        *,
-        chat: bool,
+        context: RequestContext,
+        call: OpenAICall,
         turn: ConversationTurn,
         new_messages: list[StoredMessage],
-        context: RequestContext,
     ) -> None:
-        self.context = context
         self.service = service
-        self.body = body
-        self.request = request
-        self.chat = chat
+        self.context = context
+        self.call = call
         self.turn = turn
         self.new_messages = new_messages
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = service.settings.model_name
-        self.prompt_param = "messages" if chat else "prompt"
+
+    @classmethod
+    async def prepare(
+        cls,
+        service: CloudLLMService,
+        kind: Literal["chat", "completion"],
+        body: dict[str, Any],
+        context: RequestContext,
+    ) -> CompletionCall:
+        """Charge the tenant, load (or start) the conversation, build the engine call."""
+        conversation_id = _conversation_id(body.pop("conversation_id", None))
+        store = body.pop("store", False)
+        if not isinstance(store, bool):
+            raise InvalidRequestError("store must be true or false", param="store")
+        n = body.get("n")
+        if kind == "completion" and (conversation_id is not None or store):
+            raise InvalidRequestError(
+                "conversations are kept for chat completions only",
+                param="conversation_id" if conversation_id else "store",
+            )
+        if conversation_id is not None and store:
+            raise InvalidRequestError(
+                "store starts a new conversation; do not combine it with conversation_id",
+                param="store",
+            )
+        stateful = conversation_id is not None or store
+        new_messages: list[StoredMessage] = []
+        if stateful:
+            if n not in (None, 1):
+                raise InvalidRequestError("n must be 1 in a stored conversation", param="n")
+            new_messages = _storable(body.get("messages"))
+        await service.admit(
+            context,
+            prompt_chars=_prompt_chars(body),
+            max_tokens=_max_tokens(body, service) * (n if isinstance(n, int) and n > 0 else 1),
+            stateless=not stateful,
+        )
+        turn = await service.begin_turn(conversation_id, create=store, context=context)
+        droppable = 0
+        if stateful:
+            history = [m.chat_message() for m in turn.history]
+            body["messages"] = [*history, *body["messages"]]
+            droppable = len(history)
+            if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                # The fitting budget; vLLM's own default would take the rest of the context.
+                body["max_tokens"] = service.settings.MAX_TOKENS_CAP
+        messages = body.get("messages") if kind == "chat" else None
+        call = OpenAICall(
+            kind=kind,
+            body=body,
+            request_id=context.request_id or uuid.uuid4().hex,
+            droppable_messages=droppable,
+            collect=turn.conversation_id is not None,
+            affinity_key=_affinity_key(turn.conversation_id, messages),
+            preferred_replica=turn.engine_replica,
+        )
+        return cls(service, context, call, turn, new_messages)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -64,201 +143,182 @@ class CompletionCall:
         cid = self.turn.conversation_id
         return {CONVERSATION_HEADER: cid} if cid else {}
 
-    # Building the call -----------------------------------------------------------
-
-    @staticmethod
-    def _sampling(
-        service: CloudLLMService, body: SamplingFields, max_tokens: int | None
-    ) -> SamplingOptions:
-        if body.model is not None and body.model != service.settings.model_name:
-            raise ModelNotFoundError(body.model)
-        json_schema = None
-        json_object = False
-        if body.response_format is not None and body.response_format.type == "json_schema":
-            assert body.response_format.json_schema is not None
-            json_schema = body.response_format.json_schema.schema_
-            check_json_schema(json_schema, "response_format.json_schema.schema")
-        elif body.response_format is not None and body.response_format.type == "json_object":
-            json_object = True
-        return SamplingOptions(
-            max_tokens=service.clamp_max_tokens(max_tokens),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_sequences,
-            seed=body.seed,
-            n=body.n,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            ignore_eos=body.ignore_eos,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
-
-    @classmethod
-    async def for_chat(
-        cls, service: CloudLLMService, body: ChatCompletionRequest, context: RequestContext
-    ) -> CompletionCall:
-        """Validate a chat request, charge the tenant, load (or start) its conversation."""
-        sampling = cls._sampling(service, body, body.max_completion_tokens or body.max_tokens)
-        now = time.time()
+    async def respond(self) -> Response:
+        """Run the call: a JSON answer, or the stream once its first string is here."""
+        items = aiter(self.service.openai(self.call))
         try:
-            new = [
-                StoredMessage("system" if m.role == "developer" else m.role, m.text(), now)
-                for m in body.messages
-            ]
-        except ValueError as error:
-            raise InvalidRequestError(str(error), param="messages") from None
-        if body.conversation_id is not None and body.n != 1:
-            raise InvalidRequestError("n must be 1 when continuing a conversation", param="n")
-        if body.conversation_id is not None and body.store:
-            raise InvalidRequestError(
-                "store starts a new conversation; do not combine it with conversation_id",
-                param="store",
-            )
-        stateless = body.conversation_id is None and not body.store
-        await service.admit(
-            context,
-            prompt_chars=sum(len(m.content) for m in new),
-            max_tokens=sampling.max_tokens * sampling.n,
-            stateless=stateless,
-        )
-        turn = await service.begin_turn(body.conversation_id, create=body.store, context=context)
-        messages = turn.chat_messages(new)
-        request = GenerationRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            sampling=sampling,
-            messages=messages,
-            stream=body.stream,
-            affinity_key=turn.affinity_key(messages),
-            preferred_replica=turn.engine_replica,
-        )
-        return cls(service, body, request, chat=True, turn=turn, new_messages=new, context=context)
-
-    @classmethod
-    async def for_completion(
-        cls, service: CloudLLMService, body: CompletionRequest, context: RequestContext
-    ) -> CompletionCall:
-        """Validate a text completion request and charge the tenant."""
-        sampling = cls._sampling(service, body, body.max_tokens)
-        prompt = body.single_prompt
-        await service.admit(
-            context,
-            # A token-id prompt: about CHARS_PER_TOKEN characters per id.
-            prompt_chars=len(prompt) if isinstance(prompt, str) else 4 * len(prompt),
-            max_tokens=sampling.max_tokens * sampling.n,
-            stateless=True,
-        )
-        request = GenerationRequest(
-            request_id=f"cmpl-{uuid.uuid4().hex}",
-            sampling=sampling,
-            prompt=prompt,
-            stream=body.stream,
-        )
-        turn = ConversationTurn(None, False, [])
-        return cls(service, body, request, chat=False, turn=turn, new_messages=[], context=context)
-
-    # Running it ------------------------------------------------------------------
-
-    async def run(self) -> dict[str, Any]:
-        """The whole answer as one response body."""
-        try:
-            completion = await self.service.collect(self.request, prompt_param=self.prompt_param)
-            self.context.record_usage(
-                completion.final.prompt_tokens, sum(completion.completion_tokens)
-            )
-            if self.turn.conversation_id is not None:
-                await self.service.finish_turn(self.turn, self.new_messages, completion)
+            first = await anext(items)
+        except StopAsyncIteration:
+            await self.service.abandon_turn(self.turn)
+            raise EngineUnavailableError("the engine ended the call without an answer") from None
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        choices = []
-        for index, text in enumerate(completion.texts):
-            choice: dict[str, Any] = {
-                "index": index,
-                "logprobs": None,
-                "finish_reason": completion.finish_reasons[index],
-            }
-            if self.chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            choices.append(choice)
-        body = self._envelope("chat.completion" if self.chat else "text_completion")
-        body["choices"] = choices
-        body["usage"] = _usage(completion.final, sum(completion.completion_tokens))
+        if isinstance(first, OpenAIAnswer):
+            await close_stream(items)
+            return await self._whole(first)
+        if not isinstance(first, str):
+            await self.service.abandon_turn(self.turn)
+            raise EngineUnavailableError("the engine sent a stream end before any event")
+        return StreamingResponse(
+            self._events(first, items),
+            media_type=SSE_MEDIA_TYPE,
+            headers={**SSE_HEADERS, **self.headers},
+        )
+
+    async def _whole(self, answer: OpenAIAnswer) -> JSONResponse:
+        body = answer.body
+        if answer.status != 200:
+            await self.service.abandon_turn(self.turn)
+            return JSONResponse(body, status_code=answer.status)
+        usage = body.get("usage") or {}
+        self.context.record_usage(
+            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        )
         if self.turn.conversation_id is not None:
+            try:
+                message = body["choices"][0]["message"]
+                await self._store(message, answer.replica_id)
+            except BaseException:
+                await self.service.abandon_turn(self.turn)
+                raise
             body["conversation_id"] = self.turn.conversation_id
-        return body
+        return JSONResponse(body, headers=self.headers or None)
 
-    async def start_events(self) -> AsyncIterator[bytes]:
-        """Start generating; return the server-sent chunks once the first token is here."""
+    async def _events(self, first: str, items: AsyncIterator[OpenAIItem]) -> AsyncIterator[bytes]:
+        """The engine's SSE strings as they come; the end stores the turn (errors as events)."""
         try:
-            chunks = await self.service.open_stream(self.request, prompt_param=self.prompt_param)
-        except BaseException:
-            await self.service.abandon_turn(self.turn)
-            raise
-        return self._events(chunks)
-
-    async def _events(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
-        """Chunks as OpenAI streams them, then ``data: [DONE]`` (an error event midway)."""
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        started_choices: set[int] = set()
-        builder = CompletionBuilder(self.request.sampling.n)
-        try:
-            async for chunk in chunks:
-                builder.add(chunk)
-                deltas = []
-                for choice in chunk.choices:
-                    if not choice.text and choice.finish_reason is None:
-                        continue
-                    deltas.append(
-                        self._delta(
-                            choice.index, choice.text, choice.finish_reason, started_choices
-                        )
-                    )
-                if deltas:
-                    event = self._envelope(kind)
-                    event["choices"] = deltas
-                    yield sse_event(event)
-            completion = builder.build()
-            self.context.record_usage(
-                completion.final.prompt_tokens, sum(completion.completion_tokens)
-            )
-            if self.turn.conversation_id is not None:
-                await self.service.finish_turn(self.turn, self.new_messages, completion)
+            yield first.encode()
+            async for item in items:
+                if isinstance(item, str):
+                    yield item.encode()
+                elif isinstance(item, OpenAIStreamEnd):
+                    await self._finish_stream(item)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event(openai_error(error))
             yield DONE
-            return
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        if self.body.include_usage:
-            event = self._envelope(kind)
-            event["choices"] = []
-            event["usage"] = _usage(completion.final, sum(completion.completion_tokens))
-            yield sse_event(event)
-        yield DONE
+        finally:
+            await close_stream(items)
 
-    def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+    async def _finish_stream(self, end: OpenAIStreamEnd) -> None:
+        usage = end.usage or {}
+        self.context.record_usage(
+            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        )
+        if self.turn.conversation_id is None:
+            return
+        if end.message is None:  # the stream ended with an error event: nothing to keep
+            await self.service.abandon_turn(self.turn)
+            return
+        await self._store(end.message, end.replica_id)
 
-    def _delta(
-        self, index: int, text: str, finish_reason: str | None, started: set[int]
-    ) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        delta: dict[str, Any] = {"content": text} if text else {}
-        if index not in started:  # the role goes with the first token, as vLLM sends it
-            started.add(index)
-            delta["role"] = "assistant"
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    async def _store(self, message: dict[str, Any], replica_id: str) -> None:
+        answer = StoredMessage(
+            "assistant",
+            message.get("content") or "",
+            time.time(),
+            tool_calls=_tool_calls(message.get("tool_calls")),
+        )
+        await self.service.store_turn(
+            self.turn, [*self.new_messages, answer], engine_replica=replica_id
+        )
 
 
-def _usage(final: GenerationChunk, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": final.prompt_tokens + completion_tokens,
-    }
+def _conversation_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CONVERSATION_ID_CHARS:
+        raise InvalidRequestError(
+            f"conversation_id must be a string of 1 to {MAX_CONVERSATION_ID_CHARS} characters",
+            param="conversation_id",
+        )
+    return value
+
+
+def _storable(messages: Any) -> list[StoredMessage]:
+    """The new messages of a stored conversation, as they will be kept (400 if not storable)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", param="messages")
+    now = time.time()
+    stored = []
+    for index, message in enumerate(messages):
+        param = f"messages.{index}"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError("each message must be an object with a role", param=param)
+        role = "system" if message["role"] == "developer" else message["role"]
+        stored.append(
+            StoredMessage(
+                role,
+                _text(message.get("content"), param),
+                now,
+                tool_calls=_tool_calls(message.get("tool_calls")),
+                tool_call_id=_optional_str(message.get("tool_call_id"), f"{param}.tool_call_id"),
+                name=_optional_str(message.get("name"), f"{param}.name"),
+            )
+        )
+    return stored
+
+
+def _text(content: Any, param: str) -> str:
+    """A message's content as text: a string, or text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise InvalidRequestError(
+                    f"a stored conversation keeps text only; content part '{kind}' is not "
+                    "supported there (send it without conversation_id/store)",
+                    param=f"{param}.content",
+                )
+            parts.append(str(part.get("text") or ""))
+        return "".join(parts)
+    raise InvalidRequestError(
+        "content must be a string or a list of parts", param=f"{param}.content"
+    )
+
+
+def _tool_calls(value: Any) -> list[dict[str, Any]] | None:
+    if not value:
+        return None
+    if not isinstance(value, list) or not all(isinstance(call, dict) for call in value):
+        raise InvalidRequestError("tool_calls must be a list of objects", param="tool_calls")
+    return [dict(call) for call in value]
+
+
+def _optional_str(value: Any, param: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidRequestError(f"{param} must be a string", param=param)
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    """A rough size of the prompt for the rate limiter's estimate (characters)."""
+    prompt = body.get("messages", body.get("prompt"))
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return 4 * len(prompt)  # token ids: about CHARS_PER_TOKEN characters each
+    return len(json.dumps(prompt, ensure_ascii=False, default=str)) if prompt else 0
+
+
+def _max_tokens(body: dict[str, Any], service: CloudLLMService) -> int:
+    """The most tokens the request may generate, for the rate limiter's estimate."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return min(value, service.settings.VLLM_MAX_MODEL_LEN)
+    return service.settings.MAX_TOKENS_CAP
+
+
+def _affinity_key(conversation_id: str | None, messages: Any) -> str | None:
+    if conversation_id is None and not isinstance(messages, list):
+        return None
+    opening = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    return affinity_key(conversation_id, opening)

@@ -142,7 +142,10 @@ async def list_conversations(
 
 
 @router.get(
-    "/conversations/{conversation_id}", response_model=ConversationDetail, responses=ErrorResponses
+    "/conversations/{conversation_id}",
+    response_model=ConversationDetail,
+    response_model_exclude_none=True,
+    responses=ErrorResponses,
 )
 async def get_conversation(
     conversation_id: str, service: Service, context: Admitted
@@ -156,7 +159,14 @@ async def get_conversation(
         updated_at=conversation.updated_at,
         message_count=conversation.message_count,
         messages=[
-            MessageOut(role=m.role, content=m.content, timestamp=m.timestamp)
+            MessageOut(
+                role=m.role,
+                content=m.content,
+                timestamp=m.timestamp,
+                tool_calls=m.tool_calls,
+                tool_call_id=m.tool_call_id,
+                name=m.name,
+            )
             for m in conversation.messages or []
         ],
     )

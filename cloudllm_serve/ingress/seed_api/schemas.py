@@ -122,11 +122,16 @@ class HealthResponse(BaseModel):
 
 
 class MessageOut(BaseModel):
-    """One stored message."""
+    """One stored message; tool fields only on messages that have them (``/v1`` tools)."""
 
     role: str
     content: str
     timestamp: float
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="an assistant's tool calls, in OpenAI's shape"
+    )
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+    name: str | None = None
 
 
 class ConversationSummary(BaseModel):

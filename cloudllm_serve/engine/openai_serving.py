@@ -1,0 +1,278 @@
+"""vLLM's own OpenAI serving layer inside an engine replica.
+
+``/v1/chat/completions`` and ``/v1/completions`` are answered by vLLM's
+``OpenAIServingChat`` and ``OpenAIServingCompletion`` (built by vLLM's own
+``init_app_state``, from the same arguments ``vllm serve`` parses), around this
+replica's ``AsyncLLM``: whatever ``vllm serve`` accepts and answers, we accept and
+answer. What this module adds is what a server-side conversation needs: the stored
+history fitted into the context (oldest turns dropped first), and, after a stream,
+one :class:`~cloudllm_serve.engine.protocol.OpenAIStreamEnd` with the usage and the
+assistant's message, so the ingress never decodes a stateless stream.
+
+Imports vLLM; only :mod:`cloudllm_serve.engine.vllm_engine` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from http import HTTPStatus
+from types import SimpleNamespace
+from typing import Any
+
+from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages
+from cloudllm_serve.engine.protocol import (
+    ChatMessage,
+    OpenAIAnswer,
+    OpenAICall,
+    OpenAIStreamEnd,
+)
+
+logger = logging.getLogger(__name__)
+
+#: What vLLM's usage-only last chunk of a stream holds (and no other chunk does).
+_USAGE_CHUNK_MARK = '"choices":[],'
+
+
+def parse_vllm_args(cli_args: Sequence[str]) -> argparse.Namespace:
+    """``cli_args`` parsed by ``vllm serve``'s own parser (engine and front-end arguments)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+    args: argparse.Namespace = parser.parse_args(list(cli_args))
+    validate_parsed_serve_args(args)
+    return args
+
+
+class OpenAIServer:
+    """vLLM's chat and completion serving classes over one ``AsyncLLM``."""
+
+    def __init__(self, engine: Any, args: argparse.Namespace, max_model_len: int) -> None:
+        self._engine = engine
+        self._args = args
+        self._max_model_len = max_model_len
+        self._state: Any = None
+        # vLLM's exception handlers read only ``request.app.state.args``.
+        self._fake_request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=args)))
+
+    async def start(self) -> None:
+        """Build vLLM's serving objects (``init_app_state``, as ``vllm serve`` does)."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        state = State()
+        tasks = await self._engine.get_supported_tasks()
+        await init_app_state(self._engine, state, self._args, supported_tasks=tasks)
+        self._state = state
+
+    async def answer(self, call: OpenAICall) -> AsyncIterator[str | OpenAIAnswer | OpenAIStreamEnd]:
+        """Run one call: an :class:`OpenAIAnswer`, or a stream's SSE strings then its end."""
+        from pydantic import ValidationError
+
+        request_cls, serving = self._serving(call.kind)
+        body = call.body
+        dropped = 0
+        if serving is None:
+            yield _error_answer(
+                HTTPStatus.NOT_IMPLEMENTED, f"The model does not support the {call.kind} API"
+            )
+            return
+        try:
+            request = request_cls.model_validate(body)
+        except ValidationError as error:
+            yield await self._validation_error(error)
+            return
+        except Exception as error:  # a validator's VLLMValidationError (no ValueError)
+            yield self._error(serving, error)
+            return
+        request.request_id = call.request_id
+        if call.droppable_messages and call.kind == "chat":
+            try:
+                request, dropped = self._fit_history(request, call.droppable_messages)
+            except PromptDoesNotFitError as error:
+                yield _error_answer(
+                    HTTPStatus.BAD_REQUEST,
+                    f"This model's maximum context length is {self._max_model_len} tokens; "
+                    f"the newest message alone takes {error.tokens} prompt tokens and at most "
+                    f"{error.budget} fit beside max_tokens",
+                    param="messages",
+                )
+                return
+        client_wants_usage = bool(
+            request.stream and request.stream_options and request.stream_options.include_usage
+        )
+        if request.stream and not client_wants_usage:
+            from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+            options = request.stream_options or StreamOptions()
+            options.include_usage = True
+            request.stream_options = options
+        try:
+            if call.kind == "chat":
+                result = await serving.create_chat_completion(request, raw_request=None)
+            else:
+                result = await serving.create_completion(request, raw_request=None)
+        except Exception as error:  # vLLM raises some client errors out of create_*
+            yield self._error(serving, error)
+            return
+        if isinstance(result, AsyncIterator):
+            async for item in self._stream(result, call, client_wants_usage, dropped):
+                yield item
+            return
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if isinstance(result, ErrorResponse):
+            yield OpenAIAnswer(int(result.error.code), result.model_dump())
+            return
+        yield OpenAIAnswer(200, result.model_dump(), dropped_messages=dropped)
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` as vLLM answers it."""
+        listed = await self._state.openai_serving_models.show_available_models()
+        return dict(listed.model_dump())
+
+    # Helpers ----------------------------------------------------------------------
+
+    def _serving(self, kind: str) -> tuple[Any, Any]:
+        if kind == "chat":
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+            return ChatCompletionRequest, getattr(self._state, "openai_serving_chat", None)
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        return CompletionRequest, getattr(self._state, "openai_serving_completion", None)
+
+    async def _stream(
+        self, chunks: AsyncIterator[str], call: OpenAICall, client_wants_usage: bool, dropped: int
+    ) -> AsyncIterator[str | OpenAIStreamEnd]:
+        """The SSE strings as vLLM makes them; the usage chunk only if the client asked."""
+        usage: dict[str, Any] | None = None
+        message = _MessageGatherer() if call.collect else None
+        async for chunk in chunks:
+            if _USAGE_CHUNK_MARK in chunk and chunk.startswith("data: {"):
+                decoded = json.loads(chunk[6:])
+                if decoded.get("choices") == [] and "usage" in decoded:
+                    usage = decoded["usage"]
+                    if client_wants_usage:
+                        yield chunk
+                    continue
+            if message is not None:
+                message.add(chunk)
+            yield chunk
+        yield OpenAIStreamEnd(
+            usage=usage,
+            message=message.message() if message is not None else None,
+            dropped_messages=dropped,
+        )
+
+    def _fit_history(self, request: Any, droppable: int) -> tuple[Any, int]:
+        """Drop the oldest stored turns until the prompt and ``max_tokens`` fit."""
+        tokenizer = self._engine.renderer.tokenizer
+        messages: list[ChatMessage] = [dict(m) for m in request.messages]
+        tools = [tool.model_dump() for tool in request.tools] if request.tools else None
+        max_tokens = request.max_completion_tokens or request.max_tokens or 0
+
+        def encode(selected: Sequence[ChatMessage]) -> list[int]:
+            return list(
+                tokenizer.apply_chat_template(
+                    list(selected), tools=tools, add_generation_prompt=True, tokenize=True
+                )
+            )
+
+        try:
+            fitted = fit_messages(messages, encode, self._max_model_len - max_tokens)
+        except PromptDoesNotFitError:
+            raise
+        except Exception:  # a template that cannot render this: leave it to vLLM
+            logger.debug("could not fit history of %s", request.request_id, exc_info=True)
+            return request, 0
+        if fitted.dropped_messages == 0:
+            return request, 0
+        system_count = 0
+        while system_count < len(messages) - 1 and messages[system_count].get("role") == "system":
+            system_count += 1
+        kept = [*messages[:system_count], *messages[system_count + fitted.dropped_messages :]]
+        return request.model_copy(update={"messages": kept}), fitted.dropped_messages
+
+    async def _validation_error(self, error: Any) -> OpenAIAnswer:
+        """A body vLLM's request model refuses: the 400 ``vllm serve`` gives (FastAPI's path)."""
+        from fastapi.exceptions import RequestValidationError
+        from vllm.entrypoints.serve.exception_handling.handlers.validation import (
+            validation_exception_handler,
+        )
+
+        errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in error.errors()]
+        response = await validation_exception_handler(
+            self._fake_request,  # type: ignore[arg-type]
+            RequestValidationError(errors),
+        )
+        return OpenAIAnswer(int(response.status_code), json.loads(bytes(response.body)))
+
+    @staticmethod
+    def _error(serving: Any, error: Exception) -> OpenAIAnswer:
+        """An exception out of vLLM's serving layer, mapped as vLLM's server maps it."""
+        response = serving.create_error_response(error)
+        if response.error.code >= 500:
+            logger.exception("vLLM's serving layer failed", exc_info=error)
+        return OpenAIAnswer(int(response.error.code), response.model_dump())
+
+
+def _error_answer(status: HTTPStatus, message: str, param: str | None = None) -> OpenAIAnswer:
+    """An error in vLLM's body (type: the HTTP phrase, as vLLM's handlers set it)."""
+    return OpenAIAnswer(
+        status.value,
+        {
+            "error": {
+                "message": message,
+                "type": status.phrase,
+                "param": param,
+                "code": status.value,
+            }
+        },
+    )
+
+
+class _MessageGatherer:
+    """The first choice's assistant message, gathered from a chat stream's chunks."""
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._tool_calls: dict[int, dict[str, Any]] = {}
+        self._text: list[str] = []
+
+    def add(self, chunk: str) -> None:
+        """Take in one SSE string."""
+        if not chunk.startswith("data: {"):
+            return
+        choices = json.loads(chunk[6:]).get("choices") or []
+        for choice in choices:
+            if choice.get("index", 0) != 0:
+                continue
+            if "text" in choice:  # a text completion
+                self._text.append(choice.get("text") or "")
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self._content.append(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                slot = self._tool_calls.setdefault(
+                    int(call.get("index", 0)),
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                function = call.get("function") or {}
+                if function.get("name"):
+                    slot["function"]["name"] += function["name"]
+                if function.get("arguments"):
+                    slot["function"]["arguments"] += function["arguments"]
+
+    def message(self) -> dict[str, Any]:
+        """The gathered assistant message (``content`` and, if any, ``tool_calls``)."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content)}
+        if self._tool_calls:
+            message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
+        return message

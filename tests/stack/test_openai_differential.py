@@ -1,0 +1,377 @@
+"""``/v1`` against raw vLLM: the same requests, the same answers.
+
+The test starts vLLM's own OpenAI server (``vllm serve``'s module) with the arguments
+our engine replicas run with (:func:`~cloudllm_serve.engine.vllm_engine.vllm_cli_args`),
+sends every request of :data:`CASES` to it and to the stack, one at a time, and
+compares at temperature 0 (or a fixed seed): texts, token counts, finish reasons, tool
+calls and logprob tokens, the set of JSON keys (ids and timestamps aside), statuses and
+error types.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from benchmarks.compare import RawVllm
+from cloudllm_serve.launcher import load_profile, profile_settings
+from tests.conftest import REPO, Stack
+
+MODEL = "SmolLM2-135M-Instruct"
+HI = [{"role": "user", "content": "Say hello to Bob."}]
+WEATHER_PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": WEATHER_PARAMS,
+            "strict": True,
+        },
+    }
+]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request: ``body`` is JSON (or raw bytes with ``content_type``)."""
+
+    name: str
+    path: str
+    body: dict[str, Any] | bytes | None
+    method: str = "POST"
+    content_type: str = "application/json"
+
+
+def chat(name: str, **body: Any) -> Case:
+    return Case(name, "/v1/chat/completions", {"model": MODEL, "messages": HI, **body})
+
+
+def completion(name: str, **body: Any) -> Case:
+    return Case(name, "/v1/completions", {"model": MODEL, "prompt": "Once upon a time", **body})
+
+
+G = {"temperature": 0, "max_tokens": 12}
+CASES = [
+    chat("chat", **G),
+    chat("chat-stream", stream=True, **G),
+    chat("chat-stream-usage", stream=True, stream_options={"include_usage": True}, **G),
+    chat(
+        "chat-stream-continuous-usage",
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        **G,
+    ),
+    chat("chat-n2", n=2, **G),
+    chat("chat-logprobs", logprobs=True, top_logprobs=3, **G),
+    chat("chat-stream-logprobs", logprobs=True, top_logprobs=2, stream=True, **G),
+    chat("chat-stop", stop=["!", "."], **G),
+    chat("chat-stop-token-ids", stop_token_ids=[28, 30], **G),
+    chat("chat-min-tokens", min_tokens=10, temperature=0, max_tokens=14),
+    chat("chat-repetition-penalty", repetition_penalty=1.4, **G),
+    chat("chat-penalties", presence_penalty=1.0, frequency_penalty=0.5, **G),
+    chat("chat-seeded", temperature=0.9, seed=42, max_tokens=12),
+    chat("chat-top-k-p", top_k=5, top_p=0.5, seed=3, temperature=0.7, max_tokens=12),
+    chat("chat-ignore-eos", ignore_eos=True, **G),
+    chat("chat-max-completion-tokens", temperature=0, max_completion_tokens=6),
+    chat("chat-json-object", response_format={"type": "json_object"}, temperature=0, max_tokens=30),
+    chat(
+        "chat-json-schema",
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+        temperature=0,
+        max_tokens=40,
+    ),
+    chat("chat-structured-choice", structured_outputs={"choice": ["yes", "no"]}, **G),
+    chat("chat-structured-regex", structured_outputs={"regex": "[0-9]{3}"}, **G),
+    chat("chat-template-kwargs", chat_template_kwargs={"add_generation_prompt": True}, **G),
+    chat("chat-echo", echo=True, **G),
+    chat(
+        "chat-system-and-turns",
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+        ],
+        **G,
+    ),
+    chat("tools-none", messages=WEATHER, tools=TOOLS, tool_choice="none", **G),
+    chat(
+        "tools-auto",
+        messages=WEATHER,
+        tools=TOOLS,
+        tool_choice="auto",
+        temperature=0,
+        max_tokens=40,
+    ),
+    chat(
+        "tools-required",
+        messages=WEATHER,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+    ),
+    chat(
+        "tools-named",
+        messages=WEATHER,
+        tools=TOOLS,
+        tool_choice=NAMED,
+        temperature=0,
+        max_tokens=60,
+    ),
+    chat(
+        "tools-named-stream",
+        messages=WEATHER,
+        tools=TOOLS,
+        tool_choice=NAMED,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    ),
+    completion("completion", **G),
+    completion("completion-stream", stream=True, **G),
+    completion("completion-stream-usage", stream=True, stream_options={"include_usage": True}, **G),
+    completion("completion-logprobs", logprobs=2, **G),
+    completion("completion-echo", echo=True, temperature=0, max_tokens=4),
+    completion("completion-token-ids", prompt=[9690, 2399, 253, 655], **G),
+    completion("completion-batch", prompt=["One", "Two"], **G),
+    completion("completion-n2-stream", n=2, stream=True, **G),
+    completion("completion-stop", stop=[","], **G),
+    completion("completion-suffix", suffix="The end.", **G),
+    Case("models", "/v1/models", None, method="GET"),
+    # Bad requests.
+    chat("bad-temperature", temperature="hot"),
+    chat("bad-no-messages", messages=None),
+    chat("chat-custom-role", messages=[{"role": "robot", "content": "Hi"}], **G),
+    chat("bad-messages-not-a-list", messages="hello"),
+    chat("bad-message-without-role", messages=[{"content": "x"}]),
+    chat("bad-model", model="nope", **G),
+    chat("bad-named-tool-without-tools", tool_choice=NAMED, **G),
+    chat("bad-tool-choice-without-tools", tool_choice="auto", **G),
+    chat(
+        "bad-schema-feature",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "n",
+                "schema": {
+                    "type": "object",
+                    "properties": {"x": {"type": "number", "multipleOf": 3}},
+                },
+            },
+        },
+        **G,
+    ),
+    chat("bad-max-tokens-over-context", temperature=0, max_tokens=100_000),
+    chat("bad-max-tokens-over-context-stream", temperature=0, max_tokens=100_000, stream=True),
+    chat("bad-prompt-over-context", messages=[{"role": "user", "content": "hello " * 2100}]),
+    chat("bad-n-zero", n=0, **G),
+    chat("bad-top-logprobs", logprobs=True, top_logprobs=50, **G),
+    completion("bad-oov-token", prompt=[[27381192073]], max_tokens=3),
+    # vLLM reports these two in the stream (status 200, an error event): so do we.
+    completion("bad-oov-token-stream", prompt=[[27381192073]], max_tokens=3, stream=True),
+    chat(
+        "bad-schema-feature-stream",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "n", "schema": {"type": "number", "multipleOf": 3}},
+        },
+        stream=True,
+        **G,
+    ),
+    completion("bad-negative-max-tokens", max_tokens=-1),
+    Case("bad-no-prompt", "/v1/completions", {"model": MODEL, "max_tokens": 3}),
+    Case("bad-json", "/v1/chat/completions", b'{"messages": ['),
+    Case("bad-content-type", "/v1/chat/completions", b"{}", content_type="text/plain"),
+    Case("bad-method", "/v1/chat/completions", None, method="GET"),
+    Case("bad-route", "/v1/nope", {}),
+]
+
+#: Where vllm serve answers FastAPI's ``{"detail": ...}`` body, we answer OpenAI's error
+#: body (every ``/v1`` error in OpenAI's shape); only the status must match there.
+OPENAI_BODY_WHERE_VLLM_HAS_NONE = {"bad-method", "bad-route"}
+
+#: Keys whose values differ between any two servers (ids, clocks, paths).
+VOLATILE = {"id", "created", "root", "system_fingerprint"}
+
+
+ERROR_KEYS = {".error", ".error.message", ".error.type", ".error.param", ".error.code"}
+
+
+@dataclass
+class Answer:
+    """What a server answered, reduced to what must match."""
+
+    status: int
+    error_type: str | None
+    keys: set[str]
+    outcome: dict[str, Any]
+
+
+def send(base_url: str, case: Case) -> Answer:
+    kwargs: dict[str, Any] = {"timeout": 300}
+    if isinstance(case.body, bytes):
+        kwargs["data"] = case.body
+        kwargs["headers"] = {"Content-Type": case.content_type}
+    elif case.body is not None:
+        kwargs["json"] = {k: v for k, v in case.body.items() if v is not None}
+    response = requests.request(case.method, base_url + case.path, **kwargs)
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        chunks = [
+            json.loads(block[6:])
+            for block in response.text.split("\n\n")
+            if block.startswith("data: {")
+        ]
+        errors = [chunk["error"].get("type") for chunk in chunks if "error" in chunk]
+        return Answer(
+            response.status_code,
+            errors[0] if errors else None,
+            key_paths(chunks),
+            stream_outcome(chunks),
+        )
+    body = response.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    if error is not None:
+        kind = error.get("type") if isinstance(error, dict) else str(error)
+        return Answer(response.status_code, kind, key_paths(body), {})
+    return Answer(response.status_code, None, key_paths(body), whole_outcome(body))
+
+
+def key_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every JSON key path in ``value`` (list positions collapsed to ``[]``)."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}"
+            paths.add(path)
+            if key not in ("top_logprobs", "logprobs") or not isinstance(item, dict):
+                paths |= key_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= key_paths(item, prefix + "[]")
+    return paths
+
+
+def whole_outcome(body: dict[str, Any]) -> dict[str, Any]:
+    """Texts, finish reasons, tool calls, logprob tokens and usage of a JSON answer."""
+    if body.get("object") == "list":
+        return {"models": [m["id"] for m in body["data"]]}
+    if "choices" not in body:
+        return {"body": body}
+    choices = []
+    for choice in body["choices"]:
+        message = choice.get("message") or {}
+        calls = [
+            (c["function"]["name"], c["function"]["arguments"])
+            for c in message.get("tool_calls") or []
+        ]
+        choices.append(
+            {
+                "text": choice.get("text", message.get("content")),
+                "finish_reason": choice.get("finish_reason"),
+                "tool_calls": calls,
+                "logprob_tokens": logprob_tokens(choice.get("logprobs")),
+            }
+        )
+    return {"choices": choices, "usage": body.get("usage")}
+
+
+def stream_outcome(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same as :func:`whole_outcome`, gathered from a stream's chunks."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, Any] = {}
+    tokens: dict[int, list[str]] = {}
+    calls: dict[int, str] = {}
+    usage = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            index = choice["index"]
+            delta = choice.get("delta") or {}
+            texts[index] = texts.get(index, "") + (choice.get("text") or delta.get("content") or "")
+            reasons[index] = choice.get("finish_reason") or reasons.get(index)
+            tokens.setdefault(index, []).extend(logprob_tokens(choice.get("logprobs")))
+            for call in delta.get("tool_calls") or []:
+                function = call.get("function") or {}
+                calls[index] = (
+                    calls.get(index, "")
+                    + (function.get("name") or "")
+                    + (function.get("arguments") or "")
+                )
+    return {
+        "texts": texts,
+        "finish_reasons": reasons,
+        "logprob_tokens": tokens,
+        "tool_calls": calls,
+        "usage": usage[-1:],
+    }
+
+
+def logprob_tokens(logprobs: Any) -> list[str]:
+    if not logprobs:
+        return []
+    if "content" in logprobs:  # chat
+        return [entry["token"] for entry in logprobs["content"] or []]
+    return list(logprobs.get("tokens") or [])  # completions
+
+
+@pytest.fixture(scope="module")
+def raw_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's own OpenAI server with our engine replicas' arguments."""
+    settings = profile_settings(load_profile(REPO / "deployments" / "cpu.yaml"))
+    server = RawVllm("raw-vllm", settings, tmp_path_factory.mktemp("raw-vllm"))
+    server.start()
+    try:
+        server.wait_ready(timeout_s=600)
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+def test_the_table_is_big_enough() -> None:
+    bad = [case for case in CASES if case.name.startswith("bad-")]
+    assert len(CASES) >= 40 and len(bad) >= 10
+    assert len({case.name for case in CASES}) == len(CASES)
+
+
+def test_v1_answers_as_raw_vllm_does(stack: Stack, raw_vllm: str, tmp_path: Path) -> None:
+    differences = []
+    for case in CASES:
+        ours, theirs = send(stack.base_url, case), send(raw_vllm, case)
+        if case.name in OPENAI_BODY_WHERE_VLLM_HAS_NONE:
+            if ours.status != theirs.status or ours.keys != ERROR_KEYS:
+                differences.append(f"{case.name}: ours {ours!r} vs vLLM {theirs!r}")
+            continue
+        volatile = {k for k in ours.keys | theirs.keys if k.rsplit(".", 1)[-1] in VOLATILE}
+        checks = {
+            "status": (ours.status, theirs.status),
+            "error type": (ours.error_type, theirs.error_type),
+            "keys": (sorted(ours.keys - volatile), sorted(theirs.keys - volatile)),
+            "outcome": (ours.outcome, theirs.outcome),
+        }
+        for what, (mine, raw) in checks.items():
+            if mine != raw:
+                differences.append(f"{case.name}: {what}: ours {mine!r} vs vLLM {raw!r}")
+        if case.name.startswith("bad-") and ours.status >= 500:
+            differences.append(f"{case.name}: a client error answered {ours.status}")
+    (tmp_path / "differences.txt").write_text("\n".join(differences))
+    assert not differences, "\n".join(differences)

@@ -22,7 +22,7 @@ from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
-from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages
+from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages, kept_messages
 from cloudllm_serve.engine.protocol import (
     ChatMessage,
     OpenAIAnswer,
@@ -191,10 +191,7 @@ class OpenAIServer:
             return request, 0
         if fitted.dropped_messages == 0:
             return request, 0
-        system_count = 0
-        while system_count < len(messages) - 1 and messages[system_count].get("role") == "system":
-            system_count += 1
-        kept = [*messages[:system_count], *messages[system_count + fitted.dropped_messages :]]
+        kept = kept_messages(messages, fitted.dropped_messages)
         return request.model_copy(update={"messages": kept}), fitted.dropped_messages
 
     async def _validation_error(self, error: Any) -> OpenAIAnswer:

@@ -31,6 +31,20 @@ class FittedPrompt:
     dropped_messages: int
 
 
+def leading_system_count(messages: Sequence[ChatMessage]) -> int:
+    """How many system messages lead ``messages`` (the last message never counts)."""
+    count = 0
+    while count < len(messages) - 1 and messages[count].get("role") == "system":
+        count += 1
+    return count
+
+
+def kept_messages(messages: Sequence[ChatMessage], dropped: int) -> list[ChatMessage]:
+    """``messages`` less the ``dropped`` oldest history ones (as :func:`fit_messages` counts)."""
+    head = leading_system_count(messages)
+    return [*messages[:head], *messages[head + dropped :]]
+
+
 def fit_messages(messages: Sequence[ChatMessage], encode: Encoder, budget: int) -> FittedPrompt:
     """Encode ``messages`` into at most ``budget`` tokens by dropping the oldest turns.
 
@@ -45,9 +59,7 @@ def fit_messages(messages: Sequence[ChatMessage], encode: Encoder, budget: int) 
     """
     if not messages:
         raise ValueError("messages must not be empty")
-    system_count = 0
-    while system_count < len(messages) - 1 and messages[system_count].get("role") == "system":
-        system_count += 1
+    system_count = leading_system_count(messages)
     head = list(messages[:system_count])
     history = list(messages[system_count:-1])
     newest = messages[-1]

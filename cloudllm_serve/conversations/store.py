@@ -8,6 +8,9 @@ so a lookup made for one tenant cannot reach another tenant's keys):
   ``engine_replica`` (the engine replica that answered the last turn: its prefix cache
   holds the conversation, see :mod:`cloudllm_serve.engine.routing`)
 * ``{p}conv:{id}:messages`` list of JSON messages, oldest first
+* ``{p}conv:{id}:images``   hash: SHA-256 of an image → the image as a data URL. Each
+  image a conversation was shown is kept once, however many messages show it; a
+  message names its images by digest (``images``)
 * ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
 
 With a retention (``ttl_s`` > 0, ``CONVERSATION_TTL_S``) every write sets the keys of
@@ -32,7 +35,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,7 +52,11 @@ _APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
+local images = tonumber(ARGV[5])
+for i = 0, images - 1 do
+  redis.call('HSETNX', KEYS[4], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 6 + 2 * images))
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'engine_replica', ARGV[3])
@@ -60,6 +67,9 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('EXPIRE', KEYS[4], ttl)
+  end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[1]) - ttl))
 end
 return 1
@@ -85,6 +95,8 @@ class StoredMessage:
 
     An assistant's ``tool_calls`` and a ``tool`` message's ``tool_call_id`` (and
     ``name``) are kept, in OpenAI's shapes, so a later turn shows the model its calls.
+    ``images`` are the digests of the images the message showed, in order (shown
+    before its text); the images themselves are kept once per conversation.
     """
 
     role: str
@@ -93,6 +105,7 @@ class StoredMessage:
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    images: list[str] | None = None
 
     def to_json(self) -> str:
         """Serialise for Redis."""
@@ -101,7 +114,7 @@ class StoredMessage:
             "content": self.content,
             "timestamp": self.timestamp,
         }
-        for key in ("tool_calls", "tool_call_id", "name"):
+        for key in ("tool_calls", "tool_call_id", "name", "images"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return json.dumps(data, ensure_ascii=False)
@@ -117,11 +130,25 @@ class StoredMessage:
             tool_calls=data.get("tool_calls"),
             tool_call_id=data.get("tool_call_id"),
             name=data.get("name"),
+            images=data.get("images"),
         )
 
-    def chat_message(self) -> dict[str, Any]:
-        """The message as a chat request carries it (no timestamp)."""
-        message: dict[str, Any] = {"role": self.role, "content": self.content}
+    def chat_message(self, images: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The message as a chat request carries it (no timestamp).
+
+        A message with images gets OpenAI's content parts: an ``image_url`` part per
+        image (its data URL from ``images``, digest → URL), then the text.
+        """
+        content: Any = self.content
+        if self.images:
+            known = images or {}
+            content = [
+                {"type": "image_url", "image_url": {"url": known[digest]}}
+                for digest in self.images
+                if digest in known
+            ]
+            content.append({"type": "text", "text": self.content})
+        message: dict[str, Any] = {"role": self.role, "content": content}
         for key in ("tool_calls", "tool_call_id", "name"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
@@ -138,6 +165,8 @@ class Conversation:
     message_count: int
     messages: list[StoredMessage] | None = None
     engine_replica: str | None = None
+    #: The conversation's images (digest → data URL), when asked for.
+    images: dict[str, str] | None = None
 
 
 @dataclass
@@ -212,6 +241,9 @@ class ConversationStore:
     def _messages_key(self, conversation_id: str) -> str:
         return f"{self._prefix}conv:{conversation_id}:messages"
 
+    def _images_key(self, conversation_id: str) -> str:
+        return f"{self._prefix}conv:{conversation_id}:images"
+
     @property
     def _index_key(self) -> str:
         return f"{self._prefix}conversations"
@@ -252,10 +284,12 @@ class ConversationStore:
         messages: Sequence[StoredMessage],
         *,
         engine_replica: str | None = None,
+        images: Mapping[str, str] | None = None,
     ) -> None:
         """Append messages atomically; 404 error when the conversation was deleted.
 
-        ``engine_replica`` (which engine replica answered) is recorded with them.
+        ``engine_replica`` (which engine replica answered) is recorded with them;
+        ``images`` (digest → data URL) the messages show are kept, each once.
         """
         if not messages:
             return
@@ -264,29 +298,35 @@ class ConversationStore:
             self._meta_key(conversation_id),
             self._messages_key(conversation_id),
             self._index_key,
+            self._images_key(conversation_id),
         ]
+        pairs = [item for pair in (images or {}).items() for item in pair]
         args: list[Any] = [
             now,
             conversation_id,
             engine_replica or "",
             self.ttl_s,
+            len(pairs) // 2,
+            *pairs,
             *(m.to_json() for m in messages),
         ]
         appended = await self._call(lambda: self._append(keys=keys, args=args))
         if not appended:
             raise ConversationNotFoundError(conversation_id)
 
-    async def get(self, conversation_id: str) -> Conversation:
-        """One conversation with all its messages."""
+    async def get(self, conversation_id: str, *, with_images: bool = False) -> Conversation:
+        """One conversation with all its messages (and its images, when asked)."""
 
-        async def run() -> tuple[dict[str, str], list[str]]:
+        async def run() -> tuple[dict[str, str], list[str], dict[str, str] | None]:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._meta_key(conversation_id))
                 pipe.lrange(self._messages_key(conversation_id), 0, -1)
-                meta, raw = await pipe.execute()
-            return meta, raw
+                if with_images:
+                    pipe.hgetall(self._images_key(conversation_id))
+                replies = await pipe.execute()
+            return replies[0], replies[1], replies[2] if with_images else None
 
-        meta, raw = await self._call(run)
+        meta, raw, images = await self._call(run)
         if not meta:
             raise ConversationNotFoundError(conversation_id)
         messages = [StoredMessage.from_json(item) for item in raw]
@@ -297,6 +337,7 @@ class ConversationStore:
             message_count=len(messages),
             messages=messages,
             engine_replica=meta.get("engine_replica") or None,
+            images=images,
         )
 
     async def list_page(
@@ -343,8 +384,9 @@ class ConversationStore:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._meta_key(conversation_id))
                 pipe.delete(self._messages_key(conversation_id))
+                pipe.delete(self._images_key(conversation_id))
                 pipe.zrem(self._index_key, conversation_id)
-                deleted, _, _ = await pipe.execute()
+                deleted, _, _, _ = await pipe.execute()
             return int(deleted)
 
         if not await self._call(run):

@@ -22,7 +22,13 @@ from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
-from cloudllm_serve.engine.prompt import PromptDoesNotFitError, fit_messages, kept_messages
+from cloudllm_serve.engine.prompt import (
+    Encoded,
+    PromptDoesNotFitError,
+    count_images,
+    fit_messages,
+    kept_messages,
+)
 from cloudllm_serve.engine.protocol import (
     ChatMessage,
     OpenAIAnswer,
@@ -50,10 +56,18 @@ def parse_vllm_args(cli_args: Sequence[str]) -> argparse.Namespace:
 class OpenAIServer:
     """vLLM's chat and completion serving classes over one ``AsyncLLM``."""
 
-    def __init__(self, engine: Any, args: argparse.Namespace, max_model_len: int) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        args: argparse.Namespace,
+        max_model_len: int,
+        *,
+        images_per_prompt: int | None = None,
+    ) -> None:
         self._engine = engine
         self._args = args
         self._max_model_len = max_model_len
+        self._images_per_prompt = images_per_prompt
         self._state: Any = None
         # vLLM's exception handlers read only ``request.app.state.args``.
         self._fake_request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=args)))
@@ -91,7 +105,7 @@ class OpenAIServer:
         request.request_id = call.request_id
         if call.droppable_messages and call.kind == "chat":
             try:
-                request, dropped = self._fit_history(request, call.droppable_messages)
+                request, dropped = await self._fit_history(request, call.droppable_messages)
             except PromptDoesNotFitError as error:
                 yield _error_answer(
                     HTTPStatus.BAD_REQUEST,
@@ -128,6 +142,36 @@ class OpenAIServer:
             yield OpenAIAnswer(int(result.error.code), result.model_dump())
             return
         yield OpenAIAnswer(200, result.model_dump(), dropped_messages=dropped)
+
+    async def encode_chat(
+        self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> Encoded:
+        """``messages`` rendered by vLLM's chat renderer, as the engine will see them.
+
+        Images are decoded and their placeholders widened to the image's token count
+        (vLLM's own count); the result's ``engine_input`` can be handed to the engine.
+        """
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMValidationError
+
+        request = ChatCompletionRequest.model_validate(
+            {"messages": list(messages), "tools": tools, "max_tokens": 1}
+        )
+        # Past vLLM's multimodal sender cache: it would mark these images as held by the
+        # engine core, which never sees the renderings that fitting tries and discards.
+        renderer = self._state.openai_serving_chat.online_renderer
+        try:
+            result = await renderer.render_chat(request, skip_mm_cache=True)
+        except VLLMValidationError as error:
+            if error.parameter == "input_tokens" and isinstance(error.value, int):
+                return Encoded([], too_long=error.value)  # longer than the whole context
+            raise
+        if isinstance(result, ErrorResponse):
+            raise ValueError(result.error.message)
+        _, engine_inputs = result
+        engine_input = engine_inputs[0]
+        return Encoded(list(engine_input["prompt_token_ids"]), engine_input)
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models`` as vLLM answers it."""
@@ -168,22 +212,32 @@ class OpenAIServer:
             dropped_messages=dropped,
         )
 
-    def _fit_history(self, request: Any, droppable: int) -> tuple[Any, int]:
-        """Drop the oldest stored turns until the prompt and ``max_tokens`` fit."""
+    async def _fit_history(self, request: Any, droppable: int) -> tuple[Any, int]:
+        """Drop the oldest stored turns until the prompt (images too) and ``max_tokens`` fit."""
         tokenizer = self._engine.renderer.tokenizer
         messages: list[ChatMessage] = [dict(m) for m in request.messages]
         tools = [tool.model_dump() for tool in request.tools] if request.tools else None
         max_tokens = request.max_completion_tokens or request.max_tokens or 0
+        with_images = count_images(messages) > 0
 
-        def encode(selected: Sequence[ChatMessage]) -> list[int]:
-            return list(
-                tokenizer.apply_chat_template(
-                    list(selected), tools=tools, add_generation_prompt=True, tokenize=True
+        async def encode(selected: Sequence[ChatMessage]) -> Encoded:
+            if with_images:  # only vLLM's renderer knows an image's token count
+                return await self.encode_chat(selected, tools)
+            return Encoded(
+                list(
+                    tokenizer.apply_chat_template(
+                        list(selected), tools=tools, add_generation_prompt=True, tokenize=True
+                    )
                 )
             )
 
         try:
-            fitted = fit_messages(messages, encode, self._max_model_len - max_tokens)
+            fitted = await fit_messages(
+                messages,
+                encode,
+                self._max_model_len - max_tokens,
+                max_images=self._images_per_prompt if with_images else None,
+            )
         except PromptDoesNotFitError:
             raise
         except Exception:  # a template that cannot render this: leave it to vLLM

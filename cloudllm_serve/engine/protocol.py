@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-ChatMessage = dict[str, str]
+#: An OpenAI-style chat message: ``role``, ``content`` (a string, or a list of parts such
+#: as ``{"type": "image_url", "image_url": {"url": "data:..."}}``), maybe tool fields.
+ChatMessage = dict[str, Any]
 EngineErrorKind = Literal["prompt_too_long", "invalid_request", "engine_failure"]
 
 
@@ -109,6 +111,16 @@ class OpenAIStreamEnd:
 
 #: What an engine replica's ``openai`` method yields.
 OpenAIItem = str | OpenAIAnswer | OpenAIStreamEnd
+
+
+@dataclass(frozen=True)
+class EngineModelInfo:
+    """What the served model can take (asked once per ingress replica)."""
+
+    model_name: str
+    #: Whether the model takes images (a vision-language model).
+    supports_images: bool
+    max_model_len: int
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,10 @@ class EngineClient(Protocol):
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models`` as vLLM answers it."""
+        ...
+
+    async def model_info(self) -> EngineModelInfo:
+        """What the served model can take."""
         ...
 
     async def fleet(self) -> EngineFleet:

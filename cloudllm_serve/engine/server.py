@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import (
+    EngineModelInfo,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
@@ -70,6 +71,10 @@ class EngineBackend(Protocol):
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models`` as vLLM answers it."""
+        ...
+
+    def model_info(self) -> EngineModelInfo:
+        """What the served model can take."""
         ...
 
     def stats(self) -> EngineStats:
@@ -125,6 +130,10 @@ class EngineServer:
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models`` as vLLM answers it."""
         return await self._backend.models()
+
+    async def model_info(self) -> EngineModelInfo:
+        """What the served model can take."""
+        return self._backend.model_info()
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's live :class:`EngineStats`, as a dict.

@@ -14,11 +14,18 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cloudllm_serve.engine.gpu import GpuMonitor
-from cloudllm_serve.engine.prompt import FittedPrompt, PromptDoesNotFitError, fit_messages
+from cloudllm_serve.engine.prompt import (
+    Encoded,
+    FittedPrompt,
+    PromptDoesNotFitError,
+    count_images,
+    fit_messages,
+)
 from cloudllm_serve.engine.protocol import (
     ChatMessage,
     ChoiceDelta,
     EngineError,
+    EngineModelInfo,
     EngineStats,
     GenerationChunk,
     GenerationMetrics,
@@ -77,6 +84,10 @@ def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
     return factory
 
 
+#: The one host vLLM's own media fetching may reach: none (``.invalid`` never resolves).
+MEDIA_FETCH_OFF_DOMAIN = "vllm-media-fetching-is-off.invalid"
+
+
 def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
     """The ``AsyncEngineArgs`` keyword arguments that the settings ask for."""
     args: dict[str, Any] = {
@@ -92,7 +103,14 @@ def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
         # Compact JSON under a schema: a small model cannot loop on whitespace until
         # max_tokens and return a truncated object.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        # Images (ignored by a text-only model). vLLM never fetches media itself: the
+        # ingress checks every image and sends it as a data URL; an allowlist no host
+        # matches turns vLLM's own http(s) fetching off (an empty one allows every host).
+        "limit_mm_per_prompt": {"image": settings.VLLM_LIMIT_IMAGES_PER_PROMPT},
+        "allowed_media_domains": [MEDIA_FETCH_OFF_DOMAIN],
     }
+    if settings.VLLM_MM_PROCESSOR_KWARGS:
+        args["mm_processor_kwargs"] = settings.VLLM_MM_PROCESSOR_KWARGS
     if settings.VLLM_KV_CACHE_MEMORY_BYTES is not None:
         args["kv_cache_memory_bytes"] = settings.VLLM_KV_CACHE_MEMORY_BYTES
     if settings.ENGINE_DEVICE == "gpu" and settings.VLLM_TENSOR_PARALLEL_SIZE > 1:
@@ -115,8 +133,10 @@ def vllm_cli_args(settings: Settings) -> list[str]:
                 command.append(flag)
             elif key in _TRUE_BY_DEFAULT:
                 command.append("--no-" + key.replace("_", "-"))
-        elif isinstance(value, (dict, list)):
+        elif isinstance(value, dict):
             command += [flag, json.dumps(value)]
+        elif isinstance(value, list):  # vLLM's list arguments take one value per item
+            command += [flag, *(str(item) for item in value)]
         elif value is not None:
             command += [flag, str(value)]
     if settings.VLLM_TOOL_CALL_PARSER:
@@ -140,6 +160,9 @@ SETTING_OF_ENGINE_ARG = {
     "tensor_parallel_size": "VLLM_TENSOR_PARALLEL_SIZE",
     "enforce_eager": "VLLM_ENFORCE_EAGER",
     "kv_cache_memory_bytes": "VLLM_KV_CACHE_MEMORY_BYTES",
+    "limit_mm_per_prompt": "VLLM_LIMIT_IMAGES_PER_PROMPT",
+    "mm_processor_kwargs": "VLLM_MM_PROCESSOR_KWARGS",
+    "allowed_media_domains": "MEDIA_ALLOWED_DOMAINS (fetched by the ingress, never by vLLM)",
     "distributed_executor_backend": "VLLM_TENSOR_PARALLEL_SIZE and ENGINE_DEVICE",
 }
 
@@ -206,7 +229,12 @@ class VLLMEngine:
             AsyncEngineArgs.from_cli_args(args),
             stat_loggers=[_make_stat_logger_factory(self._snapshot)],
         )
-        self._openai = OpenAIServer(self._engine, args, self._settings.VLLM_MAX_MODEL_LEN)
+        self._openai = OpenAIServer(
+            self._engine,
+            args,
+            self._settings.VLLM_MAX_MODEL_LEN,
+            images_per_prompt=self._settings.VLLM_LIMIT_IMAGES_PER_PROMPT,
+        )
         await self._openai.start()
         self._sampling = (SamplingParams, RequestOutputKind)
         self._started_at = time.monotonic()
@@ -219,18 +247,37 @@ class VLLMEngine:
         """``GET /v1/models`` as vLLM answers it."""
         return await self._openai.models()  # type: ignore[no-any-return]
 
-    def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def model_info(self) -> EngineModelInfo:
+        """What the served model can take (vLLM's model config says)."""
+        return EngineModelInfo(
+            model_name=self._settings.model_name,
+            supports_images=bool(self._engine.model_config.is_multimodal_model),
+            max_model_len=self._settings.VLLM_MAX_MODEL_LEN,
+        )
+
+    async def _encode(self, messages: Sequence[ChatMessage]) -> Encoded:
         tokenizer = self._engine.get_tokenizer()
         text = tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
         )
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return Encoded(list(tokenizer.encode(text, add_special_tokens=False)))
 
-    def _prompt(self, request: GenerationRequest) -> FittedPrompt:
-        """The token ids to generate from; raises ``PromptDoesNotFitError``."""
+    async def _prompt(self, request: GenerationRequest) -> FittedPrompt:
+        """The prompt to generate from; raises ``PromptDoesNotFitError``.
+
+        Messages with images are rendered by vLLM's chat renderer (each image counted
+        as vLLM counts it); text-only ones by the tokenizer's chat template.
+        """
         budget = self._settings.VLLM_MAX_MODEL_LEN - request.sampling.max_tokens
         if request.messages is not None:
-            return fit_messages(request.messages, self._encode, budget)
+            if count_images(request.messages):
+                return await fit_messages(
+                    request.messages,
+                    self._openai.encode_chat,
+                    budget,
+                    max_images=self._settings.VLLM_LIMIT_IMAGES_PER_PROMPT,
+                )
+            return await fit_messages(request.messages, self._encode, budget)
         if isinstance(request.prompt, str):
             token_ids = list(self._engine.get_tokenizer().encode(request.prompt))
         elif request.prompt:
@@ -270,7 +317,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         try:
-            fitted = self._prompt(request)
+            fitted = await self._prompt(request)
             params = self._sampling_params(request)
         except PromptDoesNotFitError as error:
             yield GenerationChunk(
@@ -295,10 +342,9 @@ class VLLMEngine:
         first_token_at: float | None = None
         tokens = 0
         prompt_tokens, dropped = len(fitted.token_ids), fitted.dropped_messages
+        prompt = fitted.engine_input or TokensPrompt(prompt_token_ids=fitted.token_ids)
         try:
-            async for output in self._engine.generate(
-                TokensPrompt(prompt_token_ids=fitted.token_ids), params, request.request_id
-            ):
+            async for output in self._engine.generate(prompt, params, request.request_id):
                 choices = tuple(
                     ChoiceDelta(
                         index=completion.index,

@@ -9,7 +9,7 @@ from cloudllm_serve.ingress.access import AccessMiddleware
 from cloudllm_serve.ingress.audit import AuditLog
 from cloudllm_serve.ingress.docs import install_offline_docs
 from cloudllm_serve.ingress.errors import install_error_handlers
-from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware
+from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware, image_body_limit
 from cloudllm_serve.ingress.openai_api.routes import router as openai_router
 from cloudllm_serve.ingress.seed_api.routes import router as seed_router
 from cloudllm_serve.ingress.service import CloudLLMService
@@ -32,6 +32,7 @@ def create_app(service: CloudLLMService) -> FastAPI:
     app.add_middleware(
         RequestLimitsMiddleware,
         max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
+        image_body_bytes=image_body_limit(service.settings),
         counters=service.counters,
     )
     # Outermost: a request without a valid key goes no further than this.

@@ -23,6 +23,7 @@ from typing import Any
 from cloudllm_serve.engine.placement import cluster_capacity_problem
 from cloudllm_serve.engine.protocol import (
     EngineFleet,
+    EngineModelInfo,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
@@ -53,6 +54,7 @@ class ServeEngineClient:
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
         self._models: dict[str, Any] | None = None
+        self._model_info: EngineModelInfo | None = None
         self._deployment = str(handle.deployment_name)
         self._app_name = app_name
         self._settings = settings
@@ -76,6 +78,15 @@ class ServeEngineClient:
             except Exception as error:
                 raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
         return self._models
+
+    async def model_info(self) -> EngineModelInfo:
+        """What the served model can take, from an engine replica (asked once)."""
+        if self._model_info is None:
+            try:
+                self._model_info = await self._handle.model_info.remote()
+            except Exception as error:
+                raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
+        return self._model_info
 
     async def _relay(self, items: Any) -> AsyncIterator[Any]:
         """A handle's stream, its failures turned into the project's errors."""

@@ -1,5 +1,9 @@
 """A pure-ASGI middleware: arrival time, body-size limit and request counters.
 
+A body may hold ``MAX_UPLOAD_BYTES``; on ``/vision`` and ``/multimodal`` it may hold
+``MAX_IMAGES_PER_REQUEST`` images of that size each, base64-encoded (each image is then
+held to ``MAX_UPLOAD_BYTES`` by :mod:`cloudllm_serve.ingress.images`).
+
 Pure ASGI (not ``BaseHTTPMiddleware``) so it adds no task or copy per request and
 does not get in the way of streamed responses.
 """
@@ -16,6 +20,7 @@ from starlette.exceptions import HTTPException
 from cloudllm_serve.errors import PayloadTooLargeError
 from cloudllm_serve.ingress.errors import OPENAI_PREFIX, openai_error
 from cloudllm_serve.ingress.service import IngressCounters
+from cloudllm_serve.settings import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,6 +29,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RECEIVED_AT = "cloudllm_received_at"
+#: Routes whose bodies carry uploaded images.
+IMAGE_ROUTES = frozenset({"/vision", "/multimodal"})
+#: Room for the other fields and multipart framing of an image request.
+_IMAGE_BODY_SLACK = 64 * 1024
+
+
+def image_body_limit(settings: Settings) -> int:
+    """The largest body of an image route: its images at their size limit, base64-encoded."""
+    per_image = -(-settings.MAX_UPLOAD_BYTES * 4 // 3)
+    return per_image * settings.MAX_IMAGES_PER_REQUEST + _IMAGE_BODY_SLACK
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -51,13 +66,26 @@ def _too_large_body(scope: Scope, message: str) -> dict[str, Any]:
 class RequestLimitsMiddleware:
     """Stamps ``scope['state'][RECEIVED_AT]``, rejects bodies over ``max_body_bytes`` (413)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, counters: IngressCounters) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        counters: IngressCounters,
+        image_body_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.image_body_bytes = image_body_bytes or max_body_bytes
         self.counters = counters
 
-    def _too_large_message(self) -> str:
-        return f"request body is larger than MAX_UPLOAD_BYTES ({self.max_body_bytes} bytes)"
+    def _too_large_message(self, limit: int) -> str:
+        if limit == self.max_body_bytes:
+            return f"request body is larger than MAX_UPLOAD_BYTES ({limit} bytes)"
+        return (
+            f"request body is larger than {limit} bytes (MAX_IMAGES_PER_REQUEST images of "
+            "MAX_UPLOAD_BYTES each, base64-encoded)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -67,15 +95,15 @@ class RequestLimitsMiddleware:
         scope.setdefault("state", {})[RECEIVED_AT] = time.perf_counter()
         counters = self.counters
         counters.requests_total += 1
+        limit = self.image_body_bytes if scope.get("path") in IMAGE_ROUTES else self.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             counters.requests_failed += 1
             counters.errors_by_status[413] = counters.errors_by_status.get(413, 0) + 1
-            await _send_json(send, 413, _too_large_body(scope, self._too_large_message()))
+            await _send_json(send, 413, _too_large_body(scope, self._too_large_message(limit)))
             return
 
         received = 0
-        limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -85,7 +113,7 @@ class RequestLimitsMiddleware:
                 if received > limit:
                     # HTTPException passes FastAPI's body parsing untouched and is
                     # rendered by the app's handler.
-                    raise HTTPException(413, detail=self._too_large_message())
+                    raise HTTPException(413, detail=self._too_large_message(limit))
             return message
 
         status_holder: list[int] = []

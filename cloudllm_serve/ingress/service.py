@@ -32,11 +32,13 @@ from cloudllm_serve.engine.protocol import (
 from cloudllm_serve.errors import (
     CloudLLMError,
     EngineUnavailableError,
+    FeatureNotImplementedError,
     InvalidRequestError,
     PromptTooLongError,
     RequestTimeoutError,
 )
 from cloudllm_serve.ingress.context import RequestContext
+from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
 from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings
@@ -116,10 +118,21 @@ class ConversationTurn:
     store_ms: float = 0.0
     #: The engine replica that answered the previous turn (its prefix cache has it).
     engine_replica: str | None = None
+    #: The conversation's images (digest → data URL), with this request's new ones.
+    images: dict[str, str] = field(default_factory=dict)
 
     def chat_messages(self, new: list[StoredMessage]) -> list[ChatMessage]:
-        """History plus the new messages, as the engine takes them."""
-        return [m.chat_message() for m in (*self.history, *new)]
+        """History plus the new messages, as the engine takes them (images included)."""
+        return [m.chat_message(self.images) for m in (*self.history, *new)]
+
+    def add_images(self, images: list[CheckedImage]) -> list[str]:
+        """Take in this request's images; return their digests (what a message stores)."""
+        digests = []
+        for image in images:
+            digest = image.digest
+            self.images.setdefault(digest, image.data_url())
+            digests.append(digest)
+        return digests
 
     def affinity_key(self, messages: list[ChatMessage]) -> str:
         """Routing key of this conversation (see :func:`affinity_key`)."""
@@ -230,6 +243,16 @@ class CloudLLMService:
             counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
             raise
 
+    async def require_images(self, what: str) -> None:
+        """Refuse image input (501) when the served model takes none; ``what`` names it."""
+        info = await self.engine.model_info()
+        if not info.supports_images:
+            raise FeatureNotImplementedError(
+                f"{what} needs a vision-language model; the served model "
+                f"{info.model_name!r} takes text only (set LLM_MODEL to one that takes "
+                "images, e.g. Qwen/Qwen2.5-VL-7B-Instruct, or test-vlm on CPU)"
+            )
+
     # Conversations --------------------------------------------------------------
 
     async def begin_turn(
@@ -243,13 +266,14 @@ class CloudLLMService:
         started = time.perf_counter()
         store = self.conversations(context)
         if conversation_id is not None:
-            stored = await store.get(conversation_id)
+            stored = await store.get(conversation_id, with_images=True)
             turn = ConversationTurn(
                 conversation_id,
                 False,
                 stored.messages or [],
                 store,
                 engine_replica=stored.engine_replica,
+                images=stored.images or {},
             )
         elif create:
             turn = ConversationTurn(await store.create(), True, [], store)
@@ -276,11 +300,18 @@ class CloudLLMService:
     async def store_turn(
         self, turn: ConversationTurn, messages: list[StoredMessage], *, engine_replica: str | None
     ) -> None:
-        """Append a turn's ``messages`` (the new ones and the answer) in one write."""
+        """Append a turn's ``messages`` (the new ones and the answer) in one write.
+
+        The images the new messages show are stored with them (each once).
+        """
         if turn.conversation_id is not None and turn.store is not None:
             started = time.perf_counter()
+            shown = {d for m in messages for d in m.images or ()}
             await turn.store.append(
-                turn.conversation_id, messages, engine_replica=engine_replica or None
+                turn.conversation_id,
+                messages,
+                engine_replica=engine_replica or None,
+                images={d: url for d, url in turn.images.items() if d in shown},
             )
             turn.store_ms += (time.perf_counter() - started) * 1000
 

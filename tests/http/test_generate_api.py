@@ -137,7 +137,9 @@ def test_vision_and_multimodal_are_501(app: App) -> None:
     for path in ("/vision", "/multimodal"):
         response = app.client.post(path, json={"prompt": "what is this?"})
         assert response.status_code == 501
-        assert "not implemented" in response.json()["detail"]
+        body = response.json()
+        assert "SmolLM2-135M-Instruct" in body["detail"], body
+        assert "takes text only" in body["detail"], body
 
 
 def test_engine_outage_is_503_with_retry_after(app: App) -> None:

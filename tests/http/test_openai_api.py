@@ -162,12 +162,16 @@ def test_conversation_rules(app: App) -> None:
         response = chat(app, **body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param
-    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+    audio = [{"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}]
     refused = app.client.post(
-        CHAT, json={"messages": [{"role": "user", "content": image}], "conversation_id": cid}
+        CHAT, json={"messages": [{"role": "user", "content": audio}], "conversation_id": cid}
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "messages.0.content"
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+    text_only = app.client.post(CHAT, json={"messages": [{"role": "user", "content": image}]})
+    assert text_only.status_code == 501, text_only.text
+    assert "SmolLM2-135M-Instruct" in text_only.json()["error"]["message"]
     completion = app.client.post("/v1/completions", json={"prompt": "x", "store": True})
     assert completion.status_code == 400
 

@@ -235,3 +235,22 @@ def test_docs_and_openapi(stack: Stack) -> None:
     assert requests.get(f"{stack.base_url}/docs", timeout=10).status_code == 200
     paths = requests.get(f"{stack.base_url}/openapi.json", timeout=10).json()["paths"]
     assert "/generate" in paths and "/health" in paths
+
+
+def test_images_on_a_text_only_model_are_501_naming_it(stack: Stack) -> None:
+    from tests.support import data_url, image_bytes
+
+    picture = data_url(image_bytes(32, 32))
+    vision = requests.post(
+        f"{stack.base_url}/vision", json={"message": "hi", "image": picture}, timeout=30
+    )
+    assert vision.status_code == 501, vision.text
+    assert "SmolLM2-135M-Instruct" in vision.json()["detail"]
+    content = [{"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "?"}]
+    chat = requests.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": content}]},
+        timeout=30,
+    )
+    assert chat.status_code == 501, chat.text
+    assert "SmolLM2-135M-Instruct" in chat.json()["error"]["message"]

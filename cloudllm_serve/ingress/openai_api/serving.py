@@ -7,6 +7,11 @@ needs besides: our own fields (``conversation_id``, ``store``), rough sizes for 
 tenant's rate limits, and the answer's usage. A stored conversation's history is put in
 front of ``messages``; the answer's message (tool calls included) is stored after it.
 
+Images (``image_url`` parts) are checked here before any engine sees them
+(:mod:`cloudllm_serve.ingress.images`): a data URL is decoded and checked, an ``http(s)``
+URL fetched by us from an allowlisted host, and either way the part is given to vLLM
+as a data URL of our own re-encoding. A stored conversation keeps each image once.
+
 A stateless stream is relayed string by string: nothing is decoded per token here.
 """
 
@@ -22,10 +27,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloudllm_serve.conversations.store import StoredMessage
+from cloudllm_serve.engine.prompt import IMAGE_PART_TYPES
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, InvalidRequestError
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error, openai_http_error
+from cloudllm_serve.ingress.images import CheckedImage, load_image_reference
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
     ConversationTurn,
@@ -105,21 +112,30 @@ class CompletionCall:
                 param="store",
             )
         stateful = conversation_id is not None or store
+        image_parts = _image_parts(body.get("messages")) if kind == "chat" else []
+        if image_parts:
+            await service.require_images("an image_url content part")
+            _check_image_count(len(image_parts), service)
+        image_chars = sum(len(_part_url(part) or "") for _, part in image_parts)
+        await service.admit(
+            context,
+            prompt_chars=max(0, _prompt_chars(body) - image_chars),
+            max_tokens=_max_tokens(body, service) * (n if isinstance(n, int) and n > 0 else 1),
+            stateless=not stateful,
+        )
+        checked = await _check_images(image_parts, service)
         new_messages: list[StoredMessage] = []
         if stateful:
             if n not in (None, 1):
                 raise InvalidRequestError("n must be 1 in a stored conversation", param="n")
-            new_messages = _storable(body.get("messages"))
-        await service.admit(
-            context,
-            prompt_chars=_prompt_chars(body),
-            max_tokens=_max_tokens(body, service) * (n if isinstance(n, int) and n > 0 else 1),
-            stateless=not stateful,
-        )
+            new_messages = _storable(body.get("messages"), checked)
         turn = await service.begin_turn(conversation_id, create=store, context=context)
+        for message in new_messages:
+            if message.images:
+                turn.add_images([checked.images[digest] for digest in message.images])
         droppable = 0
         if stateful:
-            history = [m.chat_message() for m in turn.history]
+            history = [m.chat_message(turn.images) for m in turn.history]
             body["messages"] = [*history, *body["messages"]]
             droppable = len(history)
             if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -239,7 +255,80 @@ def _conversation_id(value: Any) -> str | None:
     return value
 
 
-def _storable(messages: Any) -> list[StoredMessage]:
+def _image_parts(messages: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Each image part of chat ``messages`` with its parameter path.
+
+    Malformed messages are skipped: vLLM's request model refuses them.
+    """
+    found: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(messages, list):
+        return found
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for number, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                found.append((f"messages.{index}.content.{number}", part))
+    return found
+
+
+def _part_url(part: dict[str, Any]) -> str | None:
+    """The URL of an ``image_url`` part (``{"url": ...}`` or, as vLLM also takes, a string)."""
+    value = part.get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    return value if isinstance(value, str) else None
+
+
+def _check_image_count(count: int, service: CloudLLMService) -> None:
+    limit = service.settings.MAX_IMAGES_PER_REQUEST
+    if count > limit:
+        raise InvalidRequestError(
+            f"{count} images, more than MAX_IMAGES_PER_REQUEST ({limit})", param="messages"
+        )
+
+
+class CheckedParts:
+    """The images of a request's ``image_url`` parts, checked: by digest and by part."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, CheckedImage] = {}
+        self._digest_of_part: dict[int, str] = {}
+
+    def add(self, part: dict[str, Any], image: CheckedImage) -> None:
+        """Record that ``part`` now shows ``image``."""
+        self.images[image.digest] = image
+        self._digest_of_part[id(part)] = image.digest
+
+    def digest(self, part: Any) -> str | None:
+        """The digest of the image ``part`` shows, if it is a checked image part."""
+        return self._digest_of_part.get(id(part))
+
+
+async def _check_images(
+    parts: list[tuple[str, dict[str, Any]]], service: CloudLLMService
+) -> CheckedParts:
+    """Check each image part and point it at our re-encoding.
+
+    Only ``image_url`` parts with a URL are taken; other image kinds (``image_embeds``,
+    ``image_pil``) cannot come over JSON or are off in vLLM, which refuses them.
+    """
+    checked = CheckedParts()
+    for param, part in parts:
+        url = _part_url(part)
+        if part.get("type") not in ("image_url", "input_image") or url is None:
+            continue
+        image = await load_image_reference(
+            url, field=f"{param}.image_url", settings=service.settings
+        )
+        detail = part["image_url"].get("detail") if isinstance(part["image_url"], dict) else None
+        part["image_url"] = {"url": image.data_url(), **({"detail": detail} if detail else {})}
+        checked.add(part, image)
+    return checked
+
+
+def _storable(messages: Any, images: CheckedParts) -> list[StoredMessage]:
     """The new messages of a stored conversation, as they will be kept (400 if not storable)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
@@ -250,11 +339,13 @@ def _storable(messages: Any) -> list[StoredMessage]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequestError("each message must be an object with a role", param=param)
         role = "system" if message["role"] == "developer" else message["role"]
+        text, digests = _text_and_images(message.get("content"), param, images)
         stored.append(
             StoredMessage(
                 role,
-                _text(message.get("content"), param),
+                text,
                 now,
+                images=digests or None,
                 tool_calls=_tool_calls(message.get("tool_calls")),
                 tool_call_id=_optional_str(message.get("tool_call_id"), f"{param}.tool_call_id"),
                 name=_optional_str(message.get("name"), f"{param}.name"),
@@ -263,22 +354,26 @@ def _storable(messages: Any) -> list[StoredMessage]:
     return stored
 
 
-def _text(content: Any, param: str) -> str:
-    """A message's content as text: a string, or text parts joined."""
+def _text_and_images(content: Any, param: str, images: CheckedParts) -> tuple[str, list[str]]:
+    """A message's text (a string, or text parts joined) and its checked images' digests."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", []
     if isinstance(content, list):
-        parts = []
+        parts, digests = [], []
         for part in content:
+            digest = images.digest(part)
+            if digest is not None:
+                digests.append(digest)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise InvalidRequestError(
-                    f"a stored conversation keeps text only; content part '{kind}' is not "
-                    "supported there (send it without conversation_id/store)",
+                    f"a stored conversation keeps text and images only; content part "
+                    f"'{kind}' is not supported there (send it without conversation_id/store)",
                     param=f"{param}.content",
                 )
             parts.append(str(part.get("text") or ""))
-        return "".join(parts)
+        return "".join(parts), digests
     raise InvalidRequestError(
         "content must be a string or a list of parts", param=f"{param}.content"
     )

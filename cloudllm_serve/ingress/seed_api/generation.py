@@ -1,4 +1,8 @@
-"""``POST /generate``: one turn of a conversation, whole or as server-sent events."""
+"""``POST /generate`` (and ``/vision``, ``/multimodal``): one turn of a conversation.
+
+Answered whole or as server-sent events; an image endpoint's checked images go with
+the message and are kept with it in the conversation.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
 from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.context import RequestContext
+from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.response_json import extract_json
 from cloudllm_serve.ingress.seed_api.schemas import (
     GenerateRequest,
@@ -40,6 +45,7 @@ class GenerateCall:
         turn: ConversationTurn,
         received_at: float,
         context: RequestContext,
+        images: list[CheckedImage] | None = None,
     ) -> None:
         self.service = service
         self.body = body
@@ -47,7 +53,8 @@ class GenerateCall:
         self.context = context
         self.received_at = received_at
         self.started = time.perf_counter()
-        self.user_message = StoredMessage("user", body.message, time.time())
+        digests = turn.add_images(images) if images else None
+        self.user_message = StoredMessage("user", body.message, time.time(), images=digests)
         messages = turn.chat_messages([self.user_message])
         self.request = GenerationRequest(
             request_id=f"gen-{uuid.uuid4().hex}",
@@ -69,8 +76,11 @@ class GenerateCall:
         body: GenerateRequest,
         received_at: float,
         context: RequestContext,
+        images: list[CheckedImage] | None = None,
     ) -> GenerateCall:
         """Check what needs no engine, charge the tenant, load (or start) the conversation.
+
+        ``images`` (checked already) are shown with the message and kept with it.
 
         Everything that can fail before generating fails here, so a streamed answer
         still gets a proper HTTP status for a bad schema, a rate limit, an unknown id or
@@ -85,7 +95,7 @@ class GenerateCall:
             stateless=False,
         )
         turn = await service.begin_turn(body.conversation_id, create=True, context=context)
-        return cls(service, body, turn, received_at, context)
+        return cls(service, body, turn, received_at, context, images)
 
     async def run(self) -> GenerationResponse:
         """Generate the whole answer, store the turn, build the response."""

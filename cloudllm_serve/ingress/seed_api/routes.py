@@ -8,12 +8,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cloudllm_serve.errors import FeatureNotImplementedError
 from cloudllm_serve.ingress.context import RequestContext, request_context
 from cloudllm_serve.ingress.errors import ErrorResponses
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
 from cloudllm_serve.ingress.seed_api import status
 from cloudllm_serve.ingress.seed_api.generation import GenerateCall
+from cloudllm_serve.ingress.seed_api.image_input import (
+    MultimodalRequest,
+    VisionRequest,
+    check_images,
+    openapi_body,
+    read_image_request,
+)
 from cloudllm_serve.ingress.seed_api.schemas import (
     ConversationDeleted,
     ConversationDetail,
@@ -98,22 +104,63 @@ async def generate(
     return await call.run()
 
 
-@router.post("/vision", status_code=501, responses=ErrorResponses)
-async def vision(_: Admitted) -> None:
-    """Image + prompt analysis: not available yet (501)."""
-    raise FeatureNotImplementedError(
-        "POST /vision is not implemented yet: image input needs a vision-language model "
-        "and lands in a later release; use POST /generate for text"
-    )
+_GENERATION_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {SSE_MEDIA_TYPE: {}},
+        "description": "GenerationResponse, or with stream=true server-sent events: "
+        '{"type":"delta","delta":...} per text delta, then '
+        '{"type":"final","response":GenerationResponse} (or {"type":"error",...})',
+    },
+}
 
 
-@router.post("/multimodal", status_code=501, responses=ErrorResponses)
-async def multimodal(_: Admitted) -> None:
-    """Text + images in a conversation: not available yet (501)."""
-    raise FeatureNotImplementedError(
-        "POST /multimodal is not implemented yet: image input needs a vision-language model "
-        "and lands in a later release; use POST /generate for text"
-    )
+async def _image_turn(
+    request: Request,
+    service: CloudLLMService,
+    context: RequestContext,
+    model: type[GenerateRequest],
+    image_field: str,
+) -> Any:
+    """``/vision`` and ``/multimodal``: read and check the images, then run as ``/generate``."""
+    await service.require_images(f"POST {request.url.path}")
+    received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
+    body, raw_images = await read_image_request(request, model, image_field, service.settings)
+    images = await check_images(raw_images, service.settings)
+    call = await GenerateCall.prepare(service, body, received_at, context, images)
+    if body.stream:
+        events = await call.start_events()
+        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    return await call.run()
+
+
+@router.post(
+    "/vision",
+    response_model=GenerationResponse,
+    responses={**ErrorResponses, **_GENERATION_ANSWER},
+    openapi_extra=openapi_body(VisionRequest, "image"),
+)
+async def vision(request: Request, service: Service, context: Context) -> Any:
+    """Answer ``message`` about one image (JSON with base64, or a multipart upload).
+
+    The image is checked (413, 415, 400 naming ``image``), turned upright, made RGB and
+    downscaled to ``MAX_IMAGE_SIDE``; it stays in the conversation. 501 on a text-only model.
+    """
+    return await _image_turn(request, service, context, VisionRequest, "image")
+
+
+@router.post(
+    "/multimodal",
+    response_model=GenerationResponse,
+    responses={**ErrorResponses, **_GENERATION_ANSWER},
+    openapi_extra=openapi_body(MultimodalRequest, "images"),
+)
+async def multimodal(request: Request, service: Service, context: Context) -> Any:
+    """One turn of a conversation with text and up to ``MAX_IMAGES_PER_REQUEST`` images.
+
+    Later turns (with or without images) still show the model the earlier turns' images
+    (oldest turns dropped first when the context is full). 501 on a text-only model.
+    """
+    return await _image_turn(request, service, context, MultimodalRequest, "images")
 
 
 @router.get("/conversations", response_model=ConversationList, responses=ErrorResponses)
@@ -166,6 +213,7 @@ async def get_conversation(
                 tool_calls=m.tool_calls,
                 tool_call_id=m.tool_call_id,
                 name=m.name,
+                images=m.images,
             )
             for m in conversation.messages or []
         ],

@@ -122,7 +122,7 @@ class HealthResponse(BaseModel):
 
 
 class MessageOut(BaseModel):
-    """One stored message; tool fields only on messages that have them (``/v1`` tools)."""
+    """One stored message; tool and image fields only on messages that have them."""
 
     role: str
     content: str
@@ -132,6 +132,9 @@ class MessageOut(BaseModel):
     )
     tool_call_id: str | None = Field(None, description="the call a tool message answers")
     name: str | None = None
+    images: list[str] | None = Field(
+        None, description="SHA-256 digests of the images the message showed, in order"
+    )
 
 
 class ConversationSummary(BaseModel):

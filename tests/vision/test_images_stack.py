@@ -233,3 +233,53 @@ def test_deleting_a_conversation_removes_its_images(vlm_stack: Stack) -> None:
     deleted = requests.delete(f"{vlm_stack.base_url}/conversations/{cid}", timeout=10)
     assert deleted.status_code == 200
     assert not list(client.scan_iter(f"*conv:{cid}*"))
+
+
+def test_oldest_turns_and_their_images_drop_first_when_the_context_is_full(
+    vlm_stack: Stack,
+) -> None:
+    per_image = qwen_image_tokens(640, 640)  # 531: four of them overflow the 2048 context
+    cid = None
+    for turn in range(3):
+        body: dict[str, Any] = {
+            "message": f"Picture {turn}.",
+            "images": [data_url(image_bytes(640, 640, seed=40 + turn))],
+            "max_tokens": 4,
+            "temperature": 0.0,
+        }
+        if cid:
+            body["conversation_id"] = cid
+        answer = answered(
+            requests.post(f"{vlm_stack.base_url}/multimodal", json=body, timeout=TIMEOUT_S)
+        )
+        cid = answer["conversation_id"]
+        assert answer["dropped_history_messages"] == 0
+        assert prompt_tokens(answer) > (turn + 1) * per_image
+    # A fourth image through /v1 in the same stored conversation: the first turn goes.
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(image_bytes(640, 640, seed=43))}},
+        {"type": "text", "text": "Picture 3."},
+    ]
+    response = requests.post(
+        f"{vlm_stack.base_url}/v1/chat/completions",
+        json={
+            "model": "test-vlm",
+            "conversation_id": cid,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+        },
+        timeout=TIMEOUT_S,
+    )
+    assert response.status_code == 200, response.text
+    used = response.json()["usage"]["prompt_tokens"]
+    assert 3 * per_image < used <= 2048 - 4, used
+    # and /multimodal without an image: the two newest pictures' turns and this one fit
+    last = answered(
+        requests.post(
+            f"{vlm_stack.base_url}/multimodal",
+            json={"message": "And now?", "conversation_id": cid, "max_tokens": 4},
+            timeout=TIMEOUT_S,
+        )
+    )
+    assert last["dropped_history_messages"] == 2
+    assert 3 * per_image < prompt_tokens(last) <= 2048 - 4

@@ -48,6 +48,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 #: /status/detailed proves the environment reaches the replicas; above 500 for the
 #: cancellation test's 500-token request.
 STACK_MAX_TOKENS_CAP = 600
+#: The launcher's ``--port-wait-s`` for test stacks.
+STACK_PORT_WAIT_S = 5
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +112,10 @@ def running_stack(
                 "cloudllm_serve.launcher",
                 "--profile",
                 str(REPO / "deployments" / "cpu.yaml"),
+                # Each test stack has a port of its own: no need to wait, at the stop, until
+                # the clients' closed connections leave it (up to 60 s; tests/startup does).
+                "--port-wait-s",
+                str(STACK_PORT_WAIT_S),
             ],
             cwd=REPO,
             env=env,

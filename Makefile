@@ -17,7 +17,7 @@ REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y
 	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
+.PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
@@ -43,6 +43,11 @@ redis-server:
 	@command -v redis-server >/dev/null || { echo "[make] installing redis-server (apt-get)"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
+# The metrics tests run every dashboard expression through a real Prometheus.
+prometheus:
+	@command -v prometheus >/dev/null || { echo "[make] installing prometheus (apt-get)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
 # Prepares the model LLM_MODEL names when it is a local one (default: SmolLM2).
 model: install
 	@$(PY) -m cloudllm_serve.models.prepare --model "$${LLM_MODEL:-}"
@@ -57,7 +62,7 @@ serve: install redis-server model
 # Three pytest processes: each of the last two starts Ray clusters of its own
 # (fake GPUs; the scale-out stack, the stack with API keys, the start-up tests' stacks,
 # the stack on the test vision-language model), which must not meet the first one's stack.
-test: install redis-server model test-vlm
+test: install redis-server prometheus model test-vlm
 	@$(PY) -m pytest -m "not ray and not scale and not tenants and not startup and not vision" $(PYTEST_ARGS)
 	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
 	@$(PY) -m pytest -m "scale or tenants or startup or vision" $(PYTEST_ARGS)

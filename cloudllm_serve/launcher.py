@@ -150,6 +150,9 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
     """
     env = dict(base)
     env.setdefault("RAY_worker_niceness", "0")
+    env["METRICS_EXPORT_PORT"] = str(settings.METRICS_EXPORT_PORT)
+    # Counters as Prometheus counters only (Ray also exports each as a gauge by default).
+    env.setdefault("RAY_EXPORT_COUNTER_AS_GAUGE", "0")
     if settings.SERVE_LATENCY_TUNING:
         for name, value in LATENCY_TUNING.items():
             env.setdefault(name, value)
@@ -340,11 +343,12 @@ def start_serve(
     rendered = render_profile(profile, settings, proxy_port)
     config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
     env = serve_environment(settings, dict(os.environ))
-    serve_binary = Path(sys.executable).parent / "serve"
-    say(f"starting Ray Serve: {serve_binary.name} run {config_path}")
+    say(f"starting Ray Serve: serve run {config_path} (metrics on :{settings.METRICS_EXPORT_PORT})")
     started = time.time()
     process = subprocess.Popen(
-        [str(serve_binary), "run", str(config_path)], env=env, start_new_session=True
+        [sys.executable, "-m", "cloudllm_serve.serve_run", str(config_path)],
+        env=env,
+        start_new_session=True,
     )
     return process, started
 
@@ -369,6 +373,7 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
     base_url = f"http://{host}:{settings.LLM_PORT}"
     try:
         check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
+        check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
         if start_redis_server:
             redis_process = start_redis(settings.REDIS_URL)
         for attempt in range(1, BIND_RESTARTS + 1):
@@ -387,6 +392,7 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
                 stop_serve(serve_process, settings, port_wait_s)
                 check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
         say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
+        say(f"metrics: http://{host}:{settings.METRICS_EXPORT_PORT}/metrics  (Prometheus text)")
         assert serve_process is not None
         status = serve_process.wait()
         say(f"serve run exited with status {status}")

@@ -52,6 +52,8 @@ class Metric:
         description: str,
         tag_keys: Sequence[str],
         boundaries: Sequence[float] = (),
+        *,
+        export: bool = True,
     ) -> None:
         self.name = name
         self.tag_keys = tuple(tag_keys)
@@ -61,7 +63,7 @@ class Metric:
         self.counts: dict[tuple[str, ...], int] = defaultdict(int)
         self._histogram = kind == "histogram"
         self._ray: Any = None
-        metrics = _ray_metrics()
+        metrics = _ray_metrics() if export else None
         if metrics is not None:
             if self._histogram:
                 self._ray = metrics.Histogram(
@@ -85,6 +87,19 @@ class Metric:
             else:
                 self._ray.inc(value, tags=full)
 
+    def start_at_zero(self, **tags: str) -> None:
+        """Export this counter's series for ``tags`` at 0 before anything is counted.
+
+        Prometheus' advice for label values known in advance: a rate over a series that
+        exists is 0, over one that does not is no data (a dashboard panel left blank).
+        Ray's public ``inc`` refuses 0, so this records through its ``_record``.
+        """
+        key = self._key(tags)
+        self.totals[key] += 0.0
+        record = getattr(self._ray, "_record", None)
+        if record is not None and not self._histogram:
+            record(0, tags=dict(zip(self.tag_keys, key, strict=True)))
+
     def total(self, **tags: str) -> float:
         """The in-memory total over every tag set matching ``tags``."""
         return sum(
@@ -97,65 +112,80 @@ class Metric:
 class IngressMetrics:
     """Everything one ingress replica measures (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.requests = Metric(
+    def __init__(self, *, export: bool = True) -> None:
+        """``export``: hand the values to Ray's metrics agent (in a Ray worker)."""
+
+        def metric(*args: Any) -> Metric:
+            return Metric(*args, export=export)
+
+        self.requests = metric(
             "counter",
             "cloudllm_requests",
             "HTTP requests answered, by API (seed, openai, other), route template and status",
             ("api", "route", "status"),
         )
-        self.request_duration = Metric(
+        self.request_duration = metric(
             "histogram",
             "cloudllm_request_duration_seconds",
             "time from a request's arrival to its answer's last byte, by API and route",
             ("api", "route"),
             LATENCY_BUCKETS_S,
         )
-        self.time_to_first_token = Metric(
+        self.time_to_first_token = metric(
             "histogram",
             "cloudllm_time_to_first_token_seconds",
             "streamed requests: from arrival at the ingress to the first token leaving it",
             ("api",),
             LATENCY_BUCKETS_S,
         )
-        self.store_duration = Metric(
+        self.store_duration = metric(
             "histogram",
             "cloudllm_store_operation_duration_seconds",
             "conversation-store (Redis) operations, by operation",
             ("operation",),
             STORE_BUCKETS_S,
         )
-        self.store_errors = Metric(
+        self.store_errors = metric(
             "counter",
             "cloudllm_store_errors",
             "conversation-store operations that failed (Redis unavailable), by operation",
             ("operation",),
         )
-        self.refusals = Metric(
+        self.refusals = metric(
             "counter",
             "cloudllm_refusals",
-            "requests refused by reason: queue_full, timeout, rate_limit_<limit>, auth",
+            "requests refused by reason: queue_full, timeout, rate_limit, auth",
             ("reason",),
         )
-        self.tokens = Metric(
+        self.tokens = metric(
             "counter",
             "cloudllm_tokens",
             "tokens of answered requests by kind (prompt, completion) and tenant",
             ("kind", "tenant"),
         )
-        self.affinity = Metric(
+        self.affinity = metric(
             "counter",
             "cloudllm_affinity_routing",
             "turns of stored conversations by whether the engine replica of the previous "
             "turn answered (hit) or another one (miss)",
             ("outcome",),
         )
-        self.dropped_history = Metric(
+        self.dropped_history = metric(
             "counter",
             "cloudllm_dropped_history_messages",
             "stored messages left out of prompts to fit the context",
             ("api",),
         )
+        for reason in REFUSAL_REASONS:
+            self.refusals.start_at_zero(reason=reason)
+        for outcome in ("hit", "miss"):
+            self.affinity.start_at_zero(outcome=outcome)
+        for api in ("seed", "openai"):
+            self.dropped_history.start_at_zero(api=api)
+
+
+#: Reasons of ``cloudllm_refusals_total`` (all exported from the start, at 0).
+REFUSAL_REASONS = ("queue_full", "timeout", "rate_limit", "auth")
 
 
 def api_of(path: str) -> str:

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     LLM_HOST: str = Field("0.0.0.0", min_length=1, description="address the HTTP server binds")
     LLM_PORT: int = Field(8001, ge=1, le=65535, description="port of the HTTP server")
 
+    METRICS_EXPORT_PORT: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="launcher: port of Ray's metrics agent (Prometheus text at /metrics)",
+    )
+    METRICS_ENABLED: bool = Field(
+        True,
+        description="export vLLM's and our metrics through Ray's metrics agent "
+        "(false: nothing exported; for measuring their cost)",
+    )
     SERVE_DIRECT_INGRESS: bool = Field(
         False,
         description="launcher: the ingress replica serves LLM_PORT itself (no Serve proxy hop)",

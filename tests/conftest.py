@@ -68,6 +68,8 @@ class Stack:
     redis: RedisServer
     launcher: subprocess.Popen[bytes]
     log_path: Path
+    #: Ray's metrics agent of this stack (``METRICS_EXPORT_PORT``).
+    metrics_url: str = ""
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -92,6 +94,7 @@ def running_stack(
             "on their own: pytest -m scale (make test does)"
         )
     port = free_port()
+    metrics_port = free_port()
     log_path = log_dir / "launcher.log"
     env = dict(os.environ)
     env.update(
@@ -100,6 +103,7 @@ def running_stack(
             "LLM_HOST": "127.0.0.1",
             "REDIS_URL": redis.url,
             "MAX_TOKENS_CAP": str(STACK_MAX_TOKENS_CAP),
+            "METRICS_EXPORT_PORT": str(metrics_port),
             "PYTHONUNBUFFERED": "1",
             **(env_overrides or {}),
         }
@@ -122,7 +126,9 @@ def running_stack(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    running = Stack(f"http://127.0.0.1:{port}", redis, launcher, log_path)
+    running = Stack(
+        f"http://127.0.0.1:{port}", redis, launcher, log_path, f"http://127.0.0.1:{metrics_port}"
+    )
 
     def healthy() -> bool:
         if launcher.poll() is not None:

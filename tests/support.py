@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,3 +173,33 @@ class MediaServer:
         """Stop serving."""
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+#: A Prometheus text line: name, labels, value.
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def scrape_metrics(metrics_url: str) -> list[Sample]:
+    """Every sample a Prometheus endpoint (Ray's metrics agent) exports now."""
+    import requests
+
+    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(_LABEL.findall(match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def metric_total(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for sample, have, value in samples
+        if sample == name and all(have.get(k) == v for k, v in labels.items())
+    )

@@ -194,6 +194,9 @@ class ConversationStore:
         self.ttl_s = ttl_s
         self._append = client.register_script(_APPEND_SCRIPT)
         self.stats = stats or StoreStats()
+        #: Called after each operation with its name, seconds taken and whether it failed
+        #: (the ingress's metrics); shared by every tenant's view.
+        self.observer: Callable[[str, float, bool], None] | None = None
 
     @classmethod
     def from_url(
@@ -248,15 +251,22 @@ class ConversationStore:
     def _index_key(self) -> str:
         return f"{self._prefix}conversations"
 
-    async def _call(self, operation: Callable[[], Awaitable[T]], round_trips: int = 1) -> T:
+    async def _call(
+        self, name: str, operation: Callable[[], Awaitable[T]], round_trips: int = 1
+    ) -> T:
         started = time.perf_counter()
+        failed = False
         try:
             return await operation()
         except (RedisError, OSError) as error:
+            failed = True
             raise StoreUnavailableError(f"Redis is unavailable: {error}") from None
         finally:
+            took = time.perf_counter() - started
             self.stats.round_trips += round_trips
-            self.stats.busy_s += time.perf_counter() - started
+            self.stats.busy_s += took
+            if self.observer is not None:
+                self.observer(name, took, failed)
 
     async def create(self) -> str:
         """Create an empty conversation with a new unguessable id; return the id."""
@@ -275,7 +285,7 @@ class ConversationStore:
                     self._drop_expired(pipe, now)
                 await pipe.execute()
 
-        await self._call(run)
+        await self._call("create", run)
         return conversation_id
 
     async def append(
@@ -310,7 +320,7 @@ class ConversationStore:
             *pairs,
             *(m.to_json() for m in messages),
         ]
-        appended = await self._call(lambda: self._append(keys=keys, args=args))
+        appended = await self._call("append", lambda: self._append(keys=keys, args=args))
         if not appended:
             raise ConversationNotFoundError(conversation_id)
 
@@ -326,7 +336,7 @@ class ConversationStore:
                 replies = await pipe.execute()
             return replies[0], replies[1], replies[2] if with_images else None
 
-        meta, raw, images = await self._call(run)
+        meta, raw, images = await self._call("get", run)
         if not meta:
             raise ConversationNotFoundError(conversation_id)
         messages = [StoredMessage.from_json(item) for item in raw]
@@ -375,7 +385,7 @@ class ConversationStore:
                 )
             return total, page
 
-        return await self._call(run, round_trips=4 if self.ttl_s else 3)
+        return await self._call("list", run, round_trips=4 if self.ttl_s else 3)
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation; 404 error when it does not exist."""
@@ -389,13 +399,13 @@ class ConversationStore:
                 deleted, _, _, _ = await pipe.execute()
             return int(deleted)
 
-        if not await self._call(run):
+        if not await self._call("delete", run):
             raise ConversationNotFoundError(conversation_id)
 
     async def count(self) -> int:
         """How many conversations exist (``active_conversations``)."""
         if not self.ttl_s:
-            return int(await self._call(lambda: self._redis.zcard(self._index_key)))
+            return int(await self._call("count", lambda: self._redis.zcard(self._index_key)))
 
         async def run() -> int:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -404,7 +414,7 @@ class ConversationStore:
                 _, total = await pipe.execute()
             return int(total)
 
-        return await self._call(run)
+        return await self._call("count", run)
 
     def _drop_expired(self, target: Any, now: float) -> Any:
         """Remove index entries untouched for ``ttl_s`` (their keys have expired)."""
@@ -413,7 +423,7 @@ class ConversationStore:
     async def ping(self) -> float:
         """Round-trip time to Redis in milliseconds."""
         started = time.perf_counter()
-        await self._call(self._redis.ping)
+        await self._call("ping", self._redis.ping)
         return (time.perf_counter() - started) * 1000
 
     async def close(self) -> None:

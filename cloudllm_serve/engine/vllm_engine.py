@@ -88,6 +88,23 @@ def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
 MEDIA_FETCH_OFF_DOMAIN = "vllm-media-fetching-is-off.invalid"
 
 
+def _prometheus_logger(enabled: bool) -> list[Any]:
+    """VLLM's Ray stat-logger class when this is a Ray worker (an engine replica).
+
+    It exports vLLM's own metrics through Ray's metrics agent (``ray_vllm_*``, tagged
+    with the replica's id), as Ray Serve LLM does. Passing the *class* matters: vLLM adds
+    its default Prometheus logger (a registry nothing here would serve) unless one of the
+    loggers it is given is a ``PrometheusStatLogger`` subclass. Outside Ray: the default.
+    """
+    import ray
+
+    if not enabled or not ray.is_initialized():
+        return []
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]
+
+
 def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
     """The ``AsyncEngineArgs`` keyword arguments that the settings ask for."""
     args: dict[str, Any] = {
@@ -227,7 +244,10 @@ class VLLMEngine:
         args = parse_vllm_args(cli_args)
         self._engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs.from_cli_args(args),
-            stat_loggers=[_make_stat_logger_factory(self._snapshot)],
+            stat_loggers=[
+                *_prometheus_logger(self._settings.METRICS_ENABLED),
+                _make_stat_logger_factory(self._snapshot),
+            ],
         )
         self._openai = OpenAIServer(
             self._engine,

@@ -32,6 +32,7 @@ from cloudllm_serve.ingress.errors import OPENAI_PREFIX, error_headers, openai_e
 from cloudllm_serve.ingress.rate_limits import RateLimiter
 from cloudllm_serve.ingress.service import IngressCounters
 from cloudllm_serve.keys import KeyRegistry
+from cloudllm_serve.metrics import IngressMetrics, api_of
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def bearer_key(header: bytes | None) -> tuple[str | None, str | None]:
 
 
 class AccessMiddleware:
-    """Request id, authentication, rate-limit headers, settling and the audit log."""
+    """Request id, authentication, rate-limit headers, settling, metrics and the audit log."""
 
     def __init__(
         self,
@@ -82,12 +83,16 @@ class AccessMiddleware:
         limiter: RateLimiter,
         audit: AuditLog,
         counters: IngressCounters,
+        metrics: IngressMetrics | None = None,
+        add_request_id: bool = True,
     ) -> None:
         self.app = app
         self.registry = registry
         self.limiter = limiter
         self.audit = audit
         self.counters = counters
+        self.metrics = metrics or IngressMetrics()
+        self.add_request_id = add_request_id
         self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,16 +109,28 @@ class AccessMiddleware:
         scope.setdefault("state", {})[SCOPE_KEY] = context
         status: list[int] = []
 
+        streaming: list[bool] = []
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
-                extra = [(REQUEST_ID_HEADER, context.request_id)]
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                streaming.append(content_type.startswith(b"text/event-stream"))
+                # Inside Serve, Serve's own layer adds the same header (with the same id).
+                extra = [(REQUEST_ID_HEADER, context.request_id)] if self.add_request_id else []
                 if context.admission is not None:
                     extra += context.admission.headers()
                 message["headers"] = [
                     *message.get("headers", []),
                     *((name.encode(), value.encode()) for name, value in extra),
                 ]
+            elif streaming and streaming[0] and message.get("body"):
+                # The first event of a stream carries the first token (an error event
+                # instead means no token: still the first byte a client sees).
+                streaming[0] = False
+                self.metrics.time_to_first_token.add(
+                    time.perf_counter() - started, api=api_of(str(scope["path"]))
+                )
             await send(message)
 
         try:
@@ -124,6 +141,7 @@ class AccessMiddleware:
                 principal = self.registry.authenticate(key) if key is not None else None
                 if principal is None:
                     context.decision = "unauthenticated"
+                    self.metrics.refusals.add(reason="auth")
                     await self._refuse(scope, sending, AuthenticationError(problem or WRONG_KEY))
                     return
                 context.principal = principal
@@ -131,6 +149,20 @@ class AccessMiddleware:
             await self.app(scope, receive, sending)
         finally:
             self._finish(scope, context, status[0] if status else 500, started)
+
+    def _measure(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
+        """Request, duration and token metrics of one answered request."""
+        path = str(scope.get("path", ""))
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        api = api_of(path)
+        metrics = self.metrics
+        metrics.requests.add(api=api, route=route, status=str(status))
+        metrics.request_duration.add(time.perf_counter() - started, api=api, route=route)
+        tenant = context.principal.tenant_id if context.principal else ""
+        if context.prompt_tokens:
+            metrics.tokens.add(context.prompt_tokens, kind="prompt", tenant=tenant)
+        if context.completion_tokens:
+            metrics.tokens.add(context.completion_tokens, kind="completion", tenant=tenant)
 
     def _public(self, scope: Scope) -> bool:
         return (
@@ -168,10 +200,11 @@ class AccessMiddleware:
             task = asyncio.ensure_future(self.limiter.settle(admission, used))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        if not self.audit.enabled:
-            return
         route = scope.get("route")
         principal = context.principal
+        self._measure(scope, context, status, started)
+        if not self.audit.enabled:
+            return
         client = scope.get("client")
         self.audit.write(
             {

@@ -42,5 +42,8 @@ def create_app(service: CloudLLMService) -> FastAPI:
         limiter=service.limiter,
         audit=AuditLog(service.settings.AUDIT_LOG, replica=service.replica_id or None),
         counters=service.counters,
+        metrics=service.metrics,
+        # Serve answers X-Request-Id itself (the id it took from the request or made).
+        add_request_id=not service.replica_id,
     )
     return app

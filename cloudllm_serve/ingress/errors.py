@@ -28,8 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cloudllm_serve.errors import (
     AuthenticationError,
     CloudLLMError,
+    EngineOverloadedError,
     InvalidRequestError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     RateLimitError,
     ServiceUnavailableError,
 )
@@ -179,11 +181,29 @@ def validation_error_response(
     return error_response(422, detail, "invalid_field", param)
 
 
+def refusal_reason(error: CloudLLMError) -> str | None:
+    """The ``cloudllm_refusals_total`` reason of an error answered here, if it is a refusal.
+
+    Timeouts are counted where they happen (some end a stream that already started).
+    """
+    if isinstance(error, EngineOverloadedError):
+        return "queue_full"
+    if isinstance(error, RateLimitError):
+        return "rate_limit"
+    if isinstance(error, (AuthenticationError, PermissionDeniedError)):
+        return "auth"
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register every handler on ``app``."""
 
     async def on_cloudllm_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, CloudLLMError)
+        reason = refusal_reason(error)
+        service = getattr(request.app.state, "service", None)
+        if reason is not None and service is not None:
+            service.metrics.refusals.add(reason=reason)
         return cloudllm_error_response(error, openai=_is_openai(request))
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:

@@ -41,6 +41,7 @@ from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
 from cloudllm_serve.keys import KeyRegistry
+from cloudllm_serve.metrics import IngressMetrics
 from cloudllm_serve.settings import Settings
 
 _Item = TypeVar("_Item")
@@ -201,10 +202,17 @@ class CloudLLMService:
             ingress_replicas=settings.INGRESS_REPLICAS,
         )
         self.counters = IngressCounters()
+        self.metrics = IngressMetrics(export=settings.METRICS_ENABLED)
+        store.observer = self._observe_store
         #: Serve's id of the ingress replica running this service ("" outside Serve).
         self.replica_id = ""
         self._started_at = time.monotonic()
         self.started_at_unix = time.time()
+
+    def _observe_store(self, operation: str, seconds: float, failed: bool) -> None:
+        self.metrics.store_duration.add(seconds, operation=operation)
+        if failed:
+            self.metrics.store_errors.add(operation=operation)
 
     @property
     def uptime_s(self) -> float:
@@ -295,15 +303,29 @@ class CloudLLMService:
             turn,
             [*new, StoredMessage("assistant", completion.text, time.time())],
             engine_replica=metrics.replica_id if metrics else None,
+            dropped_messages=completion.final.dropped_messages,
         )
 
     async def store_turn(
-        self, turn: ConversationTurn, messages: list[StoredMessage], *, engine_replica: str | None
+        self,
+        turn: ConversationTurn,
+        messages: list[StoredMessage],
+        *,
+        engine_replica: str | None,
+        dropped_messages: int = 0,
+        api: str = "seed",
     ) -> None:
         """Append a turn's ``messages`` (the new ones and the answer) in one write.
 
-        The images the new messages show are stored with them (each once).
+        The images the new messages show are stored with them (each once). Counted:
+        whether the previous turn's engine replica answered (affinity), and the history
+        messages the prompt left out.
         """
+        if turn.engine_replica and engine_replica:
+            outcome = "hit" if engine_replica == turn.engine_replica else "miss"
+            self.metrics.affinity.add(outcome=outcome)
+        if dropped_messages:
+            self.metrics.dropped_history.add(dropped_messages, api=api)
         if turn.conversation_id is not None and turn.store is not None:
             started = time.perf_counter()
             shown = {d for m in messages for d in m.images or ()}
@@ -381,6 +403,7 @@ class CloudLLMService:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    self.metrics.refusals.add(reason="timeout")
                     raise RequestTimeoutError(
                         f"the generation did not finish within {timeout_s:g} s "
                         "(REQUEST_TIMEOUT_S) and was stopped"

@@ -30,7 +30,7 @@ import yaml
 
 from cloudllm_serve.models.prepare import cache_root
 from tests.conftest import Stack, running_stack
-from tests.support import RedisServer, wait_for
+from tests.support import RedisServer, metric_total, scrape_metrics, wait_for
 
 BATCH = 4  # VLLM_MAX_NUM_SEQS of each engine replica
 MAX_REPLICAS = 2
@@ -292,6 +292,11 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
             response.text[:300],
         )
 
+    def queue_full() -> float:
+        samples = scrape_metrics(scale_stack.metrics_url)
+        return metric_total(samples, "ray_cloudllm_refusals_total", reason="queue_full")
+
+    counted_before = queue_full()
     started = time.monotonic()
     with ThreadPoolExecutor(flood) as pool:
         results = list(pool.map(one, range(flood)))
@@ -321,6 +326,13 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
     for _, _, retry_after, body in refused:
         assert retry_after == "1"
         assert "ENGINE_MAX_QUEUED_REQUESTS" in body
+    # The refusals counter (summed over both ingress replicas) rose by exactly as many.
+    counted = wait_for(
+        lambda: (n := queue_full() - counted_before) == len(refused) and n,
+        timeout_s=30,
+        interval_s=1,
+    )
+    print(f"[flood] ray_cloudllm_refusals_total{{reason=queue_full}} rose by {counted}")
     health = wait_for(
         lambda: (
             (r := requests.get(f"{scale_stack.base_url}/health", timeout=30)).status_code == 200

@@ -7,11 +7,11 @@ refreshes what it exports every few seconds, so each check polls until the numbe
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,33 +19,16 @@ import pytest
 import requests
 
 from tests.conftest import REPO, Stack
-from tests.support import free_port, wait_for
+from tests.support import Sample, free_port, metric_total, scrape_metrics, wait_for
 
-#: A Prometheus text line: name, labels, value.
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 DASHBOARD = REPO / "deployments" / "grafana" / "cloudllm.json"
 
 
-def scrape(stack: Stack) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample the stack's metrics agent exports now."""
-    text = requests.get(f"{stack.metrics_url}/metrics", timeout=10).text
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            labels = dict(_LABEL.findall(match.group(2) or ""))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
+def scrape(stack: Stack) -> list[Sample]:
+    return scrape_metrics(stack.metrics_url)
 
 
-def total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    return sum(
-        value
-        for sample, have, value in samples
-        if sample == name and all(have.get(k) == v for k, v in labels.items())
-    )
+total = metric_total
 
 
 WATCHED: list[tuple[str, dict[str, str]]] = [
@@ -67,10 +50,20 @@ def readings(stack: Stack) -> list[float]:
     return [total(samples, name, **labels) for name, labels in WATCHED]
 
 
+def settled_readings(stack: Stack) -> list[float]:
+    """The readings once two of them, a few seconds apart, agree (earlier requests counted)."""
+    previous = readings(stack)
+    for _ in range(10):
+        time.sleep(3)
+        now = readings(stack)
+        if now == previous:
+            return now
+        previous = now
+    return previous
+
+
 def test_engine_and_ingress_metrics_count_each_request(stack: Stack) -> None:
-    # Settle: wait until two reads a report interval apart agree.
-    before = readings(stack)
-    wait_for(lambda: (now := readings(stack)) == before or before.__setitem__(slice(None), now))
+    before = settled_readings(stack)
     generated = 0
     for index in range(5):
         body = {"message": f"Count to {index + 3}.", "max_tokens": 8, "temperature": 0}
@@ -100,8 +93,10 @@ def test_engine_and_ingress_metrics_count_each_request(stack: Stack) -> None:
     except TimeoutError:
         now = readings(stack)
         deltas = [round(a - b) for a, b in zip(now, before, strict=True)]
-        pytest.fail(f"after 30 s: {dict(zip([w[0] for w in WATCHED], deltas, strict=True))}, "
-                    f"expected {expected}")
+        pytest.fail(
+            f"after 30 s: {dict(zip([w[0] for w in WATCHED], deltas, strict=True))}, "
+            f"expected {expected}"
+        )
 
 
 def dashboard_expressions() -> list[str]:
@@ -179,14 +174,22 @@ def test_every_dashboard_expression_returns_data(stack: Stack, prometheus: str) 
         ).json()
         requests.post(
             f"{stack.base_url}/generate",
-            json={"message": "And?", "max_tokens": 4, "stream": True,
-                  "conversation_id": first["conversation_id"]},
+            json={
+                "message": "And?",
+                "max_tokens": 4,
+                "stream": True,
+                "conversation_id": first["conversation_id"],
+            },
             timeout=60,
         )
         requests.post(
             f"{stack.base_url}/v1/chat/completions",
-            json={"model": "SmolLM2-135M-Instruct", "stream": True, "max_tokens": 4,
-                  "messages": [{"role": "user", "content": "Hi"}]},
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "stream": True,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
             timeout=60,
         )
         requests.post(f"{stack.base_url}/generate", json={"message": ""}, timeout=10)
@@ -205,3 +208,40 @@ def _has_number(result: list[dict[str, object]]) -> bool:
 
 def test_scrape_url_is_what_the_launcher_printed(stack: Stack) -> None:
     assert f"metrics: {stack.metrics_url}/metrics" in Path(stack.log_path).read_text()
+
+
+def test_request_id_is_returned_and_in_each_replicas_log_lines(stack: Stack) -> None:
+    request_id = f"trace-{uuid.uuid4().hex[:16]}"
+    for path, body in [
+        ("/generate", {"message": "Hi", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+        ),
+    ]:
+        answer = requests.post(
+            f"{stack.base_url}{path}", json=body, headers={"X-Request-Id": request_id}, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Request-Id"] == request_id
+    made = requests.get(f"{stack.base_url}/health", timeout=10).headers["X-Request-Id"]
+    assert made and made != request_id
+
+    def lines() -> list[str] | None:
+        found = [
+            line
+            for line in Path(stack.log_path).read_text(errors="replace").splitlines()
+            if request_id in line
+        ]
+        replicas = {"Ingress" in line for line in found} | {
+            "EngineServer" in line for line in found
+        }
+        return found if replicas == {True, False} or len(found) >= 4 else None
+
+    found = wait_for(lines, timeout_s=20, interval_s=0.5)
+    assert any("ServeReplica:cloudllm:Ingress" in line for line in found), found
+    assert any("ServeReplica:cloudllm:EngineServer" in line for line in found), found

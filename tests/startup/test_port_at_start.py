@@ -37,6 +37,10 @@ def holding(port: int) -> Iterator[socket.socket]:
         sock.close()
 
 
+#: Ray's metrics agent of every launcher these tests start (one at a time).
+METRICS_PORT = free_port()
+
+
 class Launcher:
     """``python -m cloudllm_serve.launcher`` on ``port``, its output in ``log``."""
 
@@ -51,6 +55,8 @@ class Launcher:
             "LLM_HOST": "127.0.0.1",
             "REDIS_URL": redis.url,
             "PYTHONUNBUFFERED": "1",
+            # not 8080: a `make serve` of the developer's may hold it
+            "METRICS_EXPORT_PORT": str(METRICS_PORT),
         }
         with log.open("ab") as out:
             self.process = subprocess.Popen(

@@ -151,3 +151,15 @@ def test_tp2_profile_is_serve_config_otherwise() -> None:
     (tp2_app,), (gpu_app,) = tp2["applications"], gpu["applications"]
     assert tp2_app["import_path"] == gpu_app["import_path"]
     assert tp2_app["runtime_env"]["env_vars"] == gpu_app["runtime_env"]["env_vars"]
+
+
+def test_rayservice_exports_metrics_on_a_named_port() -> None:
+    cluster_spec = cluster()
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    for group in groups:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        ports = group["template"]["spec"]["containers"][0]["ports"]
+        assert {"containerPort": 8080, "name": "metrics"} in ports
+    monitor = load(REPO / "deployments" / "kuberay-podmonitor.yaml")
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"

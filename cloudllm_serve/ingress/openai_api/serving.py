@@ -194,7 +194,7 @@ class CompletionCall:
         if self.turn.conversation_id is not None:
             try:
                 message = body["choices"][0]["message"]
-                await self._store(message, answer.replica_id)
+                await self._store(message, answer.replica_id, answer.dropped_messages)
             except BaseException:
                 await self.service.abandon_turn(self.turn)
                 raise
@@ -230,9 +230,9 @@ class CompletionCall:
         if end.message is None:  # the stream ended with an error event: nothing to keep
             await self.service.abandon_turn(self.turn)
             return
-        await self._store(end.message, end.replica_id)
+        await self._store(end.message, end.replica_id, end.dropped_messages)
 
-    async def _store(self, message: dict[str, Any], replica_id: str) -> None:
+    async def _store(self, message: dict[str, Any], replica_id: str, dropped: int) -> None:
         answer = StoredMessage(
             "assistant",
             message.get("content") or "",
@@ -240,7 +240,11 @@ class CompletionCall:
             tool_calls=_tool_calls(message.get("tool_calls")),
         )
         await self.service.store_turn(
-            self.turn, [*self.new_messages, answer], engine_replica=replica_id
+            self.turn,
+            [*self.new_messages, answer],
+            engine_replica=replica_id,
+            dropped_messages=dropped,
+            api="openai",
         )
 
 

@@ -57,7 +57,8 @@ class GenerateCall:
         self.user_message = StoredMessage("user", body.message, time.time(), images=digests)
         messages = turn.chat_messages([self.user_message])
         self.request = GenerationRequest(
-            request_id=f"gen-{uuid.uuid4().hex}",
+            # X-Request-Id (taken from the client or made by the access middleware)
+            request_id=context.request_id or f"gen-{uuid.uuid4().hex}",
             messages=messages,
             affinity_key=turn.affinity_key(messages),
             preferred_replica=turn.engine_replica,

@@ -82,7 +82,7 @@ bench: $(BENCH_INSTALLED) redis-server model
 bench-full: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare $(BENCH_ARGS)
 
-# Run before resolving any change to the request path (README "Development").
+# Run before resolving any change to the request path (README "Development", docs/development.md).
 bench-guard: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.compare --guard $(BENCH_ARGS)
 

@@ -76,7 +76,7 @@ def warn_if_open(settings: Settings) -> None:
         logger.warning(
             "no API key is configured (API_KEYS_FILE or API_KEYS) and the service listens on "
             "%s: anyone who reaches port %d can read and delete every conversation "
-            '(README "Security")',
+            "(docs/security.md)",
             settings.LLM_HOST,
             settings.LLM_PORT,
         )

@@ -99,7 +99,7 @@ def profile_settings(profile: dict[str, Any]) -> Settings:
                 f"the {ENGINE_DEPLOYMENT} entry sets {', '.join(refused)}, which are derived "
                 "from the settings in code (VLLM_TENSOR_PARALLEL_SIZE, ENGINE_MIN_REPLICAS, "
                 "ENGINE_MAX_REPLICAS, ENGINE_MAX_QUEUED_REQUESTS, ...): remove them and set "
-                'the variables instead (README "Scaling")'
+                "the variables instead (docs/deployment.md)"
             )
     settings = load_settings(application.get("args") or {})
     check_engine_kwargs(settings)

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         "max_num_batched_tokens, ...); checked against vLLM's at start-up",
     )
 
-    # Scaling of the engine deployment (README "Scaling"). A replica is full at
+    # Scaling of the engine deployment (docs/deployment.md). A replica is full at
     # VLLM_MAX_NUM_SEQS sequences; Serve adds replicas when requests pile up past that.
     ENGINE_MIN_REPLICAS: int = Field(1, ge=1, le=1024, description="fewest engine replicas")
     ENGINE_MAX_REPLICAS: int = Field(1, ge=1, le=1024, description="most engine replicas")
@@ -196,7 +196,7 @@ class Settings(BaseSettings):
         3.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
     )
 
-    # Keys, tenants, retention, audit (README "Security")
+    # Keys, tenants, retention, audit (docs/security.md)
     API_KEYS_FILE: str | None = Field(
         None,
         min_length=1,

@@ -1,4 +1,4 @@
-"""API keys and tenants (README "Security"); ``python -m cloudllm_serve.keys`` makes keys."""
+"""API keys and tenants (docs/security.md); ``python -m cloudllm_serve.keys`` makes keys."""
 
 from cloudllm_serve.keys.registry import KeyRegistry, Principal, Tenant, key_digest
 

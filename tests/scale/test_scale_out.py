@@ -55,7 +55,7 @@ SCALE_ENV = {
     # Two vLLM engines on 2 cores ask for about twice the CPU there is (load average ~15).
     # At the same priority as the proxy, the ingress replicas and Redis, refusals then took
     # seconds and Redis answers missed REDIS_TIMEOUT_S (503s) in 3 of 5 floods; niced, the
-    # engines leave the front door responsive (README "Scaling" has both measurements).
+    # engines leave the front door responsive (docs/deployment.md has both measurements).
     "ENGINE_NICENESS": "5",
 }
 
@@ -313,7 +313,7 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
         print(f"[flood] a refusal: Retry-After {refused[0][2]}, body {refused[0][3]}")
     # 200, the overload refusal (429 here), or a 503 with Retry-After: on this oversubscribed
     # host the ingress sometimes waits for CPU longer than REDIS_TIMEOUT_S and reports Redis
-    # unavailable (README "Scaling"). Any other status, or no answer (-1), fails.
+    # unavailable (docs/deployment.md). Any other status, or no answer (-1), fails.
     assert set(statuses) <= {200, 429, 503}, [r for r in results if r[0] not in (200, 429, 503)]
     for _, _, retry_after, body in (r for r in results if r[0] == 503):
         print(f"[flood] a 503: Retry-After {retry_after}, body {body}")
@@ -321,7 +321,7 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
     assert statuses[200] > 0
     assert statuses[429] > 0, "more requests than slots and queue: some must be refused"
     # How fast a refusal comes is printed, not asserted: with two vLLM engines on 2 cores
-    # it depends on how long the proxy and ingress wait for CPU (README "Scaling" has the
+    # it depends on how long the proxy and ingress wait for CPU (docs/deployment.md has the
     # numbers, and the same refusal with one engine). Hangs are caught above (status -1).
     for _, _, retry_after, body in refused:
         assert retry_after == "1"

@@ -71,13 +71,6 @@ class CheckedImage:
         """The image as a ``data:`` URL (how the engine receives it)."""
         return f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode('ascii')}"
 
-    @classmethod
-    def from_data_url(cls, url: str) -> CheckedImage:
-        """Rebuild from :meth:`data_url` (an image this module made and stored)."""
-        header, _, payload = url.partition(",")
-        mime_type = header.removeprefix("data:").split(";", 1)[0]
-        return cls(base64.b64decode(payload), mime_type, 0, 0)
-
 
 @dataclass(frozen=True)
 class ImageLimits:

@@ -53,8 +53,8 @@ class ServeEngineClient:
     ) -> None:
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
-        self._models: dict[str, Any] | None = None
-        self._model_info: EngineModelInfo | None = None
+        #: Answers that never change while the deployment runs, by method name.
+        self._asked: dict[str, Any] = {}
         self._deployment = str(handle.deployment_name)
         self._app_name = app_name
         self._settings = settings
@@ -70,23 +70,24 @@ class ServeEngineClient:
         """Stream one ``/v1`` call's items from an engine replica."""
         return self._relay(self._stream_handle.openai.remote(call))
 
-    async def models(self) -> dict[str, Any]:
-        """``GET /v1/models`` from an engine replica (asked once, then remembered)."""
-        if self._models is None:
+    async def _ask_once(self, method: str) -> Any:
+        """An engine replica's answer to ``method`` (asked once, then remembered)."""
+        if method not in self._asked:
             try:
-                self._models = await self._handle.models.remote()
+                self._asked[method] = await getattr(self._handle, method).remote()
             except Exception as error:
                 raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
-        return self._models
+        return self._asked[method]
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models`` from an engine replica (asked once, then remembered)."""
+        models: dict[str, Any] = await self._ask_once("models")
+        return models
 
     async def model_info(self) -> EngineModelInfo:
         """What the served model can take, from an engine replica (asked once)."""
-        if self._model_info is None:
-            try:
-                self._model_info = await self._handle.model_info.remote()
-            except Exception as error:
-                raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
-        return self._model_info
+        info: EngineModelInfo = await self._ask_once("model_info")
+        return info
 
     async def _relay(self, items: Any) -> AsyncIterator[Any]:
         """A handle's stream, its failures turned into the project's errors."""

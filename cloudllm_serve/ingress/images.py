@@ -30,6 +30,7 @@ import ipaddress
 import socket
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -62,14 +63,18 @@ class CheckedImage:
     width: int
     height: int
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """SHA-256 of :attr:`data` (hex): the image's address in the conversation store."""
         return hashlib.sha256(self.data).hexdigest()
 
-    def data_url(self) -> str:
-        """The image as a ``data:`` URL (how the engine receives it)."""
+    @cached_property
+    def _data_url(self) -> str:
         return f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+    def data_url(self) -> str:
+        """The image as a ``data:`` URL (how the engine receives it; encoded once)."""
+        return self._data_url
 
 
 @dataclass(frozen=True)

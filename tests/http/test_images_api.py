@@ -8,8 +8,8 @@ own code before any engine: decoding, limits, normalisation, the allowlist.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -292,4 +292,5 @@ def test_check_image_downscales_and_keeps_the_format() -> None:
     checked = check_image(image_bytes(200, 100), field="image", limits=limits)
     assert (checked.width, checked.height) == (50, 25)
     assert checked.mime_type == "image/png"
-    assert json.dumps(checked.digest)  # hex digest
+    assert checked.digest == hashlib.sha256(checked.data).hexdigest()
+    assert checked.data_url() == data_url(checked.data)

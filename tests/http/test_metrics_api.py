@@ -27,7 +27,7 @@ def test_requests_durations_tokens_and_store_operations(app: App) -> None:
     first = app.client.post("/generate", json={"message": "hello there", "max_tokens": 8})
     assert first.status_code == 200
     cid = first.json()["conversation_id"]
-    app.client.post("/generate", json={"message": "again", "conversation_id": cid})
+    second = app.client.post("/generate", json={"message": "again", "conversation_id": cid})
     app.client.post("/generate", json={"message": ""})
     app.client.get(f"/conversations/{cid}")
     app.client.get("/no/such/route")
@@ -36,9 +36,12 @@ def test_requests_durations_tokens_and_store_operations(app: App) -> None:
     assert metrics.requests.total(route="/conversations/{conversation_id}", status="200") == 1
     assert metrics.requests.total(api="other", route="unmatched", status="404") == 1
     assert metrics.request_duration.counts[("seed", "/generate")] == 3
-    tokens = sum(len(m.split()) for m in ["1", "earlier"])  # at least the answers' words
-    assert metrics.tokens.total(kind="completion") >= tokens
-    assert metrics.tokens.total(kind="prompt") > 0
+    answered = [first.json(), second.json()]
+    generated = sum(a["model_info"]["timings"]["tokens_generated"] for a in answered)
+    assert generated > 0
+    assert metrics.tokens.total(kind="completion") == generated
+    prompt = sum(a["model_info"]["timings"]["prompt_tokens"] for a in answered)
+    assert metrics.tokens.total(kind="prompt") == prompt
     for operation in ("create", "get", "append"):
         assert metrics.store_duration.counts[(operation,)] >= 1, operation
     # the second turn was answered by the first turn's replica (the fake has one)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cloudllm_serve.ingress.context import RequestContext, request_context
 from cloudllm_serve.ingress.errors import ErrorResponses
+from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
 from cloudllm_serve.ingress.seed_api import status
 from cloudllm_serve.ingress.seed_api.generation import GenerateCall
@@ -79,31 +80,6 @@ async def health(service: Service) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=code)
 
 
-@router.post(
-    "/generate",
-    response_model=GenerationResponse,
-    responses={
-        **ErrorResponses,
-        200: {
-            "content": {SSE_MEDIA_TYPE: {}},
-            "description": "GenerationResponse, or with stream=true server-sent events: "
-            '{"type":"delta","delta":...} per text delta, then '
-            '{"type":"final","response":GenerationResponse} (or {"type":"error",...})',
-        },
-    },
-)
-async def generate(
-    body: GenerateRequest, request: Request, service: Service, context: Context
-) -> Any:
-    """Generate the answer to ``message``, in a new or a stored conversation."""
-    received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
-    call = await GenerateCall.prepare(service, body, received_at, context)
-    if body.stream:
-        events = await call.start_events()
-        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    return await call.run()
-
-
 _GENERATION_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {SSE_MEDIA_TYPE: {}},
@@ -112,6 +88,34 @@ _GENERATION_ANSWER: dict[int | str, dict[str, Any]] = {
         '{"type":"final","response":GenerationResponse} (or {"type":"error",...})',
     },
 }
+
+
+async def _run_turn(
+    request: Request,
+    service: CloudLLMService,
+    context: RequestContext,
+    body: GenerateRequest,
+    images: list[CheckedImage] | None = None,
+) -> Any:
+    """Run one turn (``/generate``, ``/vision``, ``/multimodal``): whole, or as events."""
+    received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
+    call = await GenerateCall.prepare(service, body, received_at, context, images)
+    if body.stream:
+        events = await call.start_events()
+        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    return await call.run()
+
+
+@router.post(
+    "/generate",
+    response_model=GenerationResponse,
+    responses={**ErrorResponses, **_GENERATION_ANSWER},
+)
+async def generate(
+    body: GenerateRequest, request: Request, service: Service, context: Context
+) -> Any:
+    """Generate the answer to ``message``, in a new or a stored conversation."""
+    return await _run_turn(request, service, context, body)
 
 
 async def _image_turn(
@@ -123,14 +127,9 @@ async def _image_turn(
 ) -> Any:
     """``/vision`` and ``/multimodal``: read and check the images, then run as ``/generate``."""
     await service.require_images(f"POST {request.url.path}")
-    received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
     body, raw_images = await read_image_request(request, model, image_field, service.settings)
     images = await check_images(raw_images, service.settings)
-    call = await GenerateCall.prepare(service, body, received_at, context, images)
-    if body.stream:
-        events = await call.start_events()
-        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-    return await call.run()
+    return await _run_turn(request, service, context, body, images)
 
 
 @router.post(

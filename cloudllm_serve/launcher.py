@@ -15,6 +15,8 @@ Steps, each printed as it happens:
 6. wait until ``/health`` answers 200, then keep running. If Serve logs that its HTTP
    server could not bind ``LLM_PORT`` (taken after step 3: with direct ingress Ray then
    moves to the next port for good), stop Serve and start it again once the port is free.
+   A replica failing in its constructor is printed by ``serve_run`` (its exception); when
+   Serve gives up on the application, ``serve run`` exits 1 and so does the launcher.
 
 Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it started,
 and returns once ``LLM_PORT`` can be bound again (a stop followed by a start works).

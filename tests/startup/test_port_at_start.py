@@ -45,7 +45,13 @@ class Launcher:
     """``python -m cloudllm_serve.launcher`` on ``port``, its output in ``log``."""
 
     def __init__(
-        self, redis: RedisServer, port: int, log: Path, *, port_wait_s: float = PORT_WAIT_S
+        self,
+        redis: RedisServer,
+        port: int,
+        log: Path,
+        *,
+        port_wait_s: float = PORT_WAIT_S,
+        env_overrides: dict[str, str] | None = None,
     ) -> None:
         self.port = port
         self.log = log
@@ -57,6 +63,7 @@ class Launcher:
             "PYTHONUNBUFFERED": "1",
             # not 8080: a `make serve` of the developer's may hold it
             "METRICS_EXPORT_PORT": str(METRICS_PORT),
+            **(env_overrides or {}),
         }
         with log.open("ab") as out:
             self.process = subprocess.Popen(

@@ -176,6 +176,14 @@ class IngressMetrics:
             "stored messages left out of prompts to fit the context",
             ("api",),
         )
+        self.engine_retries = metric(
+            "counter",
+            "cloudllm_engine_retries",
+            "requests tried again on another engine replica because the engine of theirs "
+            "died before it answered",
+            (),
+        )
+        self.engine_retries.start_at_zero()
         for reason in REFUSAL_REASONS:
             self.refusals.start_at_zero(reason=reason)
         for outcome in ("hit", "miss"):

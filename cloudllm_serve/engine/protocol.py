@@ -62,6 +62,9 @@ class GenerationRequest:
     affinity_key: str | None = None
     #: The engine replica that answered this conversation's previous turn, if known.
     preferred_replica: str | None = None
+    #: Engine replicas whose engine died under an earlier try of this request: the
+    #: router passes over them while another replica is there.
+    avoid_replicas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class OpenAICall:
     #: As on :class:`GenerationRequest` (read by the router).
     affinity_key: str | None = None
     preferred_replica: str | None = None
+    avoid_replicas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,24 @@ class GenerationMetrics:
     generation_ms: float
     #: The engine replica that ran the generation (Serve's replica id).
     replica_id: str = ""
+
+
+class EngineDeadError(RuntimeError):
+    """An engine replica's vLLM engine is dead and this request got nothing from it.
+
+    Raised by the replica instead of an error chunk, so the ingress can try the request
+    on another replica (``replica_id`` goes into its ``avoid_replicas``). Serve's health
+    check replaces the replica.
+    """
+
+    def __init__(self, replica_id: str, message: str) -> None:
+        super().__init__(f"the engine of replica {replica_id or '?'} is dead: {message}")
+        self.replica_id = replica_id
+        self.reason = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses Ray: rebuilt from both fields, not from ``args`` (one string).
+        return (type(self), (self.replica_id, self.reason))
 
 
 @dataclass(frozen=True)

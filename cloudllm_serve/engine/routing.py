@@ -23,7 +23,8 @@ only its own requests since its last look, so it can overstate a replica's load 
 early version of this router sent turns away from an idle replica that way). A cached
 "full" is checked with one probe of the replica before the request goes elsewhere.
 Requests without a key, and all requests when ``affinity`` is off, use
-power-of-two-choices like Serve's default router.
+power-of-two-choices like Serve's default router. A request retried because an engine
+died under it (``avoid_replicas``) passes over that replica while another one is there.
 
 When no replica has room (each is at ``max_ongoing_requests``), Serve retries with
 exponential backoff, and waiting requests are served first come, first served
@@ -71,6 +72,25 @@ def request_preferred_replica(pending_request: PendingRequest | None) -> str | N
     return _request_field(pending_request, "preferred_replica")
 
 
+def request_avoided_replicas(pending_request: PendingRequest | None) -> tuple[str, ...]:
+    """The ``avoid_replicas`` of a request: replicas whose engine died under a try of it."""
+    if pending_request is None or not pending_request.args:
+        return ()
+    avoided = getattr(pending_request.args[0], "avoid_replicas", ())
+    return tuple(avoided) if isinstance(avoided, tuple) else ()
+
+
+def without_avoided(
+    candidates: list[RunningReplica], pending_request: PendingRequest | None
+) -> list[RunningReplica]:
+    """``candidates`` less the request's avoided replicas, unless that leaves none."""
+    avoided = request_avoided_replicas(pending_request)
+    if not avoided:
+        return candidates
+    kept = [r for r in candidates if r.replica_id.unique_id not in avoided]
+    return kept or candidates
+
+
 class ConversationAffinityRouter(FIFOMixin, RequestRouter):
     """Serve request router: conversation affinity, else power of two choices."""
 
@@ -94,6 +114,7 @@ class ConversationAffinityRouter(FIFOMixin, RequestRouter):
         if pending_request is not None:
             # The ranks below always cover every replica: after them, back off.
             pending_request.routing_context.should_backoff = True
+        candidate_replicas = without_avoided(candidate_replicas, pending_request)
         if not candidate_replicas:
             return []
         preferred = self.preferred(candidate_replicas, pending_request)

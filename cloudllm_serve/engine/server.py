@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import (
+    EngineDeadError,
     EngineModelInfo,
     EngineStats,
     GenerationChunk,
@@ -85,6 +86,10 @@ class EngineBackend(Protocol):
         """Raise when the backend can no longer serve."""
         ...
 
+    def dead(self) -> bool:
+        """Whether the backend's engine has died (no request can succeed here)."""
+        ...
+
     def shutdown(self) -> None:
         """Release the backend's processes and memory."""
         ...
@@ -112,20 +117,42 @@ class EngineServer:
         await self._backend.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one generation's chunks back to the caller (the last one names us)."""
+        """Stream one generation's chunks back to the caller (the last one names us).
+
+        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
+        """
+        self._refuse_if_dead("")
+        sent = False
         async for chunk in self._backend.generate(request):
+            if chunk.error is not None and not sent:
+                self._refuse_if_dead(chunk.error.message)
             if chunk.metrics is not None:
                 chunk = dataclasses.replace(
                     chunk, metrics=dataclasses.replace(chunk.metrics, replica_id=self._replica_id)
                 )
+            sent = True
             yield chunk
 
     async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
-        """Stream one ``/v1`` call's items back (its answer or end names us)."""
+        """Stream one ``/v1`` call's items back (its answer or end names us).
+
+        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
+        """
+        self._refuse_if_dead("")
+        sent = False
         async for item in self._backend.openai(call):
+            if not sent and _is_error(item):
+                self._refuse_if_dead(str(item)[:300])
             if isinstance(item, (OpenAIAnswer, OpenAIStreamEnd)):
                 item = dataclasses.replace(item, replica_id=self._replica_id)
+            sent = True
             yield item
+
+    def _refuse_if_dead(self, error: str) -> None:
+        """Raise :class:`EngineDeadError` if the engine died (``error``: what it gave)."""
+        if self._backend.dead():
+            logger.warning("engine is dead; refusing a request so that it is retried elsewhere")
+            raise EngineDeadError(self._replica_id, error or "vLLM's engine process is gone")
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models`` as vLLM answers it."""
@@ -152,3 +179,10 @@ class EngineServer:
         backend = getattr(self, "_backend", None)
         if backend is not None:
             backend.shutdown()
+
+
+def _is_error(item: OpenAIItem) -> bool:
+    """Whether a ``/v1`` item is an error: a 5xx answer or an SSE error event."""
+    if isinstance(item, OpenAIAnswer):
+        return item.status >= 500
+    return isinstance(item, str) and item.startswith('data: {"error"')

@@ -400,11 +400,16 @@ class VLLMEngine:
         except _client_errors() as error:  # vLLM's verdict on the request
             yield GenerationChunk(finished=True, error=EngineError("invalid_request", str(error)))
         except Exception as error:
-            logger.exception("generation %s failed", request.request_id)
-            yield GenerationChunk(
-                finished=True,
-                error=EngineError("engine_failure", f"{type(error).__name__}: {error}"),
-            )
+            if self.dead():
+                message = (
+                    f"the engine died while generating (after {tokens} tokens): "
+                    "vLLM's engine process is gone and the replica is being replaced; "
+                    "send the request again"
+                )
+            else:
+                logger.exception("generation %s failed", request.request_id)
+                message = f"{type(error).__name__}: {error}"
+            yield GenerationChunk(finished=True, error=EngineError("engine_failure", message))
 
     def stats(self) -> EngineStats:
         """A live snapshot of this engine."""
@@ -439,6 +444,10 @@ class VLLMEngine:
         if self._engine is None:
             raise RuntimeError("vLLM engine is not started")
         await self._engine.check_health()
+
+    def dead(self) -> bool:
+        """Whether vLLM's engine died (its engine-core process gone) or was shut down."""
+        return self._engine is None or bool(getattr(self._engine, "errored", False))
 
     def shutdown(self) -> None:
         """Stop the engine's processes."""

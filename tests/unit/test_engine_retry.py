@@ -1,0 +1,123 @@
+"""An engine replica whose engine died: the ingress tries the request on another one.
+
+The client is :class:`ServeEngineClient` as the ingress builds it, over a handle whose
+replicas are scripted: ``dead`` ones raise what an engine replica raises when its vLLM
+engine is gone (through Ray, as a ``RayTaskError`` of it), before or after a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError, RayTaskError
+
+from cloudllm_serve.engine.protocol import (
+    EngineDeadError,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+)
+from cloudllm_serve.errors import EngineUnavailableError
+from cloudllm_serve.ingress.engine_client import ENGINE_RETRIES, ServeEngineClient
+from cloudllm_serve.settings import Settings
+
+CHUNK = GenerationChunk(finished=True)
+
+
+def through_ray(error: Exception) -> Exception:
+    """``error`` as a Serve handle raises it in the caller (Ray's wrapping of it)."""
+    wrapped: Exception = RayTaskError("generate", "Traceback ...", error).as_instanceof_cause()
+    return wrapped
+
+
+class ScriptedMethod:
+    """``handle.generate``: each ``remote`` call plays the next script entry.
+
+    An entry is ``"ok"`` (one chunk), ``"dead"`` (engine dead before anything),
+    ``"dead-after-chunk"``, or ``"actor-gone"`` (the replica's process died).
+    """
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = script
+        self.calls: list[GenerationRequest] = []
+
+    def remote(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(request)
+        return self._play(self.script[len(self.calls) - 1], f"replica-{len(self.calls)}")
+
+    async def _play(self, step: str, replica: str) -> AsyncIterator[GenerationChunk]:
+        if step == "dead":
+            raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
+        if step == "actor-gone":
+            raise ActorDiedError()
+        yield CHUNK
+        if step == "dead-after-chunk":
+            raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
+
+
+class ScriptedHandle:
+    deployment_name = "EngineServer"
+
+    def __init__(self, script: list[str]) -> None:
+        self.generate = ScriptedMethod(script)
+
+    def options(self, **_: Any) -> ScriptedHandle:
+        return self
+
+
+def run(script: list[str]) -> tuple[list[Any], ScriptedMethod, list[str]]:
+    """Chunks (or the error) one generation gets, the calls made, and the retries seen."""
+    handle = ScriptedHandle(script)
+    client = ServeEngineClient(handle, Settings(), app_name="test")
+    retried: list[str] = []
+    client.on_retry = retried.append
+    request = GenerationRequest(request_id="r1", sampling=SamplingOptions(max_tokens=4))
+
+    async def collect() -> list[Any]:
+        got: list[Any] = []
+        try:
+            async for chunk in client.generate(request):
+                got.append(chunk)
+        except EngineUnavailableError as error:
+            got.append(error)
+        return got
+
+    return asyncio.run(collect()), handle.generate, retried
+
+
+def test_a_request_unheard_by_a_dead_engine_is_tried_elsewhere() -> None:
+    got, method, retried = run(["dead", "ok"])
+    assert got == [CHUNK]
+    assert retried == ["replica-1"]
+    assert [call.avoid_replicas for call in method.calls] == [(), ("replica-1",)]
+
+
+def test_each_dead_replica_is_avoided_and_tries_are_bounded() -> None:
+    got, method, retried = run(["dead"] * (ENGINE_RETRIES + 1))
+    assert len(method.calls) == ENGINE_RETRIES + 1
+    assert method.calls[-1].avoid_replicas == ("replica-1", "replica-2")
+    assert isinstance(got[-1], EngineUnavailableError)
+    assert f"{ENGINE_RETRIES + 1} tries" in str(got[-1])
+    assert retried == ["replica-1", "replica-2"]
+
+
+def test_a_replica_actor_gone_is_tried_again() -> None:
+    got, method, _ = run(["actor-gone", "ok"])
+    assert got == [CHUNK] and len(method.calls) == 2
+
+
+def test_a_stream_that_had_sent_something_is_not_resent() -> None:
+    got, method, retried = run(["dead-after-chunk", "ok"])
+    assert got[0] == CHUNK and isinstance(got[1], EngineUnavailableError)
+    assert len(method.calls) == 1 and retried == []
+
+
+@pytest.mark.parametrize("replica", ["abc123", ""])
+def test_the_engine_dead_error_crosses_ray_with_its_replica(replica: str) -> None:
+    error = pickle.loads(pickle.dumps(EngineDeadError(replica, "gone")))
+    assert (error.replica_id, error.reason) == (replica, "gone")
+    assert isinstance(through_ray(error), EngineDeadError)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cloudllm_serve.launcher import REDIS_APPENDFSYNC
 from tests.support import RedisServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +55,25 @@ STACK_PORT_WAIT_S = 5
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The Redis most tests share (each under a key prefix of its own): never stopped.
+
+    A test that freezes or kills Redis uses one of its own (``own_redis`` in
+    ``tests/http``, ``stack_redis`` under the session's stack).
+    """
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The session stack's own Redis, with ``make serve``'s fsync policy.
+
+    ``tests/stack`` freezes and kills it; ``redis_server``, which the HTTP-layer
+    tests and the other stacks use, is never touched by that.
+    """
+    server = RedisServer(tmp_path_factory.mktemp("stack-redis"), appendfsync=REDIS_APPENDFSYNC)
     server.start()
     yield server
     server.stop()
@@ -149,7 +168,11 @@ def running_stack(
 
 
 @pytest.fixture(scope="session")
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The service as ``make serve`` runs it: the CPU profile, one replica of each."""
-    with running_stack(redis_server, tmp_path_factory.mktemp("stack")) as running:
+def stack(stack_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service as ``make serve`` runs it: the CPU profile, one replica of each.
+
+    Its Redis (``stack.redis``) is its own, ``stack_redis``: the stack's outage tests
+    stop it without touching the Redis the other tests share.
+    """
+    with running_stack(stack_redis, tmp_path_factory.mktemp("stack")) as running:
         yield running

@@ -35,17 +35,24 @@ def wait_for(check: Callable[[], T | None], timeout_s: float, interval_s: float 
 class RedisServer:
     """A real ``redis-server`` on a free port that tests may stop, freeze and restart.
 
-    Data is kept in an append-only file synced on every write, so a SIGKILL loses
-    nothing that Redis acknowledged.
+    Started by the launcher's :func:`~cloudllm_serve.launcher.redis_server_command`:
+    data is kept in an append-only file only, synced per ``appendfsync``: ``always``
+    (every write) unless asked otherwise, ``REDIS_APPENDFSYNC`` for the policy
+    ``make serve`` runs (also ``always``). A SIGKILL loses nothing Redis acknowledged
+    (docs/deployment.md, "Redis"). A restart
+    (:meth:`start` again) keeps the port and the data.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs it)")
         self.binary = binary
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,7 +66,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             redis_server_command(
-                self.binary, "127.0.0.1", self.port, self.data_dir, fsync_always=True
+                self.binary, "127.0.0.1", self.port, self.data_dir, appendfsync=self.appendfsync
             ),
             stdout=subprocess.DEVNULL,
         )

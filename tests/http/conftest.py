@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,6 +12,7 @@ from fastapi.testclient import TestClient
 from cloudllm_serve.conversations.store import ConversationStore
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.launcher import REDIS_APPENDFSYNC
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.support import RedisServer
@@ -22,9 +25,9 @@ class App:
     settings: Settings
 
 
-@pytest.fixture
-def app(redis_server: RedisServer) -> Iterator[App]:
-    """The real FastAPI app over a real Redis (own key prefix) and the fake engine."""
+@contextlib.contextmanager
+def running_app(redis_server: RedisServer) -> Iterator[App]:
+    """The real FastAPI app over ``redis_server`` (own key prefix) and the fake engine."""
     settings = Settings(
         REDIS_URL=redis_server.url, MAX_TOKENS_CAP=32, MAX_UPLOAD_BYTES=4096, REDIS_TIMEOUT_S=0.5
     )
@@ -37,3 +40,31 @@ def app(redis_server: RedisServer) -> Iterator[App]:
     engine.model = settings.model_name
     with TestClient(create_app(CloudLLMService(settings, store, engine))) as client:
         yield App(client, engine, settings)
+
+
+@pytest.fixture
+def app(redis_server: RedisServer) -> Iterator[App]:
+    """The real FastAPI app over the session's Redis (own key prefix) and the fake engine."""
+    with running_app(redis_server) as running:
+        yield running
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own (fresh data folder), for tests that freeze or kill it.
+
+    The session's ``redis_server`` is shared by every other test: an outage there
+    would be felt by whichever test runs next. Started as ``make serve`` starts its
+    Redis (same command line, same fsync policy).
+    """
+    server = RedisServer(tmp_path / "own-redis", appendfsync=REDIS_APPENDFSYNC)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_app(own_redis: RedisServer) -> Iterator[App]:
+    """The ``app`` fixture's app over ``own_redis``."""
+    with running_app(own_redis) as running:
+        yield running

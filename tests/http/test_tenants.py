@@ -430,7 +430,14 @@ def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
     assert list(client.scan_iter(f"{ttl_app.prefix}t:tenant-a:*")) == []
 
 
-def test_redis_down_limits_stateless_requests_in_memory(app: TenantApp) -> None:
+@pytest.fixture
+def own_redis_app(own_redis: RedisServer, tmp_path: Path) -> Iterator[TenantApp]:
+    """The tenants' app over a Redis of its own, which the test may freeze."""
+    yield from make_app(own_redis, tmp_path)
+
+
+def test_redis_down_limits_stateless_requests_in_memory(own_redis_app: TenantApp) -> None:
+    app = own_redis_app
     limited = app.keys.auth("rpm-3")
     body = {"prompt": "x"}
     app.redis.freeze()

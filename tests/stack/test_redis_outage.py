@@ -1,4 +1,8 @@
-"""Redis frozen and killed under the real stack: 503s within seconds, recovery, no loss."""
+"""Redis frozen and killed under the real stack: 503s within seconds, recovery, no loss.
+
+``stack.redis`` is the stack's own (``stack_redis``): the Redis the HTTP-layer tests and the
+other stacks share is never stopped.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
 from cloudllm_serve import launcher
 from cloudllm_serve.settings import Settings
@@ -34,8 +35,13 @@ def test_start_redis_starts_and_reuses(
     process = launcher.start_redis(url)
     assert process is not None
     try:
-        assert launcher.redis_answers("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert launcher.redis_answers("127.0.0.1", port)
         assert (tmp_path / "redis").is_dir()
+        # The durability policy README and docs/deployment.md state.
+        config = redis.Redis(port=port, decode_responses=True).config_get("append*")
+        assert (config["appendonly"], config["appendfsync"]) == ("yes", "always")
+        assert launcher.REDIS_APPENDFSYNC == "always"
         assert launcher.start_redis(url) is None  # one answers already: reuse it
         assert "already answers" in capsys.readouterr().out
     finally:

@@ -34,7 +34,8 @@ class FakeEngine:
 
     A message (or prompt) starting with ``say:`` is answered with the rest, verbatim;
     with a JSON schema the answer is ``{"answer": "<message>"}``. Choice ``i`` of
-    ``n`` gets ``[i]`` appended. Stop sequences cut the answer like vLLM does.
+    ``n`` gets ``[i]`` appended. Stop sequences cut the answer like vLLM does. On ``/v1``,
+    the word :attr:`fail_word` in the answer makes the engine fail (``None``: never).
     """
 
     def __init__(self, *, context_words: int = 200, delay_s: float = 0.0) -> None:
@@ -47,6 +48,7 @@ class FakeEngine:
         self.supports_images = False
         self.running = 0
         self.cancelled = 0
+        self.fail_word: str | None = "FAIL"
 
     def _reply(self, request: GenerationRequest) -> str:
         if request.messages is not None:
@@ -188,7 +190,7 @@ class FakeEngine:
         self.running += 1
         try:
             if not body.get("stream"):
-                if "FAIL" in words:
+                if self.fail_word is not None and self.fail_word in words:
                     yield _error(500, "InternalServerError", "boom")
                     return
                 if self.delay_s:
@@ -210,7 +212,7 @@ class FakeEngine:
             for position, word in enumerate(words):
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
-                if word == "FAIL":
+                if self.fail_word is not None and word == self.fail_word:
                     yield _sse({"error": {"message": "boom", "type": "InternalServerError"}})
                     yield "data: [DONE]\n\n"
                     yield OpenAIStreamEnd(usage=None, message=None, replica_id="fake-1")

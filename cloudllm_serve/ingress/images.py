@@ -200,7 +200,11 @@ def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 async def _check_url(url: str, *, field: str, allowed: list[str]) -> None:
     """Refuse ``url`` unless it is http(s) to an allowed host with public addresses."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as error:  # a bad IPv6 literal or port
+        raise _refuse(field, f"not a valid URL ({error})") from None
     if parts.scheme not in ("http", "https"):
         raise _refuse(field, "only data: URLs, and http(s) URLs to MEDIA_ALLOWED_DOMAINS hosts")
     host = (parts.hostname or "").lower().rstrip(".")
@@ -211,7 +215,6 @@ async def _check_url(url: str, *, field: str, allowed: list[str]) -> None:
     if host not in allowed:
         raise _refuse(field, f"host {host!r} is not in MEDIA_ALLOWED_DOMAINS")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, ValueError) as error:
         raise _refuse(field, f"host {host!r} could not be resolved ({error})") from None
@@ -241,7 +244,10 @@ async def fetch_image(
                 async with client.stream("GET", url, follow_redirects=False) as response:
                     if response.is_redirect:
                         location = response.headers.get("location", "")
-                        url = urljoin(url, location)
+                        try:
+                            url = urljoin(url, location)
+                        except ValueError:
+                            raise _refuse(field, "redirected to an invalid URL") from None
                         continue
                     if response.status_code != 200:
                         raise _refuse(field, f"fetching the image got HTTP {response.status_code}")
@@ -259,7 +265,7 @@ async def fetch_image(
         raise _refuse(
             field, f"fetching the image took longer than MEDIA_FETCH_TIMEOUT_S ({timeout_s:g} s)"
         ) from None
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise _refuse(field, f"fetching the image failed: {type(error).__name__}") from None
     finally:
         if own_client:

@@ -169,13 +169,31 @@ _ERROR_KINDS: dict[str, type[CloudLLMError]] = {
 }
 
 
+def json_schema_validator(schema: dict[str, Any]) -> type[jsonschema.protocols.Validator]:
+    """The validator class of ``schema``'s ``$schema`` dialect (an unknown one: 2020-12)."""
+    validator: type[jsonschema.protocols.Validator] = jsonschema.validators.validator_for(
+        schema, default=jsonschema.Draft202012Validator
+    )
+    return validator
+
+
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
     """Raise a 400 naming ``param`` when ``schema`` is not a valid JSON Schema."""
+    dialect = schema.get("$schema")
+    if dialect is not None and not isinstance(dialect, str):
+        raise InvalidRequestError(
+            f"{param} is not a valid JSON Schema: $schema must be a string (a dialect's URI)",
+            param=param,
+        )
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        json_schema_validator(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
         raise InvalidRequestError(
             f"{param} is not a valid JSON Schema: {error.message}", param=param
+        ) from None
+    except RecursionError:
+        raise InvalidRequestError(
+            f"{param} is nested too deeply to be checked as a JSON Schema", param=param
         ) from None
 
 

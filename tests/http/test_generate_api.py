@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from tests.http.conftest import App
+from tests.support import MediaServer
 
 
 def generate(app: App, **body: object) -> dict:
@@ -62,6 +65,11 @@ def test_max_tokens_is_clamped_to_the_cap(app: App) -> None:
     assert app.engine.requests[-1].sampling.max_tokens == app.settings.MAX_TOKENS_CAP
 
 
+def test_an_integral_float_is_an_integer(app: App) -> None:
+    # JSON Schema (so /openapi.json, and schemathesis) counts 3.0 as an integer.
+    assert generate(app, max_tokens=3.0)["model_info"]["max_tokens"] == 3
+
+
 def test_json_answers_fill_response_json(app: App) -> None:
     body = generate(app, message='say:Sure:\n```json\n{"k": [1, 2]}\n```')
     assert body["response_is_json"] is True
@@ -93,6 +101,19 @@ def test_json_answers_fill_response_json(app: App) -> None:
         (b'{"message": "hi", "temperature": "hot"}', 422, "temperature"),
         (b'{"message": "hi", "conversation_id": ""}', 422, "conversation_id"),
         (b'{"message": "hi", "max_token": 5}', 422, "max_token"),
+        # Found by tests/http/test_fuzz_openapi.py: each of these was a 500 (or unbounded).
+        (b'{"message": "hi", "max_tokens": 2147483648}', 422, "max_tokens"),
+        (b'{"message": "hi", "max_tokens": 100000000000000000000000000000}', 422, "max_tokens"),
+        (b'{"message": "hi", "temperature": NaN}', 422, "temperature"),
+        (b'{"message": "\\ud800"}', 422, "message"),
+        (b'{"message": "hi", "conversation_id": "\\udfff"}', 422, "conversation_id"),
+        (b'{"message": "hi", "json_schema": {"$schema": []}}', 400, "json_schema"),
+        (
+            b'{"message": "hi", "json_schema": ' + b'{"a":' * 101 + b"1" + b"}" * 102,
+            422,
+            "json_schema",
+        ),
+        (b'{"message": "hi", "json_schema": {"const": 100000000000000000000}}', 422, "json_schema"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_problem(
@@ -103,6 +124,27 @@ def test_bad_input_is_a_4xx_naming_the_problem(
     )
     assert response.status_code == status, response.text
     assert named in response.json()["detail"]
+
+
+def test_json_schema_references_are_never_fetched(app: App) -> None:
+    server = MediaServer(b"{}")
+    try:
+        for reference in ("#/$defs/missing", server.url("/schema.json")):
+            body = generate(app, message="hi", json_schema={"$ref": reference})
+            assert body["response_is_json"] is False  # unresolvable: not taken as valid
+            assert body["response_json"] is None
+        assert server.requests == []
+    finally:
+        server.close()
+
+
+def test_an_unknown_json_schema_dialect_is_read_as_the_latest(app: App) -> None:
+    # jsonschema only warns about an unknown $schema today, and will raise in the future.
+    schema = {"$schema": "https://example.invalid/dialect", "type": "object"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        body = generate(app, message="hi", json_schema=schema)
+    assert body["response_json"] == {"answer": "hi"}
 
 
 def test_wrong_content_type_is_named(app: App) -> None:

@@ -159,6 +159,33 @@ def test_bad_fields_are_400_naming_them(vlm: tuple[App, str]) -> None:
     assert "multipart/form-data" in text.json()["detail"]
 
 
+def test_malformed_input_is_400_naming_where(vlm: tuple[App, str]) -> None:
+    """Found by tests/http/test_fuzz_openapi.py: each of these was a 500."""
+    app, _ = vlm
+    for url in ("http://[x", "https://127.0.0.1:99999/image.png"):
+        response = vision_json(app, url)
+        assert response.status_code == 400, response.text
+        assert response.json()["param"] == "image" and "not a valid URL" in response.text
+        part = {"type": "image_url", "image_url": {"url": url}}
+        chat = app.client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}]}
+        )
+        assert chat.status_code == 400, chat.text
+        assert chat.json()["error"]["param"] == "messages.0.content.0.image_url"
+    deep = b"[" * 1500 + b"]" * 1500
+    response = app.client.post(
+        "/vision", content=deep, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["param"] == "body", response.text
+    form = app.client.post(
+        "/vision",
+        data={"message": "hi", "json_schema": deep.decode()},
+        files={"image": ("a.png", PNG, "image/png")},
+    )
+    assert form.status_code == 400 and form.json()["param"] == "json_schema", form.text
+    assert not app.engine.requests and not app.engine.calls
+
+
 def test_text_only_model_is_501_naming_it(app: App) -> None:
     image = base64.b64encode(PNG).decode()
     for path, body in [

@@ -101,6 +101,33 @@ def test_bodies_vllm_would_not_parse_are_400(
     assert not app.engine.calls
 
 
+@pytest.mark.parametrize(
+    ("content", "param", "words"),
+    [
+        # Found by tests/http/test_fuzz_openapi.py: each of these was a 500 (or unbounded).
+        (
+            b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages.0.content",
+            "Unicode",
+        ),
+        (b'{"prompt": "hi", "n": 100000000000000000000}', "n", "out of range"),
+        (b'{"prompt": "hi", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}", "body", "nested deeper"),
+        (b'{"prompt": "hi", "x": ' + b"[" * 120 + b"]" * 120 + b"}", "x.0.0.0", "nested deeper"),
+    ],
+)
+def test_json_outside_the_ingress_limits_is_400_naming_where(
+    app: App, content: bytes, param: str, words: str
+) -> None:
+    for path in (CHAT, "/v1/completions"):
+        response = app.client.post(
+            path, content=content, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"].startswith(param) and words in error["message"], error
+    assert not app.engine.calls
+
+
 def test_a_body_over_the_upload_limit_is_413(app: App) -> None:
     huge = chat(app, content="x" * 5000)
     assert huge.status_code == 413

@@ -3,10 +3,11 @@
 The policy under test is the one ``make serve`` runs (README, "Deploy"; docs/deployment.md,
 "Redis"): an append-only file with ``appendfsync always``. Redis writes and fsyncs each
 write to the file before it answers, so killing redis-server loses nothing it
-acknowledged (and neither would a crash of the machine). Several clients send ``/generate`` turns (new conversations and
-continuations) while the test kills Redis and restarts it on the same port and data; the
-app is never restarted. Afterwards every turn answered 200 is in its conversation, once,
-in order, with its answer; a turn answered 503 is there whole or not at all.
+acknowledged (and neither would a crash of the machine). Several clients send
+``/generate`` turns (new conversations and continuations) while the test kills Redis
+and restarts it on the same port and data; the app is never restarted. Afterwards
+every turn answered 200 is in its conversation, once, in order, with its answer; a
+turn answered 503 is there whole or not at all.
 """
 
 from __future__ import annotations

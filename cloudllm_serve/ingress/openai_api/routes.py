@@ -37,6 +37,23 @@ OPENAI_ERRORS = documented_errors(
         503: "Redis or the engine is unavailable (with Retry-After)",
     },
 )
+#: A completion's further errors: a body too large, and (chat) image input.
+COMPLETION_ERRORS = {
+    **OPENAI_ERRORS,
+    **documented_errors(
+        OpenAIErrorBody, {413: "request body (or an image) larger than MAX_UPLOAD_BYTES"}
+    ),
+}
+CHAT_ERRORS = {
+    **COMPLETION_ERRORS,
+    **documented_errors(
+        OpenAIErrorBody,
+        {
+            415: "an image that is not PNG, JPEG, WEBP or GIF",
+            501: "an image_url part, and the served model takes text only",
+        },
+    ),
+}
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {SSE_MEDIA_TYPE: {}}, "description": "JSON, or SSE chunks when stream=true"}
 }
@@ -71,7 +88,7 @@ async def _complete(
 
 @router.post(
     "/chat/completions",
-    responses={**OPENAI_ERRORS, **STREAM_DOC},
+    responses={**CHAT_ERRORS, **STREAM_DOC},
     openapi_extra=request_body_doc(CHAT_BODY_DOC),
 )
 async def chat_completions(request: Request, service: Service, context: Context) -> Response:
@@ -86,7 +103,7 @@ async def chat_completions(request: Request, service: Service, context: Context)
 
 @router.post(
     "/completions",
-    responses={**OPENAI_ERRORS, **STREAM_DOC},
+    responses={**COMPLETION_ERRORS, **STREAM_DOC},
     openapi_extra=request_body_doc(COMPLETION_BODY_DOC),
 )
 async def completions(request: Request, service: Service, context: Context) -> Response:

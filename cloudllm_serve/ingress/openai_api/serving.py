@@ -33,6 +33,8 @@ from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, Invalid
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error, openai_http_error
 from cloudllm_serve.ingress.images import CheckedImage, load_image_reference
+from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
+from cloudllm_serve.ingress.seed_api.schemas import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
     ConversationTurn,
@@ -42,8 +44,6 @@ from cloudllm_serve.ingress.service import (
 from cloudllm_serve.ingress.sse import DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 
 CONVERSATION_HEADER = "X-Conversation-Id"
-#: Longest ``conversation_id`` accepted (ids we make are 32 hex characters).
-MAX_CONVERSATION_ID_CHARS = 128
 
 
 class BadBody(Exception):
@@ -51,13 +51,20 @@ class BadBody(Exception):
 
 
 async def read_json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or :class:`BadBody` as ``vllm serve`` words it."""
+    """The request's JSON object, or :class:`BadBody` as ``vllm serve`` words it.
+
+    A body outside :mod:`~cloudllm_serve.ingress.json_limits` (too deeply nested, a
+    huge integer, a lone surrogate) is a 400 naming where.
+    """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise BadBody("Unsupported Media Type: Only 'application/json' is allowed")
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = loads_checked(raw)
+    except JSONLimitError as error:
+        param = error.param()
+        raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
     except (ValueError, UnicodeDecodeError) as error:
         raise BadBody(f"JSON decode error: {error}") from None
     if not isinstance(body, dict):

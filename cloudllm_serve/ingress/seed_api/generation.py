@@ -11,7 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import jsonschema
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
@@ -31,6 +32,7 @@ from cloudllm_serve.ingress.service import (
     CompletionBuilder,
     ConversationTurn,
     check_json_schema,
+    json_schema_validator,
 )
 from cloudllm_serve.ingress.sse import sse_event
 
@@ -190,8 +192,13 @@ class GenerateCall:
 
 
 def _valid(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether ``value`` follows ``schema`` (checked already by ``check_json_schema``).
+
+    ``$ref`` is resolved within the schema only: never fetched from the network (an
+    unresolvable reference, local or remote, means the answer is not taken as valid).
+    """
+    validator = json_schema_validator(schema)(schema, registry=Registry())
     try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError:
+        return bool(validator.is_valid(value))
+    except (Unresolvable, RecursionError):
         return False
-    return True

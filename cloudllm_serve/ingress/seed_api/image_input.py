@@ -12,11 +12,10 @@ Every image then goes through :mod:`cloudllm_serve.ingress.images`.
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from cloudllm_serve.errors import InvalidRequestError, UnsupportedMediaTypeError
@@ -27,26 +26,49 @@ from cloudllm_serve.ingress.images import (
     decode_base64_image,
     load_image_reference,
 )
+from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
 from cloudllm_serve.ingress.seed_api.schemas import GenerateRequest
 from cloudllm_serve.settings import Settings
 
+#: The media types of an image upload (what ``images.sniff_format`` takes).
+IMAGE_CONTENT_TYPES = "image/png, image/jpeg, image/webp, image/gif"
 #: Form fields beside the images (``/generate``'s fields).
 _FORM_FIELDS = ("message", "conversation_id", "max_tokens", "temperature", "stream", "json_schema")
+
+
+#: A small picture (8x8 PNG) as a data URL, for the documented examples.
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8"
+    "UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"
+)
 
 
 class VisionRequest(GenerateRequest):
     """Body of ``POST /vision`` (JSON; a form has the same fields, ``image`` a file)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"message": "What is in this picture?", "image": EXAMPLE_IMAGE}]
+        }
+    )
+
     image: str = Field(
         description="the image (PNG, JPEG, WEBP or GIF): base64, a data URL, or an http(s) "
-        "URL on a MEDIA_ALLOWED_DOMAINS host; in multipart/form-data a file field"
+        "URL on a MEDIA_ALLOWED_DOMAINS host; in multipart/form-data a file field",
+        json_schema_extra={"minLength": 1},
     )
 
 
 class MultimodalRequest(GenerateRequest):
     """Body of ``POST /multimodal`` (JSON; a form repeats the ``images`` file field)."""
 
-    images: list[str] = Field(
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"message": "Compare them", "images": [EXAMPLE_IMAGE, EXAMPLE_IMAGE]}]
+        }
+    )
+
+    images: list[Annotated[str, Field(json_schema_extra={"minLength": 1})]] = Field(
         default_factory=list,
         description="images, each as /vision's image, shown before the message "
         "(at most MAX_IMAGES_PER_REQUEST; later turns still see earlier turns' images)",
@@ -58,7 +80,7 @@ def _form_value(name: str, value: str) -> Any:
     text = value.strip()
     if name == "max_tokens" and text.lstrip("-").isdigit():
         return int(text)
-    if name == "temperature":
+    if name in ("max_tokens", "temperature"):  # max_tokens: 3.0 is 3, as in JSON
         try:
             return float(text)
         except ValueError:
@@ -67,7 +89,10 @@ def _form_value(name: str, value: str) -> Any:
         return text.lower() in ("true", "1")
     if name == "json_schema":
         try:
-            return json.loads(text)
+            return loads_checked(text)
+        except JSONLimitError as error:
+            param = error.param("json_schema")
+            raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
         except ValueError:
             raise InvalidRequestError(
                 "json_schema is not valid JSON", param="json_schema"
@@ -93,7 +118,10 @@ async def read_image_request(
     fields: dict[str, Any]
     if media_type == "application/json":
         try:
-            raw = json.loads(await request.body())
+            raw = loads_checked(await request.body())
+        except JSONLimitError as error:
+            param = error.param()
+            raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidRequestError(
                 f"request body is not valid JSON: {error}", param="body"
@@ -201,7 +229,10 @@ def openapi_body(model: type[GenerateRequest], image_field: str) -> dict[str, An
     form_properties[image_field] = (
         {"type": "array", "items": file_schema} if image_field == "images" else file_schema
     )
-    form_properties["json_schema"] = {"type": "string", "description": "a JSON Schema, as text"}
+    form_properties["json_schema"] = {
+        "type": "object",
+        "description": "a JSON Schema the answer must follow, as JSON text",
+    }
     return {
         "requestBody": {
             "required": True,
@@ -212,7 +243,12 @@ def openapi_body(model: type[GenerateRequest], image_field: str) -> dict[str, An
                         "type": "object",
                         "properties": form_properties,
                         "required": schema.get("required", []),
-                    }
+                        "additionalProperties": False,
+                    },
+                    "encoding": {
+                        image_field: {"contentType": IMAGE_CONTENT_TYPES},
+                        "json_schema": {"contentType": "application/json"},
+                    },
                 },
             },
         }

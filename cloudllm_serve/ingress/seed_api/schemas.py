@@ -4,9 +4,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+
+from cloudllm_serve.ingress.json_limits import JSONLimitError, check_json_limits, is_valid_unicode
 
 ENGINE_NAME: Literal["vLLM"] = "vLLM"
+#: Largest ``max_tokens`` taken (32 bits); any value over ``MAX_TOKENS_CAP`` is clamped to it.
+MAX_TOKENS_LIMIT = 2**31 - 1
+#: Longest ``conversation_id`` taken (ids we make are 32 hex characters).
+MAX_CONVERSATION_ID_CHARS = 128
+_JSON_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
+#: A few keywords of ``json_schema`` and what they take (JSON Schema's meta-schema checks the
+#: rest; a ``$ref`` is resolved within the schema only, never fetched).
+JSON_SCHEMA_KEYWORDS: dict[str, Any] = {
+    "$schema": {"type": "string", "description": "the dialect's URI (default: 2020-12)"},
+    "$ref": {"type": "string"},
+    "type": {
+        "anyOf": [
+            {"enum": _JSON_TYPES},
+            {"type": "array", "items": {"enum": _JSON_TYPES}, "uniqueItems": True},
+        ]
+    },
+    "properties": {"type": "object", "additionalProperties": {"type": ["object", "boolean"]}},
+    "required": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+}
+#: What ``message`` must hold: a character that is not white space (documented in the schema,
+#: checked by the validator so the error keeps its wording).
+NOT_BLANK: dict[str, Any] = {"minLength": 1, "pattern": r"\S"}
+
+
+def _integral(value: Any) -> Any:
+    """An integral float as an ``int`` (JSON Schema counts 3.0 as an integer); else ``value``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class GenerateRequest(BaseModel):
@@ -26,21 +57,26 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    message: str = Field(description="the new user message (not empty)")
-    conversation_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
-        None, description="continue this conversation; null starts a new one"
+    message: str = Field(
+        description="the new user message (not empty)", json_schema_extra=NOT_BLANK
     )
-    max_tokens: Annotated[StrictInt, Field(ge=1)] = Field(
-        512, description="tokens to generate at most; clamped to MAX_TOKENS_CAP"
-    )
-    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = Field(
+    conversation_id: (
+        Annotated[str, Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS)] | None
+    ) = Field(None, description="continue this conversation; null starts a new one")
+    # An integer as JSON Schema has it: 3 or 3.0; never "3", 3.5 or true.
+    max_tokens: Annotated[
+        StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT), BeforeValidator(_integral)
+    ] = Field(512, description="tokens to generate at most; clamped to MAX_TOKENS_CAP")
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = Field(
         0.7, description="sampling temperature, 0 (greedy) to 2"
     )
     stream: Annotated[bool, Field(strict=True)] = Field(
         False, description="answer with server-sent events: one per text delta, then the result"
     )
     json_schema: dict[str, Any] | None = Field(
-        None, description="a JSON Schema the answer must follow (structured output)"
+        None,
+        description="a JSON Schema the answer must follow (structured output)",
+        json_schema_extra={"properties": JSON_SCHEMA_KEYWORDS},
     )
 
     @field_validator("message")
@@ -48,7 +84,30 @@ class GenerateRequest(BaseModel):
     def _message_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("message must not be empty")
+        return _unicode(value, "message")
+
+    @field_validator("conversation_id")
+    @classmethod
+    def _conversation_id_unicode(cls, value: str | None) -> str | None:
+        return value if value is None else _unicode(value, "conversation_id")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema_within_limits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                check_json_limits(value)
+            except JSONLimitError as error:
+                where = f" (at {'.'.join(map(str, error.path))})" if error.path else ""
+                raise ValueError(f"{error.problem}{where}") from None
         return value
+
+
+def _unicode(value: str, name: str) -> str:
+    """``value``, if it is valid Unicode (JSON can carry lone surrogates, which are not)."""
+    if not is_valid_unicode(value):
+        raise ValueError(f"{name} is not valid Unicode (a lone surrogate)")
+    return value
 
 
 class Timings(BaseModel):

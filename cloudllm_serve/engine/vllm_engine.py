@@ -258,6 +258,13 @@ class VLLMEngine:
         await self._openai.start()
         self._sampling = (SamplingParams, RequestOutputKind)
         self._started_at = time.monotonic()
+        # As `vllm serve` does once its server is up: the start-up objects (the model's
+        # modules, tokenizer, Ray, Serve) go to a permanent generation that the garbage
+        # collector no longer walks, so a full collection (which pauses this replica's
+        # event loop) covers only what requests allocated.
+        from vllm.utils.gc_utils import freeze_gc_heap
+
+        freeze_gc_heap()
 
     def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         """One ``/v1`` call through vLLM's own OpenAI serving layer."""

@@ -6,6 +6,7 @@ so routes stay plain FastAPI functions over an injected service.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,4 +36,10 @@ class Ingress:
         self._service.replica_id = context.replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self._service)
+        app = create_app(self._service)
+        # Start-up objects to the permanent generation (vLLM's `freeze_gc_heap`, without
+        # importing vLLM here): full collections then walk only what requests allocate.
+        for generation in range(3):
+            gc.collect(generation)
+        gc.freeze()
+        return app

@@ -47,8 +47,9 @@ SCALE_ENV = {
     "ENGINE_MIN_REPLICAS": "1",
     "ENGINE_MAX_REPLICAS": str(MAX_REPLICAS),
     "ENGINE_UPSCALE_DELAY_S": "1",
-    # Longer than the affinity and concurrency steps, which run light load on 2 replicas.
-    "ENGINE_DOWNSCALE_DELAY_S": "45",
+    # Longer than the affinity and concurrency steps (~6 s), which run light load on 2
+    # replicas before the engine crash step loads them again.
+    "ENGINE_DOWNSCALE_DELAY_S": "25",
     "ENGINE_AUTOSCALING_LOOK_BACK_S": "2",
     "ENGINE_MAX_QUEUED_REQUESTS": str(QUEUE),
     "ENGINE_GRACEFUL_SHUTDOWN_S": "60",

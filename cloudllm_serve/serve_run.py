@@ -38,12 +38,13 @@ def say(message: str) -> None:
     print(f"[serve] {message}", file=sys.stderr, flush=True)
 
 
-def failures(status: Any, seen: dict[str, str]) -> list[str]:
+def failures(status: Any, seen: dict[str, tuple[str, str]]) -> list[str]:
     """New messages of deployments that are not healthy, as lines to print.
 
-    ``status`` is :func:`ray.serve.status`'s answer; ``seen`` (updated) holds the last
-    line (the exception) already shown per deployment: a new one is shown with the end
-    of its traceback, a repeated one (Serve's next retry) with the first and last lines.
+    ``status`` is :func:`ray.serve.status`'s answer; ``seen`` (updated) holds, per
+    deployment, the first line (Serve's words) and last line (the exception) last shown. A
+    new exception is shown with the end of its traceback; one already shown (Serve's next
+    retry) with only its last line.
     """
     lines = []
     for app_name, app in status.applications.items():
@@ -53,14 +54,13 @@ def failures(status: Any, seen: dict[str, str]) -> list[str]:
             message = (deployment.message or "").strip().splitlines()
             if state == "HEALTHY" or not message:
                 continue
-            shown = f"{message[0]}|{message[-1]}"
-            if seen.get(key) == shown:
+            header, error = message[0], message[-1]
+            if seen.get(key) == (header, error):
                 continue
-            body = message[1:][-MESSAGE_LINES:]
-            if any(value.endswith(f"|{message[-1]}") for value in seen.values()):
-                body = message[-1:] if len(message) > 1 else []
-            seen[key] = shown
-            lines.append("\n".join([f"deployment {name} ({state}): {message[0]}", *body]))
+            shown_before = any(error == last for _, last in seen.values())
+            body = message[1:][-MESSAGE_LINES:] if not shown_before else message[1:][-1:]
+            seen[key] = (header, error)
+            lines.append("\n".join([f"deployment {name} ({state}): {header}", *body]))
     return lines
 
 
@@ -80,7 +80,7 @@ def watch(interval_s: float = WATCH_INTERVAL_S) -> int:
     """Print deployment failures until an application fails before it ever ran; return 1."""
     from ray import serve
 
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     ran: set[str] = set()
     while True:
         time.sleep(interval_s)

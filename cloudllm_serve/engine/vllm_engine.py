@@ -421,7 +421,7 @@ class VLLMEngine:
     def stats(self) -> EngineStats:
         """A live snapshot of this engine."""
         settings = self._settings
-        errored = self._engine is None or bool(getattr(self._engine, "errored", False))
+        errored = self.dead()
         unfinished = 0 if self._engine is None else self._engine.get_num_unfinished_requests()
         running = min(self._snapshot.running, unfinished)
         queries = self._snapshot.prefix_queries

@@ -108,7 +108,7 @@ class ServeEngineClient:
                     ) from None
                 logger.warning(
                     "request %s: %s; trying another engine replica",
-                    getattr(call, "request_id", "?"),
+                    call.request_id,
                     lost.description,
                 )
                 if self.on_retry is not None:

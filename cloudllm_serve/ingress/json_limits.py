@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cloudllm_serve.errors import InvalidRequestError
+
 #: Most levels of nesting of objects and arrays (a tool's JSON Schema needs a few dozen).
 MAX_JSON_DEPTH = 100
 INT64_MIN = -(2**63)
@@ -38,6 +40,11 @@ class JSONLimitError(ValueError):
         parts = [prefix] if prefix else []
         parts.extend(str(part) for part in self.path)
         return ".".join(parts) or "body"
+
+    def request_error(self, prefix: str = "") -> InvalidRequestError:
+        """The 400 for this value: its path (under ``prefix``) and the problem."""
+        param = self.param(prefix)
+        return InvalidRequestError(f"{param} {self.problem}", param=param)
 
 
 def is_valid_unicode(text: str) -> bool:

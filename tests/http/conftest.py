@@ -5,8 +5,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cloudllm_serve.conversations.store import ConversationStore
@@ -25,20 +27,34 @@ class App:
     settings: Settings
 
 
-@contextlib.contextmanager
-def running_app(redis_server: RedisServer) -> Iterator[App]:
-    """The real FastAPI app over ``redis_server`` (own key prefix) and the fake engine."""
-    settings = Settings(
-        REDIS_URL=redis_server.url, MAX_TOKENS_CAP=32, MAX_UPLOAD_BYTES=4096, REDIS_TIMEOUT_S=0.5
-    )
+def build_app(
+    redis_server: RedisServer, engine: FakeEngine, **overrides: Any
+) -> tuple[FastAPI, Settings]:
+    """The real FastAPI app over ``redis_server`` (own key prefix) and ``engine``.
+
+    Settings of the HTTP-layer tests, with ``overrides``; the engine serves their model.
+    """
+    defaults: dict[str, Any] = {
+        "MAX_TOKENS_CAP": 32,
+        "MAX_UPLOAD_BYTES": 4096,
+        "REDIS_TIMEOUT_S": 0.5,
+    }
+    settings = Settings(REDIS_URL=redis_server.url, **{**defaults, **overrides})
     store = ConversationStore.from_url(
         settings.REDIS_URL,
         timeout_s=settings.REDIS_TIMEOUT_S,
         key_prefix=f"test-{uuid.uuid4().hex[:8]}:",
     )
-    engine = FakeEngine()
     engine.model = settings.model_name
-    with TestClient(create_app(CloudLLMService(settings, store, engine))) as client:
+    return create_app(CloudLLMService(settings, store, engine)), settings
+
+
+@contextlib.contextmanager
+def running_app(redis_server: RedisServer) -> Iterator[App]:
+    """The real FastAPI app over ``redis_server`` (own key prefix) and the fake engine."""
+    engine = FakeEngine()
+    app, settings = build_app(redis_server, engine)
+    with TestClient(app) as client:
         yield App(client, engine, settings)
 
 

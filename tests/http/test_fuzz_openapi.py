@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 import traceback
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -30,14 +29,11 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from schemathesis import APIOperation, Case, GenerationMode
 
-from cloudllm_serve.conversations.store import ConversationStore
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem
-from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.openai_api.schemas import CHAT_BODY_DOC, COMPLETION_BODY_DOC
 from cloudllm_serve.ingress.seed_api.image_input import IMAGE_CONTENT_TYPES
-from cloudllm_serve.ingress.service import CloudLLMService
-from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
+from tests.http.conftest import build_app
 from tests.support import RedisServer, image_bytes
 
 #: Requests the whole run must send, at least.
@@ -160,23 +156,11 @@ def _fuzz_app(redis_server: RedisServer, *, images: bool) -> FastAPI:
 
     The body limit is larger (generated bodies are rarely that big) and the audit log off.
     """
-    settings_ = Settings(
-        REDIS_URL=redis_server.url,
-        MAX_TOKENS_CAP=32,
-        MAX_UPLOAD_BYTES=16384,
-        REDIS_TIMEOUT_S=0.5,
-        AUDIT_LOG="off",
-    )
-    store = ConversationStore.from_url(
-        settings_.REDIS_URL,
-        timeout_s=settings_.REDIS_TIMEOUT_S,
-        key_prefix=f"fuzz-{uuid.uuid4().hex[:8]}:",
-    )
     engine = VllmLikeFakeEngine({"chat": CHAT_BODY_DOC, "completion": COMPLETION_BODY_DOC})
-    engine.model = settings_.model_name
     engine.supports_images = images
     engine.fail_word = None  # no deliberate engine failure: any 5xx here is the app's
-    return create_app(CloudLLMService(settings_, store, engine))
+    app, _ = build_app(redis_server, engine, MAX_UPLOAD_BYTES=16384, AUDIT_LOG="off")
+    return app
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def retrying(times: int) -> str:
 
 
 def test_a_failure_is_shown_with_its_traceback_once_then_by_its_last_line() -> None:
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     first = failures(status(retrying(2)), seen)
     assert first == [f"deployment EngineServer (UPDATING): {retrying(2)}"]
     assert failures(status(retrying(2)), seen) == []

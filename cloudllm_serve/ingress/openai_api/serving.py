@@ -63,8 +63,7 @@ async def read_json_body(request: Request) -> dict[str, Any]:
     try:
         body = loads_checked(raw)
     except JSONLimitError as error:
-        param = error.param()
-        raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
+        raise error.request_error() from None
     except (ValueError, UnicodeDecodeError) as error:
         raise BadBody(f"JSON decode error: {error}") from None
     if not isinstance(body, dict):

@@ -91,8 +91,7 @@ def _form_value(name: str, value: str) -> Any:
         try:
             return loads_checked(text)
         except JSONLimitError as error:
-            param = error.param("json_schema")
-            raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
+            raise error.request_error("json_schema") from None
         except ValueError:
             raise InvalidRequestError(
                 "json_schema is not valid JSON", param="json_schema"
@@ -120,8 +119,7 @@ async def read_image_request(
         try:
             raw = loads_checked(await request.body())
         except JSONLimitError as error:
-            param = error.param()
-            raise InvalidRequestError(f"{param} {error.problem}", param=param) from None
+            raise error.request_error() from None
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidRequestError(
                 f"request body is not valid JSON: {error}", param="body"

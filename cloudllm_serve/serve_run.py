@@ -15,6 +15,9 @@ This module starts that local cluster itself, with ``_metrics_export_port`` set 
 SIGTERM stops it and the cluster it started (Ray's handler for the driver that started
 the cluster), as with ``serve run``.
 
+With ``SERVING_NICENESS`` in the environment, it also lowers the CPU priority of the
+cluster's Ray daemons and Serve's controller and proxy (:mod:`cloudllm_serve.cpu_priority`).
+
 Usage (the launcher runs it): ``python -m cloudllm_serve.serve_run CONFIG``, with the
 port in ``METRICS_EXPORT_PORT`` (8080 if unset).
 """
@@ -25,6 +28,8 @@ import os
 import sys
 import time
 from typing import Any
+
+from cloudllm_serve.cpu_priority import lower_all, serving_daemons
 
 DEFAULT_METRICS_EXPORT_PORT = 8080
 #: How often the applications' status is read.
@@ -76,13 +81,20 @@ def failed_apps(status: Any, ran: set[str]) -> list[str]:
     return failed
 
 
-def watch(interval_s: float = WATCH_INTERVAL_S) -> int:
-    """Print deployment failures until an application fails before it ever ran; return 1."""
+def watch(interval_s: float = WATCH_INTERVAL_S, niceness: int = 0) -> int:
+    """Print deployment failures until an application fails before it ever ran; return 1.
+
+    With ``niceness``, each look also lowers the CPU priority of the serving layer's
+    processes of this cluster (:func:`~cloudllm_serve.cpu_priority.serving_daemons`;
+    Serve starts its proxy after the controller, and restarts either if it dies).
+    """
     from ray import serve
 
     seen: dict[str, tuple[str, str]] = {}
     ran: set[str] = set()
     while True:
+        if niceness:
+            lower_all(serving_daemons(os.getpid()), niceness)
         time.sleep(interval_s)
         try:
             status = serve.status()
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ["run", "--non-blocking", *(sys.argv[1:] if argv is None else argv)]
     cli.main(args=args, prog_name="serve", standalone_mode=False)
     try:
-        return watch()
+        return watch(niceness=int(os.environ.get("SERVING_NICENESS") or 0))
     except KeyboardInterrupt:
         return 0
 

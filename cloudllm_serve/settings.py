@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         description="nice value of engine replicas and vLLM's processes (CPU hosts: keeps the "
         "HTTP front door and Redis responsive when generation saturates the cores)",
     )
+    SERVING_NICENESS: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of the serving layer (ingress replicas, engine replicas' own "
+        "threads once vLLM has started, and under make serve Serve's controller and proxy and "
+        "Ray's daemons), so that vLLM's engine processes win the CPU when it is short",
+    )
     INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
     ROUTING_AFFINITY: bool = Field(
         True, description="send a conversation's turns to the engine replica that has its prefix"

@@ -16,6 +16,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from cloudllm_serve.cpu_priority import has_engine_children, lower_priority
 from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import (
     EngineDeadError,
@@ -115,6 +116,9 @@ class EngineServer:
             os.nice(increase)
         self._backend = backend_factory(settings)
         await self._backend.start()
+        if has_engine_children(os.getpid()):
+            # Only now: vLLM's processes keep the value they started with.
+            lower_priority(os.getpid(), settings.SERVING_NICENESS)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one generation's chunks back to the caller (the last one names us).

@@ -7,12 +7,14 @@ so routes stay plain FastAPI functions over an injected service.
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 
 from cloudllm_serve.conversations.store import ConversationStore
+from cloudllm_serve.cpu_priority import lower_priority
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
 from cloudllm_serve.ingress.service import CloudLLMService
@@ -24,6 +26,7 @@ class Ingress:
     """HTTP front door: the seed's API, conversations in Redis, engines behind a handle."""
 
     def __init__(self, engine: Any, settings: Settings) -> None:
+        lower_priority(os.getpid(), settings.SERVING_NICENESS)
         store = ConversationStore.from_url(
             settings.REDIS_URL,
             timeout_s=settings.REDIS_TIMEOUT_S,

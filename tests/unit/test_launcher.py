@@ -55,6 +55,8 @@ def test_serve_environment_defaults_keep_the_proxy() -> None:
     assert env["RAY_worker_niceness"] == "0"
     assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
+    assert env["SERVING_NICENESS"] == "0"  # serve_run reads it from there
+    assert launcher.serve_environment(Settings(SERVING_NICENESS=10), {})["SERVING_NICENESS"] == "10"
     untuned = launcher.serve_environment(Settings(SERVE_LATENCY_TUNING=False), {})
     assert not set(launcher.LATENCY_TUNING) & set(untuned)
     assert launcher.render_profile({"applications": []}, settings)["http_options"]["port"] == 9100

@@ -1,0 +1,123 @@
+"""CPU priority: vLLM's engine processes first, the serving layer after them.
+
+On a host where generation saturates the CPU (vLLM's CPU build; on a GPU host, the
+engine core's scheduling loop that feeds the GPU), every cycle the serving layer takes
+is taken from the engine: Ray's daemons, Serve's controller and proxy, and our replicas
+use some 25 % of a core even when idle or light, which raw ``vllm serve`` does not pay.
+``SERVING_NICENESS`` lowers their scheduling priority (a higher nice value needs no
+privilege) while vLLM's ``EngineCore`` and worker processes stay where they started, so
+the engine gets the CPU it asks for and the serving layer runs in what is left; when the
+CPU is not short, nice values change nothing (docs/performance.md, "CPU priority").
+
+Linux keeps a nice value per thread, and a process or thread inherits its parent's:
+
+- an engine replica lowers its own threads only after vLLM has started its processes,
+  which keep the replica's earlier value (``ENGINE_NICENESS``, 0 by default);
+- an ingress replica lowers all its threads at start;
+- the ``make serve`` launcher's ``serve_run`` lowers the Ray daemons it started and
+  Serve's controller and proxy (:func:`serving_daemons`), but not ``raylet``, whose
+  children (new replicas, and the vLLM processes they start) inherit its value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+#: Ray worker processes (named ``ray::<actor>``) that belong to the serving layer and
+#: run nothing of ours: Serve's control plane and Ray's per-node agents.
+RAY_SERVING_WORKERS = (
+    "ray::ServeController",
+    "ray::ProxyActor",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+)
+#: Process names of vLLM's engine processes (``VLLM::EngineCore``, ``VLLM::Worker``...).
+ENGINE_PROCESS_PREFIX = "VLLM::"
+
+
+def process_name(pid: int) -> str:
+    """The process's name as ``ps`` shows it (its title, cut at 15 characters), or ""."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def children(pid: int) -> list[int]:
+    """The process's direct children (Linux ``/proc``; none elsewhere)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def lower_priority(pid: int, niceness: int) -> int:
+    """Raise every thread of ``pid`` to at least ``niceness``; return how many changed.
+
+    A thread already at that value or above is left alone (lowering a nice value needs
+    privileges, and an operator's higher one stays). Threads and processes that have
+    gone, or that this user may not change, are skipped.
+    """
+    changed = 0
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return 0
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                changed += 1
+        except OSError:
+            continue
+    return changed
+
+
+def has_engine_children(pid: int) -> bool:
+    """Whether vLLM's engine runs in child processes of ``pid`` (its default)."""
+    return any(process_name(c).startswith(ENGINE_PROCESS_PREFIX) for c in children(pid))
+
+
+def serving_daemons(root: int) -> list[int]:
+    """The serving layer's processes in the Ray cluster that ``root`` started.
+
+    ``root`` itself, Ray's head daemons under it (GCS, dashboard, log monitor) with their
+    children, and, under ``raylet``, Serve's controller and proxy and Ray's agents. Not
+    ``raylet`` itself (new replicas inherit its value), not its other workers (replicas,
+    which set their own, idle workers that may become one), and so not vLLM's processes.
+    """
+    found = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if process_name(pid) == "raylet":
+            # Its children are workers: only the named serving ones. Any other may be, or
+            # become, a replica (a worker just started is still called "python").
+            found += [c for c in children(pid) if _is_serving_worker(c)]
+            continue
+        found.append(pid)
+        todo += children(pid)
+    return found
+
+
+def _is_serving_worker(pid: int) -> bool:
+    # comm is cut at 15 characters ("ray::ServeContr"): the command line has it whole.
+    return _command_line(pid).startswith(RAY_SERVING_WORKERS)
+
+
+def lower_all(pids: Iterable[int], niceness: int) -> int:
+    """:func:`lower_priority` for each pid; the number of threads changed."""
+    return sum(lower_priority(pid, niceness) for pid in pids)

@@ -1,0 +1,115 @@
+"""CPU priority of the serving layer: real processes, named as Ray and vLLM name theirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudllm_serve.cpu_priority import (
+    children,
+    has_engine_children,
+    lower_priority,
+    process_name,
+    serving_daemons,
+)
+
+#: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
+#: children described by its argument (a nested list of titles), and sleeps.
+TREE = textwrap.dedent(
+    """
+    import json, subprocess, sys, threading, time
+    import setproctitle
+    title, kids = json.loads(sys.argv[1])
+    setproctitle.setproctitle(title)
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    procs = [subprocess.Popen([sys.executable, __file__, json.dumps(k)]) for k in kids]
+    time.sleep(60)
+    """
+)
+
+
+def _names(pids: list[int]) -> list[str]:
+    return sorted(process_name(pid) for pid in pids)
+
+
+@pytest.fixture
+def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """serve_run → gcs, raylet → controller, agent, replica → VLLM::EngineCore, workers."""
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    tree = [
+        "serve_run",
+        [
+            ["gcs_server", []],
+            [
+                "raylet",
+                [
+                    ["ray::ServeController", []],
+                    ["ray::DashboardAgent", []],
+                    ["ray::ServeReplica:app:EngineServer", [["VLLM::EngineCore", []]]],
+                    ["ray::IDLE", []],
+                    # A worker Ray has just started, not yet titled: it may become a replica.
+                    ["default_worker.py", []],
+                ],
+            ],
+        ],
+    ]
+    root = subprocess.Popen([sys.executable, str(script), json.dumps(tree)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        every = [root.pid]
+        for pid in every:
+            every += children(pid)
+        if len(every) == 9 and all(process_name(p) != "python" for p in every):
+            break
+        time.sleep(0.1)
+    else:
+        root.kill()
+        pytest.fail("the process tree did not start")
+    yield root
+    every = [root.pid]
+    for pid in every:
+        every += children(pid)
+    for pid in every:
+        os.kill(pid, 9)
+    root.wait()
+
+
+def test_serving_daemons_are_the_control_plane_not_replicas_raylet_or_vllm(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
+    found = serving_daemons(ray_like_tree.pid)
+    assert _names(found) == sorted(
+        ["serve_run", "gcs_server", "ray::ServeContr", "ray::DashboardA"]
+    )
+
+
+def test_lower_priority_reaches_every_thread_and_never_lowers_a_value(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
+    pid = ray_like_tree.pid
+    threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(threads) >= 2
+    assert lower_priority(pid, 7) == len(threads)
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {7}
+    assert lower_priority(pid, 3) == 0  # 7 stays: never lowered
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {7}
+    # Children started before keep their own value.
+    assert all(os.getpriority(os.PRIO_PROCESS, c) == 0 for c in children(pid))
+
+
+def test_engine_children_are_recognised(ray_like_tree: subprocess.Popen[bytes]) -> None:
+    every = [ray_like_tree.pid]
+    for pid in every:
+        every += children(pid)
+    replica = next(p for p in every if process_name(p).startswith("ray::ServeRepli"))
+    assert has_engine_children(replica)
+    assert not has_engine_children(ray_like_tree.pid)

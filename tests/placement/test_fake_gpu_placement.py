@@ -34,6 +34,8 @@ CLUSTER_GPUS = 4
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     temp = tmp_path_factory.mktemp("ray")
     os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"
+    # Serve's first slow-start message comes one period after the deployment (30 s).
+    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S"] = "2"
     ray.init(
         address="local",
         num_cpus=8,

@@ -110,10 +110,8 @@ class EngineServer:
             logger.error(problem)
             raise SettingsError(problem)
         self._replica_id = current_replica_id()
-        increase = settings.ENGINE_NICENESS - os.nice(0)
-        if increase > 0:
-            # Before vLLM starts: its engine-core and worker processes inherit it.
-            os.nice(increase)
+        # Before vLLM starts: its engine-core and worker processes inherit it.
+        lower_priority(os.getpid(), settings.ENGINE_NICENESS)
         self._backend = backend_factory(settings)
         await self._backend.start()
         if has_engine_children(os.getpid()):

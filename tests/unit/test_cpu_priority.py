@@ -40,6 +40,14 @@ def _names(pids: list[int]) -> list[str]:
     return sorted(process_name(pid) for pid in pids)
 
 
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants."""
+    every = [root]
+    for pid in every:
+        every += children(pid)
+    return every
+
+
 @pytest.fixture
 def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """serve_run → gcs, raylet → controller, agent, replica → VLLM::EngineCore, workers."""
@@ -65,9 +73,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     root = subprocess.Popen([sys.executable, str(script), json.dumps(tree)])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        every = [root.pid]
-        for pid in every:
-            every += children(pid)
+        every = _tree(root.pid)
         if len(every) == 9 and all(process_name(p) != "python" for p in every):
             break
         time.sleep(0.1)
@@ -75,10 +81,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         root.kill()
         pytest.fail("the process tree did not start")
     yield root
-    every = [root.pid]
-    for pid in every:
-        every += children(pid)
-    for pid in every:
+    for pid in _tree(root.pid):
         os.kill(pid, 9)
     root.wait()
 
@@ -107,9 +110,8 @@ def test_lower_priority_reaches_every_thread_and_never_lowers_a_value(
 
 
 def test_engine_children_are_recognised(ray_like_tree: subprocess.Popen[bytes]) -> None:
-    every = [ray_like_tree.pid]
-    for pid in every:
-        every += children(pid)
-    replica = next(p for p in every if process_name(p).startswith("ray::ServeRepli"))
+    replica = next(
+        p for p in _tree(ray_like_tree.pid) if process_name(p).startswith("ray::ServeRepli")
+    )
     assert has_engine_children(replica)
     assert not has_engine_children(ray_like_tree.pid)

@@ -99,7 +99,10 @@ _running_stacks: list[Stack] = []
 
 @contextlib.contextmanager
 def running_stack(
-    redis: RedisServer, log_dir: Path, env_overrides: dict[str, str] | None = None
+    redis: RedisServer,
+    log_dir: Path,
+    env_overrides: dict[str, str] | None = None,
+    profile: Path = REPO / "deployments" / "cpu.yaml",
 ) -> Iterator[Stack]:
     """The service started exactly as ``make serve`` starts it (minus Redis, which we own).
 
@@ -134,7 +137,7 @@ def running_stack(
                 "-m",
                 "cloudllm_serve.launcher",
                 "--profile",
-                str(REPO / "deployments" / "cpu.yaml"),
+                str(profile),
                 # Each test stack has a port of its own: no need to wait, at the stop, until
                 # the clients' closed connections leave it (up to 60 s; tests/startup does).
                 "--port-wait-s",

@@ -28,7 +28,8 @@ died under it (``avoid_replicas``) passes over that replica while another one is
 
 When no replica has room (each is at ``max_ongoing_requests``), Serve retries with
 exponential backoff, and waiting requests are served first come, first served
-(:class:`~ray.serve.request_router.FIFOMixin`), as with Serve's default router. The
+(:class:`~ray.serve.request_router.FIFOMixin`), as with Serve's default router, except
+that a replica never goes to a waiting request that avoids it. The
 backoff has to be asked for (``routing_context.should_backoff``; Serve's own routers set
 it in their locality step): without it every waiting request's routing task probed the
 replicas' queue lengths back to back, hundreds of RPCs a second, and that CPU came out
@@ -40,9 +41,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+if TYPE_CHECKING:
+    from ray.serve._private.common import RequestMetadata
 
 #: How long the router waits for a replica's answer to "how many requests do you have?"
 #: (Serve's own first deadline for the same probe).
@@ -93,6 +97,38 @@ def without_avoided(
 
 class ConversationAffinityRouter(FIFOMixin, RequestRouter):
     """Serve request router: conversation affinity, else power of two choices."""
+
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
+    ) -> None:
+        """Give ``replica`` to the oldest waiting request that does not avoid it.
+
+        Serve's :class:`FIFOMixin` gives it to the oldest waiting request, whichever
+        request's routing task found it; a request retried because its engine died on
+        that replica would be sent straight back there. When every waiting request avoids
+        it, the request it was found for takes it (its ranks fell back to avoided
+        replicas because no other one is left, see :func:`without_avoided`).
+        """
+        replica_id = replica.replica_id.unique_id
+        waiting = self._pending_requests_to_fulfill
+        while waiting and waiting[0].future.done():
+            waiting.popleft()
+        chosen = next(
+            (
+                request
+                for request in waiting
+                if not request.future.done() and replica_id not in request_avoided_replicas(request)
+            ),
+            None,
+        )
+        if chosen is None:
+            chosen = self._get_pending_request_matching_internal_request_id(request_metadata)
+            if chosen is None:
+                return
+        self._cancel_routing_task_for_pending_request(chosen)
+        self._record_queue_wait_time(chosen)
+        chosen.future.set_result(replica)
+        self._remove_pending_request_from_indices(chosen)
 
     def initialize_state(
         self, affinity: bool = True, batch_size: int | None = None, **_: Any

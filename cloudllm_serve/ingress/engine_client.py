@@ -9,8 +9,10 @@ project's own errors.
 A request that got nothing from its replica because that replica's engine died
 (:class:`~cloudllm_serve.engine.protocol.EngineDeadError`) or its actor is gone is
 tried again, at most :data:`ENGINE_RETRIES` times, with the dead replica in its
-``avoid_replicas`` so the router sends it elsewhere; once anything has been relayed
-to the client, a failure ends the stream as before.
+``avoid_replicas`` so the router sends it elsewhere (an actor that is gone is named in
+Ray's error; a retry whose replica could not be named waits :data:`RETRY_PAUSE_S` first,
+for Serve's router to drop it). Once anything has been relayed to the client, a failure
+ends the stream as before.
 
 The fleet view asks Serve's controller for the engine deployment's status and
 replicas, then each running replica for its live stats. That call goes to the replica
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -48,6 +51,10 @@ SERVE_NAMESPACE = "serve"
 DETAILS_TTL_S = 1.0
 #: How often a request is tried again after its replica's engine died under it.
 ENGINE_RETRIES = 2
+#: Pause before a retry whose dead replica could not be named (so not avoided).
+RETRY_PAUSE_S = 0.5
+#: A Serve replica's actor name in Ray's messages; group 1 is the replica's id.
+_REPLICA_ACTOR_NAME = re.compile(r"SERVE_REPLICA::[^\s#]+#[^\s#]+#(\w+)")
 
 logger = logging.getLogger(__name__)
 CallT = TypeVar("CallT", GenerationRequest, OpenAICall)
@@ -116,6 +123,9 @@ class ServeEngineClient:
                 if lost.replica_id:
                     avoided = (*call.avoid_replicas, lost.replica_id)
                     call = dataclasses.replace(call, avoid_replicas=avoided)
+                else:
+                    # Give Serve's router time to drop the replica it cannot be told to avoid.
+                    await asyncio.sleep(RETRY_PAUSE_S)
 
     async def _ask_once(self, method: str) -> Any:
         """An engine replica's answer to ``method`` (asked once, then remembered)."""
@@ -243,7 +253,11 @@ def _lost_replica(error: BaseException) -> str | None:
     for candidate in (error, getattr(error, "cause", None)):
         if isinstance(candidate, EngineDeadError):
             return candidate.replica_id
-    return "" if isinstance(error, RayActorError) else None
+    if not isinstance(error, RayActorError):
+        return None
+    # Ray names the dead actor in its message ("name: SERVE_REPLICA::app#deployment#id").
+    named = _REPLICA_ACTOR_NAME.search(str(error))
+    return named.group(1) if named else ""
 
 
 def _name(value: Any) -> str:

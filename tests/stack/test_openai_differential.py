@@ -1,27 +1,25 @@
 """``/v1`` against raw vLLM: the same requests, the same answers.
 
-The test starts vLLM's own OpenAI server (``vllm serve``'s module) with the arguments
-our engine replicas run with (:func:`~cloudllm_serve.engine.vllm_engine.vllm_cli_args`),
-sends every request of :data:`CASES` to it and to the stack, one at a time, and
-compares at temperature 0 (or a fixed seed): texts, token counts, finish reasons, tool
-calls and logprob tokens, the set of JSON keys (ids and timestamps aside), statuses and
-error types.
+The test runs vLLM's own OpenAI server (``vllm serve``'s module; started beside the
+session's stack, see ``conftest.py``) with the arguments our engine replicas run with
+(:func:`~cloudllm_serve.engine.vllm_engine.vllm_cli_args`), sends every request of
+:data:`CASES` to it and to the stack (one at a time on each), and compares at
+temperature 0 (or a fixed seed): texts, token counts, finish reasons, tool calls and
+logprob tokens, the set of JSON keys (ids and timestamps aside), statuses and error
+types.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
-from benchmarks.compare import RawVllm
-from cloudllm_serve.launcher import load_profile, profile_settings
-from tests.conftest import REPO, Stack
+from tests.conftest import Stack
 
 MODEL = "SmolLM2-135M-Instruct"
 HI = [{"role": "user", "content": "Say hello to Bob."}]
@@ -334,19 +332,6 @@ def logprob_tokens(logprobs: Any) -> list[str]:
     return list(logprobs.get("tokens") or [])  # completions
 
 
-@pytest.fixture(scope="module")
-def raw_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's own OpenAI server with our engine replicas' arguments."""
-    settings = profile_settings(load_profile(REPO / "deployments" / "cpu.yaml"))
-    server = RawVllm("raw-vllm", settings, tmp_path_factory.mktemp("raw-vllm"))
-    server.start()
-    try:
-        server.wait_ready(timeout_s=600)
-        yield server.base_url
-    finally:
-        server.stop()
-
-
 def test_the_table_is_big_enough() -> None:
     bad = [case for case in CASES if case.name.startswith("bad-")]
     assert len(CASES) >= 40 and len(bad) >= 10
@@ -355,8 +340,14 @@ def test_the_table_is_big_enough() -> None:
 
 def test_v1_answers_as_raw_vllm_does(stack: Stack, raw_vllm: str, tmp_path: Path) -> None:
     differences = []
-    for case in CASES:
-        ours, theirs = send(stack.base_url, case), send(raw_vllm, case)
+    # Each case goes to both servers at once (each has its own engine; one request at a
+    # time on each, so no batching changes an answer): ~100 s one after the other.
+    with ThreadPoolExecutor(1) as pool:
+        answers = []
+        for case in CASES:
+            theirs_pending = pool.submit(send, raw_vllm, case)
+            answers.append((send(stack.base_url, case), theirs_pending.result()))
+    for case, (ours, theirs) in zip(CASES, answers, strict=True):
         if case.name in OPENAI_BODY_WHERE_VLLM_HAS_NONE:
             if ours.status != theirs.status or ours.keys != ERROR_KEYS:
                 differences.append(f"{case.name}: ours {ours!r} vs vLLM {theirs!r}")

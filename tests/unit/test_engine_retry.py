@@ -121,3 +121,20 @@ def test_the_engine_dead_error_crosses_ray_with_its_replica(replica: str) -> Non
     error = pickle.loads(pickle.dumps(EngineDeadError(replica, "gone")))
     assert (error.replica_id, error.reason) == (replica, "gone")
     assert isinstance(through_ray(error), EngineDeadError)
+
+
+def test_a_replica_actor_gone_is_named_from_rays_message() -> None:
+    """Ray's ActorDiedError for a Serve replica names it: that replica is avoided."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    from cloudllm_serve.ingress.engine_client import _lost_replica
+
+    context = ActorDiedErrorContext(
+        class_name="ServeReplica:cloudllm:EngineServer",
+        name="SERVE_REPLICA::cloudllm#EngineServer#j1c8dwti",
+        actor_id=b"\x01" * 16,
+        ray_namespace="serve",
+    )
+    assert _lost_replica(ActorDiedError(context)) == "j1c8dwti"
+    assert _lost_replica(ActorDiedError()) == ""  # no name: tried again after a pause
+    assert _lost_replica(ValueError("SERVE_REPLICA::a#b#c")) is None

@@ -262,3 +262,29 @@ def test_a_request_waiting_for_a_full_replica_backs_off_and_then_gets_it() -> No
     print(f"probes in 1.5 s while full: {probes}; routed {waited_s:.2f} s after room appeared")
     assert probes <= 20  # exponential backoff from 25 ms up to 0.5 s: about 9
     assert waited_s < 1.5  # at most one backoff period (0.5 s) late
+
+
+def test_a_replica_chosen_for_another_request_never_goes_to_one_that_avoids_it() -> None:
+    # Serve hands a replica that a routing task found to the oldest waiting request
+    # (first come, first served). A request retried because its engine died there must
+    # not be that one: the CI run that failed sent one try after another back to the
+    # dead replica this way (3 tries, then a 503).
+    dead, busy = FakeReplica("dead"), FakeReplica("busy", max_ongoing=4, queue_len=4)
+
+    async def run() -> tuple[str, str]:
+        router = make_router(batch_size=2)
+        router.update_replicas([dead, busy])  # type: ignore[arg-type]
+        retried = asyncio.create_task(
+            router._choose_replica_for_request(pending(None, avoid=("dead",)))
+        )
+        await asyncio.sleep(0.3)  # waiting for "busy", the one replica it may use
+        assert not retried.done()
+        fresh = await asyncio.wait_for(router._choose_replica_for_request(pending(None)), 5)
+        await asyncio.sleep(0.3)
+        assert not retried.done(), "the retried request was given the replica it avoids"
+        busy.queue_len = 0
+        router.replica_queue_len_cache.invalidate_key(busy.replica_id)
+        got = await asyncio.wait_for(retried, 5)
+        return fresh.replica_id.unique_id, got.replica_id.unique_id
+
+    assert asyncio.run(run()) == ("dead", "busy")

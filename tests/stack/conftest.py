@@ -37,6 +37,10 @@ def _raw_vllm_starts_with_the_stack(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="module")
 def raw_vllm(raw_vllm_server: RawVllm) -> Iterator[str]:
-    """The base URL of raw vLLM, once it serves."""
-    raw_vllm_server.wait_ready(timeout_s=600)
-    yield raw_vllm_server.base_url
+    """The base URL of raw vLLM, once it serves; stopped after the module (not idling
+    beside the stack tests that follow)."""
+    try:
+        raw_vllm_server.wait_ready(timeout_s=600)
+        yield raw_vllm_server.base_url
+    finally:
+        raw_vllm_server.stop()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
+
+from cloudllm_serve.procfs import children, command_line, process_name
 
 #: Ray worker processes (named ``ray::<actor>``) that belong to the serving layer and
 #: run nothing of ours: Serve's control plane and Ray's per-node agents.
@@ -35,33 +36,6 @@ RAY_SERVING_WORKERS = (
 )
 #: Process names of vLLM's engine processes (``VLLM::EngineCore``, ``VLLM::Worker``...).
 ENGINE_PROCESS_PREFIX = "VLLM::"
-
-
-def process_name(pid: int) -> str:
-    """The process's name as ``ps`` shows it (its title, cut at 15 characters), or ""."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _command_line(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace")
-
-
-def children(pid: int) -> list[int]:
-    """The process's direct children (Linux ``/proc``; none elsewhere)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def lower_priority(pid: int, niceness: int) -> int:
@@ -115,7 +89,7 @@ def serving_daemons(root: int) -> list[int]:
 
 def _is_serving_worker(pid: int) -> bool:
     # comm is cut at 15 characters ("ray::ServeContr"): the command line has it whole.
-    return _command_line(pid).startswith(RAY_SERVING_WORKERS)
+    return command_line(pid).startswith(RAY_SERVING_WORKERS)
 
 
 def lower_all(pids: Iterable[int], niceness: int) -> int:

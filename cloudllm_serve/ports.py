@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cloudllm_serve.procfs import command_line
+
 _LISTEN = "0A"  # TCP state of a listening socket in /proc/net/tcp
 
 
@@ -74,12 +76,7 @@ def port_holder(port: int) -> str | None:
         try:
             for fd in (entry / "fd").iterdir():
                 if os.readlink(fd) in targets:
-                    command = (
-                        (entry / "cmdline")
-                        .read_bytes()
-                        .replace(b"\0", b" ")
-                        .decode(errors="replace")
-                    )
+                    command = command_line(int(entry.name))
                     return f"pid {entry.name} ({command.strip()[:120]})"
         except OSError:
             continue

@@ -13,13 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudllm_serve.cpu_priority import (
-    children,
-    has_engine_children,
-    lower_priority,
-    process_name,
-    serving_daemons,
-)
+from cloudllm_serve.cpu_priority import has_engine_children, lower_priority, serving_daemons
+from cloudllm_serve.procfs import children, process_name
 
 #: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
 #: children described by its argument (a nested list of titles), and sleeps.

@@ -1,0 +1,37 @@
+"""What Linux's ``/proc`` says of a process: its name, its command line, its children.
+
+Each function answers "" or [] for a process that has gone, that this user may not
+read, or on a system without ``/proc``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def process_name(pid: int) -> str:
+    """The process's name as ``ps`` shows it (its title, cut at 15 characters), or ""."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, its arguments joined by spaces, or ""."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def children(pid: int) -> list[int]:
+    """The process's direct children."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found

@@ -59,13 +59,27 @@ test-vlm: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Three pytest processes: each of the last two starts Ray clusters of its own
-# (fake GPUs; the scale-out stack, the stack with API keys, the start-up tests' stacks,
-# the stack on the test vision-language model), which must not meet the first one's stack.
+# Pytest processes, each with stacks (Ray clusters) of its own, one stack at a time:
+# 1. everything else (unit, HTTP layer, the session's stack);
+# 2. the start-up tests beside fake-GPU Ray, tenants and images: these mostly start stacks
+#    and wait, which keeps about one of the 2 cores busy (one process importing vLLM at a
+#    time), so two such processes share the machine well; the second one's output is
+#    shown when it ends;
+# 3. the scale-out group alone (two vLLM engines under load use both cores).
+TEST_FIRST := not ray and not scale and not tenants and not startup and not vision
 test: install redis-server prometheus model test-vlm
-	@$(PY) -m pytest -m "not ray and not scale and not tenants and not startup and not vision" $(PYTEST_ARGS)
-	@$(PY) -m pytest -m ray $(PYTEST_ARGS)
-	@$(PY) -m pytest -m "scale or tenants or startup or vision" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "$(TEST_FIRST)" $(PYTEST_ARGS); first=$$?; \
+	beside_log=$$(mktemp); \
+	( $(PY) -m pytest -p no:cacheprovider -m ray $(PYTEST_ARGS); ray=$$?; \
+	  $(PY) -m pytest -p no:cacheprovider -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray \
+	) > $$beside_log 2>&1 & beside=$$!; \
+	$(PY) -m pytest -m startup $(PYTEST_ARGS); startup=$$?; \
+	wait $$beside; others=$$?; \
+	echo "[make] fake-GPU Ray, tenants and images (ran beside the start-up tests):"; \
+	cat $$beside_log; rm -f $$beside_log; \
+	$(PY) -m pytest -m scale $(PYTEST_ARGS); scale=$$?; \
+	echo "[make] exit status: first $$first, start-up $$startup, beside it $$others, scale-out $$scale"; \
+	[ $$first = 0 ] && [ $$startup = 0 ] && [ $$others = 0 ] && [ $$scale = 0 ]
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision" $(PYTEST_ARGS)

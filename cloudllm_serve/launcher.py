@@ -46,6 +46,7 @@ from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
 from cloudllm_serve.ports import wait_until_listenable
+from cloudllm_serve.procfs import children, command_line
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
@@ -60,7 +61,8 @@ BIND_FAILURES = (
     "Failed to start RequestProtocol.HTTP server on port",
     "Failed to start proxy HTTP server",
 )
-RAY_SESSION_LOGS = Path("/tmp/ray/session_latest/logs")
+#: How the GCS server of a Ray cluster names the cluster's session folder.
+SESSION_DIR_FLAG = "--session-dir="
 
 
 def say(message: str) -> None:
@@ -240,7 +242,24 @@ class PortLost(RuntimeError):
     """Serve's HTTP server could not bind its port after start-up (its log line)."""
 
 
-def bind_failure(since: float, port: int, logs: Path = RAY_SESSION_LOGS) -> str | None:
+def ray_session_logs(root: int) -> Path | None:
+    """The log folder of the Ray cluster that process ``root`` (or one under it) started.
+
+    Read from the command line of the cluster's GCS server (``--session-dir=``); None
+    while it has not started. Not ``/tmp/ray/session_latest``, which is the newest cluster
+    on the machine: another ``make serve`` or test stack may have started one since.
+    """
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        for argument in command_line(pid).split():
+            if argument.startswith(SESSION_DIR_FLAG):
+                return Path(argument.removeprefix(SESSION_DIR_FLAG)) / "logs"
+        todo += children(pid)
+    return None
+
+
+def bind_failure(since: float, port: int, logs: Path) -> str | None:
     """The line of Serve's logs (written after ``since``) saying it could not bind ``port``.
 
     With direct ingress Ray then moves the ingress to the next port and never comes back
@@ -311,7 +330,8 @@ def wait_healthy(
             except (http.client.HTTPException, OSError):
                 connection.close()
                 last_state = "not listening yet"
-                failure = bind_failure(since, port)
+                logs = ray_session_logs(serve_process.pid)
+                failure = bind_failure(since, port, logs) if logs else None
                 if failure is not None:
                     raise PortLost(failure) from None
             elapsed = time.monotonic() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from cloudllm_serve.launcher import REDIS_APPENDFSYNC
+from benchmarks.compare import RawVllm
+from cloudllm_serve.launcher import (
+    REDIS_APPENDFSYNC,
+    load_profile,
+    profile_settings,
+    ray_session_logs,
+)
 from tests.support import RedisServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,12 +96,43 @@ class Stack:
     log_path: Path
     #: Ray's metrics agent of this stack (``METRICS_EXPORT_PORT``).
     metrics_url: str = ""
+    _healthy: bool = False
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def ray_logs(self) -> Path:
+        """The log folder of this stack's Ray cluster (other stacks may run beside it)."""
+        logs = ray_session_logs(self.launcher.pid)
+        assert logs is not None and logs.is_dir(), f"no Ray cluster under the launcher: {logs}"
+        return logs
+
+    def dashboard_url(self) -> str:
+        """The dashboard of this stack's Ray cluster (8265 only if no other cluster has it),
+        as ``ray.init`` printed it: where ``serve deploy --address`` must go."""
+        found = DASHBOARD_LINE.search(self.log_path.read_text(errors="replace"))
+        assert found is not None, f"no dashboard address in the launcher log:\n{self.log_tail()}"
+        return found.group(1)
+
+    def wait_healthy(self) -> None:
+        """Wait until ``/health`` answers 200 (once; fails if the launcher exits first)."""
+
+        def healthy() -> bool:
+            if self.launcher.poll() is not None:
+                raise RuntimeError(f"launcher exited early:\n{self.log_tail()}")
+            try:
+                return requests.get(f"{self.base_url}/health", timeout=5).status_code == 200
+            except requests.RequestException:
+                return False
+
+        if not self._healthy:
+            wait_for(healthy, timeout_s=600, interval_s=1)
+            self._healthy = True
+
 
 _running_stacks: list[Stack] = []
+#: ``ray.init``'s line naming the dashboard (colour codes around the address).
+DASHBOARD_LINE = re.compile(r"View the dashboard at \S*?(http://[0-9.]+:[0-9]+)")
 
 
 @contextlib.contextmanager
@@ -103,17 +141,20 @@ def running_stack(
     log_dir: Path,
     env_overrides: dict[str, str] | None = None,
     profile: Path = REPO / "deployments" / "cpu.yaml",
+    *,
+    healthy_first: bool = True,
 ) -> Iterator[Stack]:
     """The service started exactly as ``make serve`` starts it (minus Redis, which we own).
 
-    One at a time: a second ``serve run`` would join the first one's Ray cluster. The
-    session's ``stack`` lives until the session ends, so ``tests/scale`` (its own
-    stack) runs in a pytest process of its own, as ``make test`` does.
+    Yields it once healthy, or at once with ``healthy_first=False`` (then call
+    :meth:`Stack.wait_healthy`). One at a time in a pytest process: the session's
+    ``stack`` lives until the session ends, so each group with a stack of its own runs
+    in a pytest process of its own, as ``make test`` does.
     """
     if _running_stacks:
         raise RuntimeError(
-            "another test stack is running in this pytest process; run the 'scale' tests "
-            "on their own: pytest -m scale (make test does)"
+            "another test stack is running in this pytest process; run each stack group "
+            "on its own, e.g. pytest -m scale (make test does)"
         )
     port = free_port()
     metrics_port = free_port()
@@ -151,18 +192,10 @@ def running_stack(
     running = Stack(
         f"http://127.0.0.1:{port}", redis, launcher, log_path, f"http://127.0.0.1:{metrics_port}"
     )
-
-    def healthy() -> bool:
-        if launcher.poll() is not None:
-            raise RuntimeError(f"launcher exited early:\n{running.log_tail()}")
-        try:
-            return requests.get(f"{running.base_url}/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
     _running_stacks.append(running)
     try:
-        wait_for(healthy, timeout_s=600, interval_s=1)
+        if healthy_first:
+            running.wait_healthy()
         yield running
     finally:
         launcher.send_signal(signal.SIGTERM)
@@ -171,11 +204,58 @@ def running_stack(
 
 
 @pytest.fixture(scope="session")
-def stack(stack_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack_starting(
+    stack_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The session's stack, started but maybe not healthy yet (see ``stack``)."""
+    with running_stack(
+        stack_redis, tmp_path_factory.mktemp("stack"), healthy_first=False
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stack(stack_starting: Stack) -> Stack:
     """The service as ``make serve`` runs it: the CPU profile, one replica of each.
 
     Its Redis (``stack.redis``) is its own, ``stack_redis``: the stack's outage tests
     stop it without touching the Redis the other tests share.
     """
-    with running_stack(stack_redis, tmp_path_factory.mktemp("stack")) as running:
-        yield running
+    stack_starting.wait_healthy()
+    return stack_starting
+
+
+@pytest.fixture(scope="session")
+def raw_vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RawVllm]:
+    """vLLM's own OpenAI server with our engine replicas' arguments, started (not ready);
+    ``raw_vllm`` (``tests/stack``) waits for it."""
+    settings = profile_settings(load_profile(REPO / "deployments" / "cpu.yaml"))
+    server = RawVllm("raw-vllm", settings, tmp_path_factory.mktemp("raw-vllm"))
+    cores = os.cpu_count() or 1
+    if cores > 1:
+        # vLLM's CPU worker binds its threads to core 0 by default ("auto" keeps the last
+        # core for the rest), as the stack's engine does: on the last core instead, the two
+        # engines of the differential test do not share one core.
+        server.env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores - 1)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+#: Servers started when the session starts, if a selected test needs them, by the fixture
+#: a test names -> the fixture that starts the server without waiting for it.
+EARLY_STARTS = {"stack": "stack_starting", "raw_vllm": "raw_vllm_server"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _early_starts(request: pytest.FixtureRequest) -> None:
+    """Start the session's stack and raw vLLM before the first test, not when the first
+    test that needs them runs: each start keeps about one core busy for ~50 s (one process
+    importing vLLM at a time), beside the HTTP-layer and unit tests, which run on one core.
+    """
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for fixture, starter in EARLY_STARTS.items():
+        if fixture in needed:
+            request.getfixturevalue(starter)

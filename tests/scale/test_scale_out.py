@@ -611,7 +611,13 @@ def test_redeploy_lets_requests_in_flight_finish(scale_stack: Stack) -> None:
         wait_for(lambda: len(served) >= 2, timeout_s=120)
         started = time.monotonic()
         deploy = subprocess.run(
-            [str(Path(sys.executable).parent / "serve"), "deploy", str(new_config)],
+            [
+                str(Path(sys.executable).parent / "serve"),
+                "deploy",
+                "--address",
+                scale_stack.dashboard_url(),
+                str(new_config),
+            ],
             env={**os.environ, "RAY_AUTH_MODE": "token"},
             capture_output=True,
             text=True,

@@ -12,6 +12,7 @@ types.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,11 +343,16 @@ def test_v1_answers_as_raw_vllm_does(stack: Stack, raw_vllm: str, tmp_path: Path
     differences = []
     # Each case goes to both servers at once (each has its own engine; one request at a
     # time on each, so no batching changes an answer): ~100 s one after the other.
+    took: dict[str, float] = {}
     with ThreadPoolExecutor(1) as pool:
         answers = []
         for case in CASES:
+            started = time.monotonic()
             theirs_pending = pool.submit(send, raw_vllm, case)
             answers.append((send(stack.base_url, case), theirs_pending.result()))
+            took[case.name] = time.monotonic() - started
+    slowest = sorted(took.items(), key=lambda item: -item[1])[:8]
+    print(f"\n[differential] {sum(took.values()):.1f} s; slowest: {slowest}")
     for case, (ours, theirs) in zip(CASES, answers, strict=True):
         if case.name in OPENAI_BODY_WHERE_VLLM_HAS_NONE:
             if ours.status != theirs.status or ours.keys != ERROR_KEYS:

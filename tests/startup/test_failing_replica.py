@@ -39,7 +39,7 @@ def test_a_replica_failing_at_start_is_shown_and_ends_the_launcher(
         if launcher.process.poll() is None:
             launcher.stop()
     output = launcher.output()
-    elapsed = time.monotonic() - launcher.started
+    elapsed = time.monotonic() - launcher.started_at
     print(f"launcher exited with {status} after {elapsed:.0f} s")
     assert status == 1, output[-3000:]
     ours = [line for line in output.splitlines() if line.startswith("[serve] ")]

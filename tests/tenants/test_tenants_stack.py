@@ -247,9 +247,7 @@ def test_no_plaintext_key_in_redis_or_logs(tenant_stack: TenantStack) -> None:
     keys = ts.keys.all_keys()
     values = redis_dump(ts.stack.redis.client())
     logs = [ts.stack.log_path, ts.audit]
-    session = Path("/tmp/ray/session_latest/logs")
-    if session.exists():
-        logs += [p for p in session.rglob("*") if p.is_file()]
+    logs += [p for p in ts.stack.ray_logs().rglob("*") if p.is_file()]
     text = "\n".join(values)
     leaks = [key for key in keys if key in text]
     for path in logs:

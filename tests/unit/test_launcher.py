@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from cloudllm_serve import launcher
+from cloudllm_serve.procfs import children
 from cloudllm_serve.settings import Settings
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,3 +89,36 @@ def test_health_problems_are_shown_while_waiting() -> None:
         ": engine: no engine replica is running (needs 2 GPU(s))"
     )
     assert _health_problems(b"<html>") == ""
+
+
+def test_ray_session_logs_are_those_of_the_cluster_under_the_process(tmp_path: Path) -> None:
+    """Found in the command line of a process under the given one (Ray's GCS server
+    there), not /tmp/ray/session_latest, which may be another cluster's."""
+    grandchild = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', "
+        f"'--session-dir={tmp_path}']); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", grandchild])
+    lonely = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        found = wait_for(lambda: launcher.ray_session_logs(parent.pid), timeout_s=30)
+        assert found == tmp_path / "logs"
+        assert launcher.ray_session_logs(lonely.pid) is None
+    finally:
+        for pid in [*children(parent.pid), parent.pid, lonely.pid]:
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
+        lonely.wait()
+
+
+def test_bind_failure_reads_only_lines_about_the_port(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    (logs / "serve").mkdir(parents=True)
+    since = time.time() - 1
+    (logs / "serve" / "replica.log").write_text(
+        "INFO started\nERROR Failed to start RequestProtocol.HTTP server on port 8002: in use\n"
+    )
+    assert launcher.bind_failure(since, 8001, logs) is None
+    assert "port 8002" in (launcher.bind_failure(since, 8002, logs) or "")
+    assert launcher.bind_failure(time.time() + 60, 8002, logs) is None  # written before

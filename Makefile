@@ -16,6 +16,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true; \
 	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
+, := ,
 
 .PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
 
@@ -59,27 +60,30 @@ test-vlm: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Pytest processes, each with stacks (Ray clusters) of its own, one stack at a time:
-# 1. everything else (unit, HTTP layer, the session's stack);
+# Pytest processes, each with stacks (Ray clusters) of its own, one stack at a time, two at a
+# time on the machine; the output of the one started second is shown when both have ended:
+# 1. the session's stack tests beside the unit and HTTP-layer tests (one core);
 # 2. the start-up tests beside fake-GPU Ray, tenants and images: these mostly start stacks
 #    and wait, which keeps about one of the 2 cores busy (one process importing vLLM at a
-#    time), so two such processes share the machine well; the second one's output is
-#    shown when it ends;
+#    time);
 # 3. the scale-out group alone (two vLLM engines under load use both cores).
-TEST_FIRST := not ray and not scale and not tenants and not startup and not vision
+NO_STACK := not stack and not ray
+STACK := stack and not scale and not tenants and not startup and not vision
+PYTEST_BESIDE := $(PY) -m pytest -p no:cacheprovider
+RAY_TENANTS_IMAGES := $(PYTEST_BESIDE) -m ray $(PYTEST_ARGS); ray=$$?; \
+	$(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray
+# $(call BESIDE,command,command beside it,what the second one runs)
+BESIDE = log=$$(mktemp); ( $(2) ) > $$log 2>&1 & beside=$$!; $(1); first=$$?; wait $$beside; \
+	second=$$?; echo "[make] $(3) (ran beside the tests above):"; cat $$log; rm -f $$log
 test: install redis-server prometheus model test-vlm
-	@$(PY) -m pytest -m "$(TEST_FIRST)" $(PYTEST_ARGS); first=$$?; \
-	beside_log=$$(mktemp); \
-	( $(PY) -m pytest -p no:cacheprovider -m ray $(PYTEST_ARGS); ray=$$?; \
-	  $(PY) -m pytest -p no:cacheprovider -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray \
-	) > $$beside_log 2>&1 & beside=$$!; \
-	$(PY) -m pytest -m startup $(PYTEST_ARGS); startup=$$?; \
-	wait $$beside; others=$$?; \
-	echo "[make] fake-GPU Ray, tenants and images (ran beside the start-up tests):"; \
-	cat $$beside_log; rm -f $$beside_log; \
+	@$(call BESIDE,$(PY) -m pytest -m "$(STACK)" $(PYTEST_ARGS),$(PYTEST_BESIDE) -m "$(NO_STACK)" $(PYTEST_ARGS),unit and HTTP-layer tests); \
+	stack=$$first; fast=$$second; \
+	$(call BESIDE,$(PY) -m pytest -m startup $(PYTEST_ARGS),$(RAY_TENANTS_IMAGES),fake-GPU Ray$(,) tenants and images); \
+	startup=$$first; others=$$second; \
 	$(PY) -m pytest -m scale $(PYTEST_ARGS); scale=$$?; \
-	echo "[make] exit status: first $$first, start-up $$startup, beside it $$others, scale-out $$scale"; \
-	[ $$first = 0 ] && [ $$startup = 0 ] && [ $$others = 0 ] && [ $$scale = 0 ]
+	echo "[make] exit status: stack $$stack, unit and HTTP $$fast, start-up $$startup," \
+	  "Ray/tenants/images $$others, scale-out $$scale"; \
+	[ $$stack = 0 ] && [ $$fast = 0 ] && [ $$startup = 0 ] && [ $$others = 0 ] && [ $$scale = 0 ]
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision" $(PYTEST_ARGS)

@@ -41,7 +41,12 @@ FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by its folder (see :data:`FOLDER_MARKERS`); unknown folders fail."""
+    """Mark each test by its folder (see :data:`FOLDER_MARKERS`); unknown folders fail.
+
+    Tests without a stack run first: they fill the CPU that the session's stack leaves
+    while it starts (see ``_early_starts``).
+    """
+    items.sort(key=lambda item: "stack" in FOLDER_MARKERS.get(item.path.parent.name, ()))
     for item in items:
         folder = item.path.parent.name
         if folder not in FOLDER_MARKERS:

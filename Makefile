@@ -62,28 +62,27 @@ serve: install redis-server model
 
 # Pytest processes, each with stacks (Ray clusters) of its own, one stack at a time, two at a
 # time on the machine; the output of the one started second is shown when both have ended:
-# 1. the session's stack tests beside the unit and HTTP-layer tests (one core);
-# 2. the start-up tests beside fake-GPU Ray, tenants and images: these mostly start stacks
-#    and wait, which keeps about one of the 2 cores busy (one process importing vLLM at a
-#    time);
+# 1. the session's stack tests, beside the unit and HTTP-layer tests (one core), then the
+#    fake-GPU Ray tests;
+# 2. the start-up tests beside the tenants and images tests: these mostly start stacks and
+#    wait, which keeps about one of the 2 cores busy (one process importing vLLM at a time);
 # 3. the scale-out group alone (two vLLM engines under load use both cores).
-NO_STACK := not stack and not ray
 STACK := stack and not scale and not tenants and not startup and not vision
 PYTEST_BESIDE := $(PY) -m pytest -p no:cacheprovider
-RAY_TENANTS_IMAGES := $(PYTEST_BESIDE) -m ray $(PYTEST_ARGS); ray=$$?; \
-	$(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray
+UNIT_HTTP_RAY := $(PYTEST_BESIDE) -m "not stack and not ray" $(PYTEST_ARGS); fast=$$?; \
+	$(PYTEST_BESIDE) -m ray $(PYTEST_ARGS) && exit $$fast
 # $(call BESIDE,command,command beside it,what the second one runs)
 BESIDE = log=$$(mktemp); ( $(2) ) > $$log 2>&1 & beside=$$!; $(1); first=$$?; wait $$beside; \
 	second=$$?; echo "[make] $(3) (ran beside the tests above):"; cat $$log; rm -f $$log
 test: install redis-server prometheus model test-vlm
-	@$(call BESIDE,$(PY) -m pytest -m "$(STACK)" $(PYTEST_ARGS),$(PYTEST_BESIDE) -m "$(NO_STACK)" $(PYTEST_ARGS),unit and HTTP-layer tests); \
-	stack=$$first; fast=$$second; \
-	$(call BESIDE,$(PY) -m pytest -m startup $(PYTEST_ARGS),$(RAY_TENANTS_IMAGES),fake-GPU Ray$(,) tenants and images); \
-	startup=$$first; others=$$second; \
+	@$(call BESIDE,$(PY) -m pytest -m "$(STACK)" $(PYTEST_ARGS),$(UNIT_HTTP_RAY),unit$(,) HTTP-layer and fake-GPU Ray tests); \
+	stack=$$first; others=$$second; \
+	$(call BESIDE,$(PY) -m pytest -m startup $(PYTEST_ARGS),$(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS),tenants and images tests); \
+	startup=$$first; tenants=$$second; \
 	$(PY) -m pytest -m scale $(PYTEST_ARGS); scale=$$?; \
-	echo "[make] exit status: stack $$stack, unit and HTTP $$fast, start-up $$startup," \
-	  "Ray/tenants/images $$others, scale-out $$scale"; \
-	[ $$stack = 0 ] && [ $$fast = 0 ] && [ $$startup = 0 ] && [ $$others = 0 ] && [ $$scale = 0 ]
+	echo "[make] exit status: stack $$stack, unit/HTTP/Ray $$others, start-up $$startup," \
+	  "tenants/images $$tenants, scale-out $$scale"; \
+	[ $$stack = 0 ] && [ $$others = 0 ] && [ $$startup = 0 ] && [ $$tenants = 0 ] && [ $$scale = 0 ]
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision" $(PYTEST_ARGS)

@@ -410,9 +410,14 @@ def test_key_file_changes_apply_without_restart(app: TenantApp, tmp_path: Path) 
     assert registry.reload_error is not None and "not valid YAML" in registry.reload_error
 
 
+#: The retention of ``ttl_app``: long enough for one request and a Redis read on a loaded
+#: machine (the key's TTL is read in milliseconds; Redis rounds TTL to whole seconds).
+RETENTION_S = 2
+
+
 @pytest.fixture
 def ttl_app(redis_server: RedisServer, tmp_path: Path) -> Iterator[TenantApp]:
-    yield from make_app(redis_server, tmp_path, CONVERSATION_TTL_S=1)
+    yield from make_app(redis_server, tmp_path, CONVERSATION_TTL_S=RETENTION_S)
 
 
 def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
@@ -421,10 +426,13 @@ def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
         "conversation_id"
     ]
     client = ttl_app.redis.client()
-    assert 0 < client.ttl(f"{ttl_app.prefix}t:tenant-a:conv:{cid}:messages") <= 1
+    assert 0 < client.pttl(f"{ttl_app.prefix}t:tenant-a:conv:{cid}:messages") <= RETENTION_S * 1000
     assert ttl_app.client.get("/conversations", headers=auth).json()["total"] == 1
-    time.sleep(2.2)
-    assert ttl_app.client.get(f"/conversations/{cid}", headers=auth).status_code == 404
+    wait_for(
+        lambda: ttl_app.client.get(f"/conversations/{cid}", headers=auth).status_code == 404,
+        timeout_s=RETENTION_S + 3,
+        interval_s=0.2,
+    )
     listed = ttl_app.client.get("/conversations", headers=auth).json()
     assert listed["total"] == 0 and listed["conversations"] == []
     assert list(client.scan_iter(f"{ttl_app.prefix}t:tenant-a:*")) == []

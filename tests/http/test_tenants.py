@@ -48,7 +48,7 @@ def make_app(redis_server: RedisServer, tmp_path: Path, **settings: Any) -> Iter
     config = Settings(
         REDIS_URL=redis_server.url,
         MAX_TOKENS_CAP=32,
-        REDIS_TIMEOUT_S=0.5,
+        REDIS_TIMEOUT_S=1.0,
         API_KEYS_FILE=str(tmp_path / "keys.yaml"),
         AUDIT_LOG=str(audit_path),
         **settings,

@@ -16,7 +16,6 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true; \
 	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
-, := ,
 
 .PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
 
@@ -71,15 +70,16 @@ serve: install redis-server model
 # tests' short timeouts then failed on the busy CPU, twice in three runs.)
 FIRST := not ray and not scale and not tenants and not startup and not vision
 PYTEST_BESIDE := $(PY) -m pytest -p no:cacheprovider
-RAY_TENANTS_IMAGES := $(PYTEST_BESIDE) -m ray $(PYTEST_ARGS); ray=$$?; \
-	$(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray
-# $(call BESIDE,command,command beside it,what the second one runs)
-BESIDE = log=$$(mktemp); ( $(2) ) > $$log 2>&1 & beside=$$!; $(1); first=$$?; wait $$beside; \
-	second=$$?; echo "[make] $(3) (ran beside the tests above):"; cat $$log; rm -f $$log
 test: install redis-server prometheus model test-vlm
 	@$(PY) -m pytest -m "$(FIRST)" $(PYTEST_ARGS); stack=$$?; \
-	$(call BESIDE,$(PY) -m pytest -m startup $(PYTEST_ARGS),$(RAY_TENANTS_IMAGES),fake-GPU Ray$(,) tenants and images tests); \
-	startup=$$first; others=$$second; \
+	log=$$(mktemp); \
+	( $(PYTEST_BESIDE) -m ray $(PYTEST_ARGS); ray=$$?; \
+	  $(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray ) > $$log 2>&1 & \
+	beside=$$!; \
+	$(PY) -m pytest -m startup $(PYTEST_ARGS); startup=$$?; \
+	wait $$beside; others=$$?; \
+	echo "[make] fake-GPU Ray, tenants and images tests (ran beside the start-up tests):"; \
+	cat $$log; rm -f $$log; \
 	$(PY) -m pytest -m scale $(PYTEST_ARGS); scale=$$?; \
 	echo "[make] exit status: unit/HTTP/stack $$stack, start-up $$startup," \
 	  "Ray/tenants/images $$others, scale-out $$scale"; \

@@ -316,6 +316,7 @@ def wait_healthy(
     # leave the server's side of each connection in TIME_WAIT, and those keep the port
     # from being bound again for a minute after a stop.
     connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=5)
+    logs: Path | None = None  # the Ray cluster's log folder, once its GCS server runs
     try:
         while time.monotonic() - started < STARTUP_TIMEOUT_S:
             if serve_process.poll() is not None:
@@ -330,7 +331,8 @@ def wait_healthy(
             except (http.client.HTTPException, OSError):
                 connection.close()
                 last_state = "not listening yet"
-                logs = ray_session_logs(serve_process.pid)
+                # The cluster's log folder does not change once found.
+                logs = logs or ray_session_logs(serve_process.pid)
                 failure = bind_failure(since, port, logs) if logs else None
                 if failure is not None:
                     raise PortLost(failure) from None

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -101,7 +101,7 @@ class Stack:
     log_path: Path
     #: Ray's metrics agent of this stack (``METRICS_EXPORT_PORT``).
     metrics_url: str = ""
-    _healthy: bool = False
+    _healthy: bool = field(default=False, init=False, repr=False)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

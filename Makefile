@@ -59,31 +59,10 @@ test-vlm: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Pytest processes, each with stacks (Ray clusters) of its own, one stack at a time:
-# 1. unit, HTTP layer and the session's stack (it starts with the session, beside the unit and
-#    HTTP-layer tests, which run on one core);
-# 2. the start-up tests beside fake-GPU Ray, tenants and images: these mostly start stacks and
-#    wait, which keeps about one of the 2 cores busy (one process importing vLLM at a time);
-#    the output of the second process is shown when both have ended;
-# 3. the scale-out group alone (two vLLM engines under load use both cores).
-# (The stack tests beside the unit and HTTP-layer tests saved another minute, but the HTTP
-# tests' short timeouts then failed on the busy CPU, twice in three runs.)
-FIRST := not ray and not scale and not tenants and not startup and not vision
-PYTEST_BESIDE := $(PY) -m pytest -p no:cacheprovider
+# Two chains of pytest processes side by side, then the scale-out group alone: see
+# tests/run_suite.py for the groups and why.
 test: install redis-server prometheus model test-vlm
-	@$(PY) -m pytest -m "$(FIRST)" $(PYTEST_ARGS); stack=$$?; \
-	log=$$(mktemp); \
-	( $(PYTEST_BESIDE) -m ray $(PYTEST_ARGS); ray=$$?; \
-	  $(PYTEST_BESIDE) -m "tenants or vision" $(PYTEST_ARGS) && exit $$ray ) > $$log 2>&1 & \
-	beside=$$!; \
-	$(PY) -m pytest -m startup $(PYTEST_ARGS); startup=$$?; \
-	wait $$beside; others=$$?; \
-	echo "[make] fake-GPU Ray, tenants and images tests (ran beside the start-up tests):"; \
-	cat $$log; rm -f $$log; \
-	$(PY) -m pytest -m scale $(PYTEST_ARGS); scale=$$?; \
-	echo "[make] exit status: unit/HTTP/stack $$stack, start-up $$startup," \
-	  "Ray/tenants/images $$others, scale-out $$scale"; \
-	[ $$stack = 0 ] && [ $$startup = 0 ] && [ $$others = 0 ] && [ $$scale = 0 ]
+	@$(PY) -m tests.run_suite $(PYTEST_ARGS)
 
 test-fast: install redis-server
 	@$(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision" $(PYTEST_ARGS)

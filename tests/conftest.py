@@ -71,8 +71,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
     A test that freezes or kills Redis uses one of its own (``own_redis`` in
     ``tests/http``, ``stack_redis`` under the session's stack).
+
+    It syncs its append-only file once a second (``everysec``), not on every write: with
+    ``always`` Redis fsyncs in its one thread before it answers, and fsyncs here took up to
+    0.7 s while stacks started beside the tests, so the HTTP-layer tests' 1 s timeouts
+    failed (twice in one ``make test``). No test kills this Redis; the ones that show what
+    a crash keeps use ``make serve``'s policy on a Redis of their own.
     """
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="everysec")
     server.start()
     yield server
     server.stop()

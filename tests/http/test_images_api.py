@@ -31,12 +31,17 @@ from tests.support import MediaServer, RedisServer, data_url, image_bytes
 
 MAX_UPLOAD = 64 * 1024
 MAX_SIDE = 96
+#: The app's fetch timeout: long enough for the allowed fetches to finish while stack tests
+#: load the CPU beside these tests (make test), short beside ``/slow``, which takes 3x.
+FETCH_TIMEOUT_S = 2.0
 PNG = image_bytes(32, 24, seed=1)
 
 
 @pytest.fixture(scope="module")
 def media() -> Iterator[MediaServer]:
-    server = MediaServer(image_bytes(40, 40, seed=7), slow_s=3.0, big_bytes=MAX_UPLOAD * 2)
+    server = MediaServer(
+        image_bytes(40, 40, seed=7), slow_s=3 * FETCH_TIMEOUT_S, big_bytes=MAX_UPLOAD * 2
+    )
     yield server
     server.close()
 
@@ -52,7 +57,7 @@ def vlm(redis_server: RedisServer) -> Iterator[tuple[App, str]]:
         MAX_IMAGE_PIXELS=200_000,
         MAX_IMAGES_PER_REQUEST=3,
         MEDIA_ALLOWED_DOMAINS=["127.0.0.1"],
-        MEDIA_FETCH_TIMEOUT_S=1.0,
+        MEDIA_FETCH_TIMEOUT_S=FETCH_TIMEOUT_S,
     )
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     store = ConversationStore.from_url(app_settings.REDIS_URL, timeout_s=1.0, key_prefix=prefix)

@@ -71,7 +71,9 @@ def run_group(group: Group, args: list[str], output: int | None = None) -> Outco
     else:
         os.write(output, header.encode())
     started = time.monotonic()
-    status = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT if output else None)
+    status = subprocess.call(
+        command, stdout=output, stderr=None if output is None else subprocess.STDOUT
+    )
     return Outcome(group, status, time.monotonic() - started)
 
 

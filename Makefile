@@ -59,7 +59,7 @@ test-vlm: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Two chains of pytest processes side by side (the scale-out group last in one of them):
+# Two chains of pytest processes side by side:
 # see tests/run_suite.py for the groups and why.
 test: install redis-server prometheus model test-vlm
 	@$(PY) -m tests.run_suite $(PYTEST_ARGS)

@@ -11,8 +11,10 @@ CPU is not short, nice values change nothing (docs/performance.md, "CPU priority
 
 Linux keeps a nice value per thread, and a process or thread inherits its parent's:
 
-- an engine replica lowers its own threads only after vLLM has started its processes,
-  which keep the replica's earlier value (``ENGINE_NICENESS``, 0 by default);
+- an engine replica starts vLLM at the value it was started with (a replica added under
+  load, when it is needed, does not start at the busy engines' lower priority); once vLLM
+  is up it lowers vLLM's processes to ``ENGINE_NICENESS`` (0 by default) and its own
+  threads, the serving layer's, to ``SERVING_NICENESS``;
 - an ingress replica lowers all its threads at start;
 - the ``make serve`` launcher's ``serve_run`` lowers the Ray daemons it started and
   Serve's controller and proxy (:func:`serving_daemons`), but not ``raylet``, whose
@@ -60,9 +62,19 @@ def lower_priority(pid: int, niceness: int) -> int:
     return changed
 
 
-def has_engine_children(pid: int) -> bool:
-    """Whether vLLM's engine runs in child processes of ``pid`` (its default)."""
-    return any(process_name(c).startswith(ENGINE_PROCESS_PREFIX) for c in children(pid))
+def engine_processes(pid: int) -> list[int]:
+    """The engine processes vLLM started under ``pid``: none when vLLM runs in ``pid``.
+
+    Its ``EngineCore`` and the workers under it (``VLLM::...``), not other children.
+    """
+    found = []
+    todo = children(pid)
+    while todo:
+        child = todo.pop()
+        if process_name(child).startswith(ENGINE_PROCESS_PREFIX):
+            found.append(child)
+            todo += children(child)
+    return found
 
 
 def serving_daemons(root: int) -> list[int]:

@@ -133,8 +133,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=19,
-        description="nice value of engine replicas and vLLM's processes (CPU hosts: keeps the "
-        "HTTP front door and Redis responsive when generation saturates the cores)",
+        description="nice value of vLLM's engine processes once they have started (a new "
+        "replica starts at full priority; CPU hosts: keeps the HTTP front door and Redis "
+        "responsive when generation saturates the cores)",
     )
     SERVING_NICENESS: int = Field(
         0,

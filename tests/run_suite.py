@@ -5,11 +5,15 @@ keep about one core busy (one process importing vLLM at a time while a stack sta
 HTTP-layer tests on one core, waits for a rate window or a freed port), so two chains of
 processes run side by side and at most two stacks run at once:
 
-- chain 1, shown as it runs: unit and HTTP-layer tests, fake-GPU Ray, then the tenants and
-  images stacks;
+- chain 1, shown as it runs: unit and HTTP-layer tests, the tenants and images stacks, then
+  the start-up tests;
 - chain 2, shown when it has ended: the session's stack tests (the stack and raw vLLM start
-  with that process), the start-up tests, then the scale-out group, whose two vLLM engines
-  under load use both cores; its stack starts while chain 1 ends.
+  with that process), the scale-out group, then fake-GPU Ray (whose Ray workers run at
+  Ray's default nice 15: after the scale-out load, not beside it).
+
+The scale-out group's two vLLM engines under load run at nice 15 (``ENGINE_NICENESS``),
+below the CPU profile's stacks (serving layer at nice 10, engines at 0) in chain 1, and an
+engine replica it adds starts at full priority (it is not slowed by the load it relieves).
 
 Every process runs to its end whatever the others do; the exit status is 0 only when every
 process passed. Arguments are passed to every pytest process (``make test PYTEST_ARGS=...``);
@@ -40,13 +44,13 @@ class Group:
 
 CHAIN_SHOWN = (
     Group("unit and HTTP layer", "not stack and not ray"),
-    Group("fake-GPU Ray", "ray"),
     Group("tenants and images", "tenants or vision"),
+    Group("start-up", "startup"),
 )
 CHAIN_LOGGED = (
     Group("stack", "stack and not scale and not tenants and not startup and not vision"),
-    Group("start-up", "startup"),
     Group("scale-out", "scale"),
+    Group("fake-GPU Ray", "ray"),
 )
 
 
@@ -61,7 +65,7 @@ class Outcome:
 
 def run_group(group: Group, args: list[str], output: int | None = None) -> Outcome:
     """Run ``group``'s pytest process to its end, its output to ``output`` (None: ours)."""
-    command = [sys.executable, "-m", "pytest", "-m", group.markers, *args]
+    command = [sys.executable, "-m", "pytest", "-m", group.markers, "--durations=8", *args]
     if output is not None:
         # Two pytest processes at once: one of them keeps off the shared .pytest_cache.
         command[3:3] = ["-p", "no:cacheprovider"]

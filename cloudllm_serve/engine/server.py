@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from cloudllm_serve.cpu_priority import has_engine_children, lower_priority
+from cloudllm_serve.cpu_priority import engine_processes, lower_all, lower_priority
 from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import (
     EngineDeadError,
@@ -110,13 +110,16 @@ class EngineServer:
             logger.error(problem)
             raise SettingsError(problem)
         self._replica_id = current_replica_id()
-        # Before vLLM starts: its engine-core and worker processes inherit it.
-        lower_priority(os.getpid(), settings.ENGINE_NICENESS)
         self._backend = backend_factory(settings)
+        # vLLM starts at our priority: a replica added because the others are busy does
+        # not start (imports, weights, warm-up) at the busy engines' lower one.
         await self._backend.start()
-        if has_engine_children(os.getpid()):
-            # Only now: vLLM's processes keep the value they started with.
-            lower_priority(os.getpid(), settings.SERVING_NICENESS)
+        engine = engine_processes(os.getpid())
+        lower_all(engine, settings.ENGINE_NICENESS)
+        # With vLLM in processes of its own, our threads are the serving layer (they answer
+        # Serve's probes and health checks, and stream the answers); else they are vLLM.
+        niceness = settings.SERVING_NICENESS if engine else settings.ENGINE_NICENESS
+        lower_priority(os.getpid(), niceness)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one generation's chunks back to the caller (the last one names us).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudllm_serve.cpu_priority import has_engine_children, lower_priority, serving_daemons
+from cloudllm_serve.cpu_priority import engine_processes, lower_priority, serving_daemons
 from cloudllm_serve.procfs import children, process_name
 
 #: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
@@ -45,7 +45,7 @@ def _tree(root: int) -> list[int]:
 
 @pytest.fixture
 def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """serve_run → gcs, raylet → controller, agent, replica → VLLM::EngineCore, workers."""
+    """serve_run → gcs, raylet → controller, agent, replica → EngineCore → worker."""
     script = tmp_path / "tree.py"
     script.write_text(TREE)
     tree = [
@@ -57,7 +57,14 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
                 [
                     ["ray::ServeController", []],
                     ["ray::DashboardAgent", []],
-                    ["ray::ServeReplica:app:EngineServer", [["VLLM::EngineCore", []]]],
+                    [
+                        "ray::ServeReplica:app:EngineServer",
+                        [
+                            ["VLLM::EngineCore", [["VLLM::Worker_TP0", []]]],
+                            # multiprocessing's resource tracker, beside vLLM's processes
+                            ["resource_tracker", []],
+                        ],
+                    ],
                     ["ray::IDLE", []],
                     # A worker Ray has just started, not yet titled: it may become a replica.
                     ["default_worker.py", []],
@@ -69,7 +76,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         every = _tree(root.pid)
-        if len(every) == 9 and all(process_name(p) != "python" for p in every):
+        if len(every) == 11 and all(process_name(p) != "python" for p in every):
             break
         time.sleep(0.1)
     else:
@@ -104,9 +111,11 @@ def test_lower_priority_reaches_every_thread_and_never_lowers_a_value(
     assert all(os.getpriority(os.PRIO_PROCESS, c) == 0 for c in children(pid))
 
 
-def test_engine_children_are_recognised(ray_like_tree: subprocess.Popen[bytes]) -> None:
+def test_engine_processes_are_vllms_under_the_replica(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
     replica = next(
         p for p in _tree(ray_like_tree.pid) if process_name(p).startswith("ray::ServeRepli")
     )
-    assert has_engine_children(replica)
-    assert not has_engine_children(ray_like_tree.pid)
+    assert _names(engine_processes(replica)) == ["VLLM::EngineCor", "VLLM::Worker_TP"]
+    assert engine_processes(ray_like_tree.pid) == []

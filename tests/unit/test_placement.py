@@ -137,9 +137,11 @@ def test_engine_args_follow_settings() -> None:
     assert "distributed_executor_backend" not in args
 
 
-def test_engine_niceness_reaches_the_processes_vllm_starts() -> None:
-    """In a child interpreter (niceness cannot be undone): the replica lowers its own
-    priority before starting the backend, so the processes it spawns inherit it."""
+def test_vllm_starts_at_full_priority_then_gets_engine_niceness() -> None:
+    """In a child interpreter (niceness cannot be undone): vLLM's processes start at the
+    replica's priority (a replica added under load starts at full speed) and are lowered
+    to ``ENGINE_NICENESS`` once it is up; the replica's own threads go to
+    ``SERVING_NICENESS``, lower or higher."""
     import subprocess
     import sys
 
@@ -148,22 +150,31 @@ import asyncio, os, subprocess, sys
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.settings import Settings
 
+ENGINE_CORE = (
+    "import os, sys, time, setproctitle; setproctitle.setproctitle('VLLM::EngineCore'); "
+    "print(os.nice(0), flush=True); time.sleep(60)"
+)
+
 class Backend:
     def __init__(self, settings): pass
     async def start(self):
-        child = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"],
-                               capture_output=True, text=True, check=True)
-        print("child", child.stdout.strip())
+        global core
+        core = subprocess.Popen([sys.executable, "-c", ENGINE_CORE], stdout=subprocess.PIPE,
+                                text=True)
+        print("started", core.stdout.readline().strip())
     def shutdown(self): pass
 
 async def main():
     server = EngineServer.__new__(EngineServer)  # Ray awaits the async constructor itself
-    await server.__init__(Settings(ENGINE_NICENESS=5), Backend)
-    print("replica", os.nice(0))
+    await server.__init__(Settings(ENGINE_NICENESS=15, SERVING_NICENESS=10), Backend)
+    print("engine", os.getpriority(os.PRIO_PROCESS, core.pid), "replica", os.nice(0))
+    core.kill()
 
 asyncio.run(main())
 """
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
-    assert result.stdout.split() == ["child", "5", "replica", "5"], result.stdout + result.stderr
+    assert result.stdout.split() == ["started", "0", "engine", "15", "replica", "10"], (
+        result.stdout + result.stderr
+    )

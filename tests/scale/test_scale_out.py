@@ -62,9 +62,9 @@ SCALE_ENV = {
     # At the same priority as the proxy, the ingress replicas and Redis, refusals then took
     # seconds and Redis answers missed REDIS_TIMEOUT_S (503s) in 3 of 5 floods; niced, the
     # engines leave the front door responsive (docs/deployment.md has both measurements).
-    # 15, not 5: make test runs this group beside the tenants, images and start-up stacks,
-    # whose serving layer runs at nice 10 (the CPU profile); the load here then takes only
-    # the CPU they leave. A replica being added starts at nice 0, above the load.
+    # 15, not 5: make test starts this group while the tenants and images stacks may still
+    # run, with their serving layer at nice 10 (the CPU profile); the load here then takes
+    # only the CPU they leave. A replica being added starts at nice 0, above the load.
     "ENGINE_NICENESS": "15",
     # And the front door above the engines, not below them as in the CPU profile.
     "SERVING_NICENESS": "0",

@@ -178,3 +178,32 @@ asyncio.run(main())
     assert result.stdout.split() == ["started", "0", "engine", "15", "replica", "10"], (
         result.stdout + result.stderr
     )
+
+
+def test_vllm_in_the_replica_process_gets_engine_niceness() -> None:
+    """In a child interpreter: with no engine process of its own (vLLM in the replica's
+    process), the replica's threads are vLLM's, so they take ``ENGINE_NICENESS``."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, os
+from cloudllm_serve.engine.server import EngineServer
+from cloudllm_serve.settings import Settings
+
+class Backend:
+    def __init__(self, settings): pass
+    async def start(self): print("started", os.nice(0))
+    def shutdown(self): pass
+
+async def main():
+    server = EngineServer.__new__(EngineServer)  # Ray awaits the async constructor itself
+    await server.__init__(Settings(ENGINE_NICENESS=15, SERVING_NICENESS=10), Backend)
+    print("replica", os.nice(0))
+
+asyncio.run(main())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == ["started", "0", "replica", "15"], result.stdout + result.stderr

@@ -156,6 +156,7 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
     env.setdefault("RAY_worker_niceness", "0")
     env["METRICS_EXPORT_PORT"] = str(settings.METRICS_EXPORT_PORT)
     env["SERVING_NICENESS"] = str(settings.SERVING_NICENESS)
+    env["SERVING_OFF_ENGINE_CPUS"] = "1" if settings.SERVING_OFF_ENGINE_CPUS else "0"
     # Counters as Prometheus counters only (Ray also exports each as a gauge by default).
     env.setdefault("RAY_EXPORT_COUNTER_AS_GAUGE", "0")
     if settings.SERVE_LATENCY_TUNING:

@@ -16,7 +16,9 @@ SIGTERM stops it and the cluster it started (Ray's handler for the driver that s
 the cluster), as with ``serve run``.
 
 With ``SERVING_NICENESS`` in the environment, it also lowers the CPU priority of the
-cluster's Ray daemons and Serve's controller and proxy (:mod:`cloudllm_serve.cpu_priority`).
+cluster's Ray daemons and Serve's controller and proxy (:mod:`cloudllm_serve.cpu_priority`);
+with ``SERVING_OFF_ENGINE_CPUS=1``, it keeps them and Serve's replicas off the cores
+vLLM's workers are bound to (:mod:`cloudllm_serve.cpu_affinity`).
 
 Usage (the launcher runs it): ``python -m cloudllm_serve.serve_run CONFIG``, with the
 port in ``METRICS_EXPORT_PORT`` (8080 if unset).
@@ -29,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from cloudllm_serve.cpu_affinity import keep_off_engine_cpus
 from cloudllm_serve.cpu_priority import lower_all, serving_daemons
 
 DEFAULT_METRICS_EXPORT_PORT = 8080
@@ -81,20 +84,27 @@ def failed_apps(status: Any, ran: set[str]) -> list[str]:
     return failed
 
 
-def watch(interval_s: float = WATCH_INTERVAL_S, niceness: int = 0) -> int:
+def watch(
+    interval_s: float = WATCH_INTERVAL_S, niceness: int = 0, off_engine_cpus: bool = False
+) -> int:
     """Print deployment failures until an application fails before it ever ran; return 1.
 
     With ``niceness``, each look also lowers the CPU priority of the serving layer's
     processes of this cluster (:func:`~cloudllm_serve.cpu_priority.serving_daemons`;
-    Serve starts its proxy after the controller, and restarts either if it dies).
+    Serve starts its proxy after the controller, and restarts either if it dies). With
+    ``off_engine_cpus``, each look also keeps them and Serve's replicas off the cores
+    vLLM's workers are bound to (:func:`~cloudllm_serve.cpu_affinity.keep_off_engine_cpus`).
     """
     from ray import serve
 
     seen: dict[str, tuple[str, str]] = {}
     ran: set[str] = set()
+    allowed = os.sched_getaffinity(0)  # before this process binds itself too
     while True:
         if niceness:
             lower_all(serving_daemons(os.getpid()), niceness)
+        if off_engine_cpus:
+            keep_off_engine_cpus(os.getpid(), allowed)
         time.sleep(interval_s)
         try:
             status = serve.status()
@@ -120,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ["run", "--non-blocking", *(sys.argv[1:] if argv is None else argv)]
     cli.main(args=args, prog_name="serve", standalone_mode=False)
     try:
-        return watch(niceness=int(os.environ.get("SERVING_NICENESS") or 0))
+        return watch(
+            niceness=int(os.environ.get("SERVING_NICENESS") or 0),
+            off_engine_cpus=os.environ.get("SERVING_OFF_ENGINE_CPUS") == "1",
+        )
     except KeyboardInterrupt:
         return 0
 

@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         "threads once vLLM has started, and under make serve Serve's controller and proxy and "
         "Ray's daemons), so that vLLM's engine processes win the CPU when it is short",
     )
+    SERVING_OFF_ENGINE_CPUS: bool = Field(
+        False,
+        description="under make serve, keep the serving layer (Ray's daemons, Serve's controller "
+        "and proxy, our replicas) off the cores vLLM's CPU build binds its workers to, on the "
+        "cores vLLM reserves for the rest (CPU hosts; no effect where workers are not bound)",
+    )
     INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
     ROUTING_AFFINITY: bool = Field(
         True, description="send a conversation's turns to the engine replica that has its prefix"

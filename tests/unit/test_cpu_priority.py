@@ -1,4 +1,4 @@
-"""CPU priority of the serving layer: real processes, named as Ray and vLLM name theirs."""
+"""CPU priority and affinity of the serving layer: real processes, titled as Ray and vLLM do."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from cloudllm_serve.cpu_affinity import (
+    bound_engine_cpus,
+    keep_off_engine_cpus,
+    serving_cpus,
+    serving_processes,
+    set_affinity,
+)
 from cloudllm_serve.cpu_priority import engine_processes, lower_priority, serving_daemons
 from cloudllm_serve.procfs import children, process_name
 
@@ -119,3 +126,46 @@ def test_engine_processes_are_vllms_under_the_replica(
     )
     assert _names(engine_processes(replica)) == ["VLLM::EngineCor", "VLLM::Worker_TP"]
     assert engine_processes(ray_like_tree.pid) == []
+
+
+def test_serving_processes_add_serve_replicas_not_vllm_raylet_or_untitled_workers(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
+    found = serving_processes(ray_like_tree.pid)
+    assert _names(found) == sorted(
+        ["serve_run", "gcs_server", "ray::ServeContr", "ray::DashboardA", "ray::ServeRepli"]
+    )
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_serving_layer_is_kept_off_the_cores_the_vllm_worker_is_bound_to(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
+    every = _tree(ray_like_tree.pid)
+    worker = next(p for p in every if process_name(p).startswith("VLLM::Worker"))
+    engine_core = next(p for p in every if process_name(p).startswith("VLLM::EngineCor"))
+    allowed = os.sched_getaffinity(0)
+    assert bound_engine_cpus(ray_like_tree.pid) == allowed  # not bound yet: nothing to avoid
+    assert keep_off_engine_cpus(ray_like_tree.pid, allowed) == allowed
+
+    bound = min(allowed)
+    os.sched_setaffinity(worker, {bound})  # as vLLM binds its worker's threads
+    assert bound_engine_cpus(ray_like_tree.pid) == {bound}
+    rest = allowed - {bound}
+    assert keep_off_engine_cpus(ray_like_tree.pid, allowed) == rest
+    for pid in serving_processes(ray_like_tree.pid):
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert {frozenset(os.sched_getaffinity(t)) for t in threads} == {frozenset(rest)}
+    # vLLM's processes, raylet and workers that may become a replica keep every core.
+    untouched = [p for p in every if p not in serving_processes(ray_like_tree.pid)]
+    assert {process_name(p) for p in untouched} >= {"raylet", "ray::IDLE", "VLLM::EngineCor"}
+    assert all(os.sched_getaffinity(p) == allowed for p in untouched if p != worker)
+    assert os.sched_getaffinity(engine_core) == allowed
+    assert set_affinity(ray_like_tree.pid, rest) == 0  # already there: nothing changes
+
+
+def test_serving_cpus_never_leave_the_serving_layer_without_a_core() -> None:
+    assert serving_cpus({0, 1}, {0}) == {1}
+    assert serving_cpus({0, 1, 2, 3}, {0, 1, 2}) == {3}
+    assert serving_cpus({0, 1}, set()) == {0, 1}
+    assert serving_cpus({0, 1}, {0, 1}) == {0, 1}

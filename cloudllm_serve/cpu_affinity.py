@@ -1,0 +1,106 @@
+"""CPU affinity: the serving layer off the cores vLLM computes on.
+
+vLLM's CPU build binds each worker's compute threads to cores of its own
+(``VLLM_CPU_OMP_THREADS_BIND=auto``: on a 2-core host, core 0) and leaves the rest
+"reserved for the scheduler process" and the front end, but nothing keeps other
+processes off the worker's cores. Ray's daemons, Serve's controller and our replicas
+then run there too, and each time one of them is scheduled on that core the worker's
+matrix multiplications wait, however low its priority (:mod:`cloudllm_serve.cpu_priority`).
+
+With ``SERVING_OFF_ENGINE_CPUS`` (on in the CPU profile), the ``make serve`` launcher's
+``serve_run`` keeps the serving layer on the other cores: every few seconds it reads
+the cores vLLM's workers in its cluster are bound to (:func:`bound_engine_cpus`) and
+sets the affinity of every thread of the serving layer's processes
+(:func:`serving_processes`) to the cores it may use that are not among them. Nothing
+changes while no worker is bound to a strict subset of those cores (a GPU host, or
+before vLLM has started), and vLLM's own processes, ``raylet`` and workers that may
+become a replica are never touched: a process inherits its parent's affinity, and
+vLLM sizes its thread binding from the cores its process may use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cloudllm_serve.cpu_priority import serving_daemons
+from cloudllm_serve.procfs import children, command_line, process_name
+
+#: Process names of vLLM's workers (``VLLM::Worker``, ``VLLM::Worker_TP0``...).
+ENGINE_WORKER_PREFIX = "VLLM::Worker"
+#: Command lines of Serve's replicas (``ray::ServeReplica:<app>:<deployment>``).
+SERVE_REPLICA_PREFIX = "ray::ServeReplica:"
+
+
+def _descendants(root: int) -> list[int]:
+    every = [root]
+    for pid in every:
+        every += children(pid)
+    return every
+
+
+def bound_engine_cpus(root: int) -> set[int]:
+    """The cores vLLM's workers under ``root`` are bound to (empty when none is found)."""
+    cores: set[int] = set()
+    for pid in _descendants(root):
+        if process_name(pid).startswith(ENGINE_WORKER_PREFIX):
+            try:
+                cores |= os.sched_getaffinity(pid)
+            except OSError:  # gone
+                continue
+    return cores
+
+
+def serving_cpus(allowed: set[int], engine: set[int]) -> set[int]:
+    """Where the serving layer runs: ``allowed`` less ``engine``, or ``allowed`` if that is empty.
+
+    ``engine`` covering all of ``allowed`` means vLLM's workers are not bound (or share
+    every core), so there is nothing to keep apart.
+    """
+    rest = allowed - engine
+    return rest or set(allowed)
+
+
+def serving_processes(root: int) -> list[int]:
+    """The serving layer of the cluster ``root`` started, Serve's replicas included.
+
+    :func:`~cloudllm_serve.cpu_priority.serving_daemons`, plus every process titled as
+    a Serve replica (the ingress replicas, and the engine replicas' own process: their
+    vLLM processes are children, started before and so unaffected).
+    """
+    found = serving_daemons(root)
+    for raylet in (p for p in _descendants(root) if process_name(p) == "raylet"):
+        found += [c for c in children(raylet) if command_line(c).startswith(SERVE_REPLICA_PREFIX)]
+    return found
+
+
+def set_affinity(pid: int, cpus: set[int]) -> int:
+    """Bind every thread of ``pid`` to ``cpus``; return how many threads changed.
+
+    Threads (and processes) that have gone, or that this user may not change, are skipped.
+    """
+    changed = 0
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return 0
+    for tid in threads:
+        try:
+            if os.sched_getaffinity(tid) != cpus:
+                os.sched_setaffinity(tid, cpus)
+                changed += 1
+        except OSError:
+            continue
+    return changed
+
+
+def keep_off_engine_cpus(root: int, allowed: set[int] | None = None) -> set[int]:
+    """Bind the serving layer under ``root`` to the cores vLLM's workers do not use.
+
+    ``allowed``: the cores this cluster may use (by default, this process's). Returns
+    the cores the serving layer was bound to.
+    """
+    allowed = os.sched_getaffinity(0) if allowed is None else allowed
+    cpus = serving_cpus(allowed, bound_engine_cpus(root))
+    for pid in serving_processes(root):
+        set_affinity(pid, cpus)
+    return cpus

@@ -63,6 +63,9 @@ def test_serve_environment_defaults_keep_the_proxy() -> None:
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
     assert env["SERVING_NICENESS"] == "0"  # serve_run reads it from there
     assert launcher.serve_environment(Settings(SERVING_NICENESS=10), {})["SERVING_NICENESS"] == "10"
+    assert env["SERVING_OFF_ENGINE_CPUS"] == "0"
+    apart = launcher.serve_environment(Settings(SERVING_OFF_ENGINE_CPUS=True), {})
+    assert apart["SERVING_OFF_ENGINE_CPUS"] == "1"  # serve_run's test for it
     untuned = launcher.serve_environment(Settings(SERVE_LATENCY_TUNING=False), {})
     assert not set(launcher.LATENCY_TUNING) & set(untuned)
     assert launcher.render_profile({"applications": []}, settings)["http_options"]["port"] == 9100

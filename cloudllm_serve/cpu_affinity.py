@@ -13,16 +13,18 @@ the cores vLLM's workers in its cluster are bound to (:func:`bound_engine_cpus`)
 sets the affinity of every thread of the serving layer's processes
 (:func:`serving_processes`) to the cores it may use that are not among them. Nothing
 changes while no worker is bound to a strict subset of those cores (a GPU host, or
-before vLLM has started), and vLLM's own processes, ``raylet`` and workers that may
-become a replica are never touched: a process inherits its parent's affinity, and
-vLLM sizes its thread binding from the cores its process may use.
+before vLLM has started), and vLLM's own processes, ``raylet``, workers that may
+become a replica and engine replicas whose vLLM has not started yet are never touched:
+a process inherits its parent's affinity, and vLLM sizes its thread binding from the
+cores its process may use.
 """
 
 from __future__ import annotations
 
 import os
 
-from cloudllm_serve.cpu_priority import serving_daemons
+from cloudllm_serve.cpu_priority import engine_processes, serving_daemons
+from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT
 from cloudllm_serve.procfs import children, command_line, process_name
 
 #: Process names of vLLM's workers (``VLLM::Worker``, ``VLLM::Worker_TP0``...).
@@ -63,14 +65,25 @@ def serving_cpus(allowed: set[int], engine: set[int]) -> set[int]:
 def serving_processes(root: int) -> list[int]:
     """The serving layer of the cluster ``root`` started, Serve's replicas included.
 
-    :func:`~cloudllm_serve.cpu_priority.serving_daemons`, plus every process titled as
-    a Serve replica (the ingress replicas, and the engine replicas' own process: their
-    vLLM processes are children, started before and so unaffected).
+    :func:`~cloudllm_serve.cpu_priority.serving_daemons`, plus the processes titled as a
+    Serve replica: ingress replicas, and engine replicas once vLLM's ``EngineCore`` has
+    started under them. Before that, an engine replica's binding would pass to vLLM's
+    processes, and vLLM would bind its worker inside it (an engine replica added while
+    another one's worker is bound).
     """
     found = serving_daemons(root)
     for raylet in (p for p in _descendants(root) if process_name(p) == "raylet"):
-        found += [c for c in children(raylet) if command_line(c).startswith(SERVE_REPLICA_PREFIX)]
+        found += [c for c in children(raylet) if _settled_replica(c)]
     return found
+
+
+def _settled_replica(pid: int) -> bool:
+    """Whether ``pid`` is a Serve replica whose binding cannot reach vLLM's processes."""
+    title = command_line(pid).strip()
+    if not title.startswith(SERVE_REPLICA_PREFIX):
+        return False
+    deployment = title.split(" ", 1)[0].rsplit(":", 1)[-1]
+    return deployment != ENGINE_DEPLOYMENT or bool(engine_processes(pid))
 
 
 def set_affinity(pid: int, cpus: set[int]) -> int:

@@ -21,7 +21,7 @@ from cloudllm_serve.cpu_affinity import (
     set_affinity,
 )
 from cloudllm_serve.cpu_priority import engine_processes, lower_priority, serving_daemons
-from cloudllm_serve.procfs import children, process_name
+from cloudllm_serve.procfs import children, command_line, process_name
 
 #: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
 #: children described by its argument (a nested list of titles), and sleeps.
@@ -52,7 +52,7 @@ def _tree(root: int) -> list[int]:
 
 @pytest.fixture
 def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """serve_run → gcs, raylet → controller, agent, replica → EngineCore → worker."""
+    """serve_run → gcs, raylet → controller, agent, replicas (one → EngineCore → worker)."""
     script = tmp_path / "tree.py"
     script.write_text(TREE)
     tree = [
@@ -72,6 +72,9 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
                             ["resource_tracker", []],
                         ],
                     ],
+                    ["ray::ServeReplica:app:Ingress", []],
+                    # An engine replica whose vLLM has not started yet.
+                    ["ray::ServeReplica:app:EngineServer", []],
                     ["ray::IDLE", []],
                     # A worker Ray has just started, not yet titled: it may become a replica.
                     ["default_worker.py", []],
@@ -83,7 +86,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         every = _tree(root.pid)
-        if len(every) == 11 and all(process_name(p) != "python" for p in every):
+        if len(every) == 13 and all(process_name(p) != "python" for p in every):
             break
         time.sleep(0.1)
     else:
@@ -122,19 +125,31 @@ def test_engine_processes_are_vllms_under_the_replica(
     ray_like_tree: subprocess.Popen[bytes],
 ) -> None:
     replica = next(
-        p for p in _tree(ray_like_tree.pid) if process_name(p).startswith("ray::ServeRepli")
+        p
+        for p in _tree(ray_like_tree.pid)
+        if process_name(p).startswith("ray::ServeRepli") and children(p)
     )
     assert _names(engine_processes(replica)) == ["VLLM::EngineCor", "VLLM::Worker_TP"]
     assert engine_processes(ray_like_tree.pid) == []
 
 
-def test_serving_processes_add_serve_replicas_not_vllm_raylet_or_untitled_workers(
+def test_serving_processes_add_settled_replicas_not_vllm_raylet_or_untitled_workers(
     ray_like_tree: subprocess.Popen[bytes],
 ) -> None:
     found = serving_processes(ray_like_tree.pid)
-    assert _names(found) == sorted(
-        ["serve_run", "gcs_server", "ray::ServeContr", "ray::DashboardA", "ray::ServeRepli"]
+    daemons = ["serve_run", "gcs_server", "ray::ServeContr", "ray::DashboardA"]
+    assert _names(found) == sorted([*daemons, "ray::ServeRepli", "ray::ServeRepli"])
+    titles = sorted(
+        command_line(p).strip() for p in found if p not in serving_daemons(ray_like_tree.pid)
     )
+    # The ingress, and the engine replica whose vLLM runs; not the one still starting.
+    assert titles == ["ray::ServeReplica:app:EngineServer", "ray::ServeReplica:app:Ingress"]
+    starting = [
+        p
+        for p in _tree(ray_like_tree.pid)
+        if command_line(p).startswith("ray::ServeReplica:app:EngineServer") and not children(p)
+    ]
+    assert len(starting) == 1 and starting[0] not in found
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
@@ -159,6 +174,7 @@ def test_serving_layer_is_kept_off_the_cores_the_vllm_worker_is_bound_to(
     # vLLM's processes, raylet and workers that may become a replica keep every core.
     untouched = [p for p in every if p not in serving_processes(ray_like_tree.pid)]
     assert {process_name(p) for p in untouched} >= {"raylet", "ray::IDLE", "VLLM::EngineCor"}
+    assert len([p for p in untouched if process_name(p) == "ray::ServeRepli"]) == 1
     assert all(os.sched_getaffinity(p) == allowed for p in untouched if p != worker)
     assert os.sched_getaffinity(engine_core) == allowed
     assert set_affinity(ray_like_tree.pid, rest) == 0  # already there: nothing changes

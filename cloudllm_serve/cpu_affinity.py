@@ -82,7 +82,9 @@ def _settled_replica(pid: int) -> bool:
     title = command_line(pid).strip()
     if not title.startswith(SERVE_REPLICA_PREFIX):
         return False
-    deployment = title.split(" ", 1)[0].rsplit(":", 1)[-1]
+    # "ray::ServeReplica:<app>:<deployment>", with ".<method>" while Serve calls one
+    # (".initialize_and_get_metadata": the constructor, which starts vLLM).
+    deployment = title.split(" ", 1)[0].rsplit(":", 1)[-1].split(".", 1)[0]
     return deployment != ENGINE_DEPLOYMENT or bool(engine_processes(pid))
 
 

@@ -73,8 +73,9 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
                         ],
                     ],
                     ["ray::ServeReplica:app:Ingress", []],
-                    # An engine replica whose vLLM has not started yet.
-                    ["ray::ServeReplica:app:EngineServer", []],
+                    # An engine replica whose vLLM has not started yet: Ray adds the method
+                    # Serve is calling (the constructor) to its title.
+                    ["ray::ServeReplica:app:EngineServer.initialize_and_get_metadata", []],
                     ["ray::IDLE", []],
                     # A worker Ray has just started, not yet titled: it may become a replica.
                     ["default_worker.py", []],

@@ -25,7 +25,7 @@ import os
 
 from cloudllm_serve.cpu_priority import engine_processes, serving_daemons
 from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT
-from cloudllm_serve.procfs import children, command_line, process_name
+from cloudllm_serve.procfs import children, command_line, descendants, process_name, threads
 
 #: Process names of vLLM's workers (``VLLM::Worker``, ``VLLM::Worker_TP0``...).
 ENGINE_WORKER_PREFIX = "VLLM::Worker"
@@ -33,17 +33,10 @@ ENGINE_WORKER_PREFIX = "VLLM::Worker"
 SERVE_REPLICA_PREFIX = "ray::ServeReplica:"
 
 
-def _descendants(root: int) -> list[int]:
-    every = [root]
-    for pid in every:
-        every += children(pid)
-    return every
-
-
 def bound_engine_cpus(root: int) -> set[int]:
     """The cores vLLM's workers under ``root`` are bound to (empty when none is found)."""
     cores: set[int] = set()
-    for pid in _descendants(root):
+    for pid in descendants(root):
         if process_name(pid).startswith(ENGINE_WORKER_PREFIX):
             try:
                 cores |= os.sched_getaffinity(pid)
@@ -72,7 +65,7 @@ def serving_processes(root: int) -> list[int]:
     another one's worker is bound).
     """
     found = serving_daemons(root)
-    for raylet in (p for p in _descendants(root) if process_name(p) == "raylet"):
+    for raylet in (p for p in descendants(root) if process_name(p) == "raylet"):
         found += [c for c in children(raylet) if _settled_replica(c)]
     return found
 
@@ -94,11 +87,7 @@ def set_affinity(pid: int, cpus: set[int]) -> int:
     Threads (and processes) that have gone, or that this user may not change, are skipped.
     """
     changed = 0
-    try:
-        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return 0
-    for tid in threads:
+    for tid in threads(pid):
         try:
             if os.sched_getaffinity(tid) != cpus:
                 os.sched_setaffinity(tid, cpus)
@@ -108,13 +97,12 @@ def set_affinity(pid: int, cpus: set[int]) -> int:
     return changed
 
 
-def keep_off_engine_cpus(root: int, allowed: set[int] | None = None) -> set[int]:
+def keep_off_engine_cpus(root: int, allowed: set[int]) -> set[int]:
     """Bind the serving layer under ``root`` to the cores vLLM's workers do not use.
 
-    ``allowed``: the cores this cluster may use (by default, this process's). Returns
-    the cores the serving layer was bound to.
+    ``allowed``: the cores this cluster may use. Returns the cores the serving layer
+    was bound to.
     """
-    allowed = os.sched_getaffinity(0) if allowed is None else allowed
     cpus = serving_cpus(allowed, bound_engine_cpus(root))
     for pid in serving_processes(root):
         set_affinity(pid, cpus)

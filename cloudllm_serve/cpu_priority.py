@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from cloudllm_serve.procfs import children, command_line, process_name
+from cloudllm_serve.procfs import children, command_line, process_name, threads
 
 #: Ray worker processes (named ``ray::<actor>``) that belong to the serving layer and
 #: run nothing of ours: Serve's control plane and Ray's per-node agents.
@@ -48,11 +48,7 @@ def lower_priority(pid: int, niceness: int) -> int:
     gone, or that this user may not change, are skipped.
     """
     changed = 0
-    try:
-        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return 0
-    for tid in threads:
+    for tid in threads(pid):
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                 os.setpriority(os.PRIO_PROCESS, tid, niceness)

@@ -1,4 +1,4 @@
-"""What Linux's ``/proc`` says of a process: its name, its command line, its children.
+"""What Linux's ``/proc`` says of a process: its name, command line, threads, children.
 
 Each function answers "" or [] for a process that has gone, that this user may not
 read, or on a system without ``/proc``.
@@ -6,6 +6,7 @@ read, or on a system without ``/proc``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -35,3 +36,19 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def threads(pid: int) -> list[int]:
+    """The process's thread ids."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process under it."""
+    every = [root]
+    for pid in every:
+        every += children(pid)
+    return every

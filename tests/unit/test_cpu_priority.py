@@ -21,7 +21,7 @@ from cloudllm_serve.cpu_affinity import (
     set_affinity,
 )
 from cloudllm_serve.cpu_priority import engine_processes, lower_priority, serving_daemons
-from cloudllm_serve.procfs import children, command_line, process_name
+from cloudllm_serve.procfs import children, command_line, descendants, process_name
 
 #: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
 #: children described by its argument (a nested list of titles), and sleeps.
@@ -40,14 +40,6 @@ TREE = textwrap.dedent(
 
 def _names(pids: list[int]) -> list[str]:
     return sorted(process_name(pid) for pid in pids)
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and all its descendants."""
-    every = [root]
-    for pid in every:
-        every += children(pid)
-    return every
 
 
 @pytest.fixture
@@ -86,7 +78,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     root = subprocess.Popen([sys.executable, str(script), json.dumps(tree)])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        every = _tree(root.pid)
+        every = descendants(root.pid)
         if len(every) == 13 and all(process_name(p) != "python" for p in every):
             break
         time.sleep(0.1)
@@ -94,7 +86,7 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         root.kill()
         pytest.fail("the process tree did not start")
     yield root
-    for pid in _tree(root.pid):
+    for pid in descendants(root.pid):
         os.kill(pid, 9)
     root.wait()
 
@@ -127,7 +119,7 @@ def test_engine_processes_are_vllms_under_the_replica(
 ) -> None:
     replica = next(
         p
-        for p in _tree(ray_like_tree.pid)
+        for p in descendants(ray_like_tree.pid)
         if process_name(p).startswith("ray::ServeRepli") and children(p)
     )
     assert _names(engine_processes(replica)) == ["VLLM::EngineCor", "VLLM::Worker_TP"]
@@ -147,7 +139,7 @@ def test_serving_processes_add_settled_replicas_not_vllm_raylet_or_untitled_work
     assert titles == ["ray::ServeReplica:app:EngineServer", "ray::ServeReplica:app:Ingress"]
     starting = [
         p
-        for p in _tree(ray_like_tree.pid)
+        for p in descendants(ray_like_tree.pid)
         if command_line(p).startswith("ray::ServeReplica:app:EngineServer") and not children(p)
     ]
     assert len(starting) == 1 and starting[0] not in found
@@ -157,7 +149,7 @@ def test_serving_processes_add_settled_replicas_not_vllm_raylet_or_untitled_work
 def test_serving_layer_is_kept_off_the_cores_the_vllm_worker_is_bound_to(
     ray_like_tree: subprocess.Popen[bytes],
 ) -> None:
-    every = _tree(ray_like_tree.pid)
+    every = descendants(ray_like_tree.pid)
     worker = next(p for p in every if process_name(p).startswith("VLLM::Worker"))
     engine_core = next(p for p in every if process_name(p).startswith("VLLM::EngineCor"))
     allowed = os.sched_getaffinity(0)

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from cloudllm_serve.errors import ConversationNotFoundError, StoreUnavailableError
 
@@ -77,13 +78,18 @@ return 1
 
 
 def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
-    """A lazily connecting client with bounded timeouts and a single quick retry."""
+    """A lazily connecting client with bounded timeouts and a single quick retry.
+
+    The retry is for a broken connection only (a pooled socket that Redis closed when it
+    restarted), never for a timeout: retrying a frozen Redis would double the time a
+    request waits before its 503 (redis-py retries timeouts too by default).
+    """
     client: aioredis.Redis = aioredis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
     )
     return client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -89,6 +90,31 @@ def test_unreachable_redis_is_a_quick_store_error() -> None:
         for call in (store.create(), store.count(), store.get("x")):
             with pytest.raises(StoreUnavailableError):
                 await asyncio.wait_for(call, 5)
+
+    asyncio.run(scenario())
+
+
+def test_frozen_redis_costs_one_timeout_and_a_restart_none(own_redis: RedisServer) -> None:
+    """A frozen Redis answers within one ``timeout_s`` (no retry of a timeout); after a
+    restart the pooled socket Redis closed is replaced on the spot (one retry)."""
+
+    async def scenario() -> None:
+        store = make_store(own_redis.url, timeout_s=1.0)
+        conversation_id = await store.create()
+        own_redis.freeze()
+        try:
+            for call in (store.count(), store.get(conversation_id)):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError):
+                    await call
+                assert time.monotonic() - started < 1.8
+        finally:
+            own_redis.thaw()
+        assert (await store.get(conversation_id)).message_count == 0
+        own_redis.kill()
+        own_redis.start()
+        assert await store.count() == 1
+        await store.close()
 
     asyncio.run(scenario())
 

@@ -28,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -171,10 +172,45 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now (from the kernel's ephemeral range)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: Where :func:`reserved_free_port` looks: above Ray's worker ports (10002-19999 by
+#: default), below Linux's ephemeral range (32768-60999 by default).
+RESERVED_PORTS_FROM = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def reserved_free_port(host: str) -> int:
+    """A port free on ``host`` now and outside the ephemeral range, for a server that binds later.
+
+    A port from :func:`free_port` can be taken by any outgoing connection before its
+    server binds it: Ray opens hundreds while it starts, and once Serve's proxy found
+    its port in use that way. A port below the ephemeral range goes only to a listener
+    that asks for it by number.
+    """
+    low, _high = ephemeral_ports()
+    candidates = list(range(RESERVED_PORTS_FROM, low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def redis_answers(host: str, port: int) -> bool:
@@ -376,7 +412,7 @@ def start_serve(
     run_dir = cache_root() / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / f"serve-config-{settings.LLM_PORT}.yaml"
-    proxy_port = free_port() if settings.SERVE_DIRECT_INGRESS else None
+    proxy_port = reserved_free_port(settings.LLM_HOST) if settings.SERVE_DIRECT_INGRESS else None
     rendered = render_profile(profile, settings, proxy_port)
     config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
     env = serve_environment(settings, dict(os.environ))

@@ -37,12 +37,8 @@ from typing import Any
 
 from benchmarks import conversation_cost
 from cloudllm_serve.engine.vllm_engine import engine_args_from_settings, vllm_cli_args
-from cloudllm_serve.launcher import (
-    free_port,
-    load_profile,
-    profile_settings,
-    redis_server_command,
-)
+from cloudllm_serve.launcher import load_profile, profile_settings, redis_server_command
+from cloudllm_serve.ports import free_port
 from cloudllm_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

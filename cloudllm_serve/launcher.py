@@ -28,10 +28,8 @@ import argparse
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +44,7 @@ from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, refused_overrides
 from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
-from cloudllm_serve.ports import wait_until_listenable
+from cloudllm_serve.ports import reserved_free_port, wait_until_listenable
 from cloudllm_serve.procfs import children, command_line
 from cloudllm_serve.settings import Settings, load_settings
 
@@ -169,48 +167,6 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
         env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(settings.LLM_PORT + 100))
         env.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", settings.LLM_HOST)
     return env
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (from the kernel's ephemeral range)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-#: Where :func:`reserved_free_port` looks: above Ray's worker ports (10002-19999 by
-#: default), below Linux's ephemeral range (32768-60999 by default).
-RESERVED_PORTS_FROM = 20000
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports (Linux's default if unknown)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def reserved_free_port(host: str) -> int:
-    """A port free on ``host`` now and outside the ephemeral range, for a server that binds later.
-
-    A port from :func:`free_port` can be taken by any outgoing connection before its
-    server binds it: Ray opens hundreds while it starts, and once Serve's proxy found
-    its port in use that way. A port below the ephemeral range goes only to a listener
-    that asks for it by number.
-    """
-    low, _high = ephemeral_ports()
-    candidates = list(range(RESERVED_PORTS_FROM, low))
-    random.shuffle(candidates)
-    for port in candidates[:200]:
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    return free_port()
 
 
 def redis_answers(host: str, port: int) -> bool:

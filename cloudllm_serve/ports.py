@@ -1,8 +1,9 @@
-"""Is a TCP port free to listen on, and if not, which process holds it (Linux ``/proc``)."""
+"""Is a TCP port free to listen on, which process holds it (Linux ``/proc``), and picking one."""
 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,45 @@ def can_listen(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (from the kernel's ephemeral range)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+#: Where :func:`reserved_free_port` looks: above Ray's worker ports (10002-19999 by
+#: default), below Linux's ephemeral range (32768-60999 by default).
+RESERVED_PORTS_FROM = 20000
+
+#: How many random ports of that range :func:`reserved_free_port` tries.
+RESERVED_PORT_TRIES = 200
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def reserved_free_port(host: str) -> int:
+    """A port free on ``host`` now and outside the ephemeral range, for a server that binds later.
+
+    A port from :func:`free_port` can be taken by any outgoing connection before its
+    server binds it: Ray opens hundreds while it starts, and once Serve's proxy found
+    its port in use that way. A port below the ephemeral range goes only to a listener
+    that asks for it by number.
+    """
+    candidates = range(RESERVED_PORTS_FROM, ephemeral_ports()[0])
+    for port in random.sample(candidates, min(RESERVED_PORT_TRIES, len(candidates))):
+        if can_listen(host, port):
+            return port
+    return free_port()
 
 
 def _port_of(address: str) -> int:

@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import redis
 
-from cloudllm_serve.launcher import free_port, redis_answers, redis_server_command
+from cloudllm_serve.launcher import redis_answers, redis_server_command
+from cloudllm_serve.ports import free_port
 
 T = TypeVar("T")
 

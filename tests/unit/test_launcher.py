@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,27 +31,6 @@ def test_profiles_render_with_llm_host_and_port(monkeypatch: pytest.MonkeyPatch)
     assert rendered["http_options"]["port"] == 9123
     assert rendered["http_options"]["host"] == "127.0.0.1"
     assert rendered["applications"] == profile["applications"]
-
-
-def test_the_proxy_port_is_free_and_outside_the_ephemeral_range() -> None:
-    low, high = launcher.ephemeral_ports()
-    assert 1024 < low < high
-    ports = {launcher.reserved_free_port("127.0.0.1") for _ in range(20)}
-    assert all(launcher.RESERVED_PORTS_FROM <= port < low for port in ports)
-    assert len(ports) > 1  # random, so two launches on one host rarely pick the same
-    for port in ports:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))
-
-
-def test_a_taken_port_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        monkeypatch.setattr(launcher, "RESERVED_PORTS_FROM", port)
-        monkeypatch.setattr(launcher, "ephemeral_ports", lambda: (port + 1, port + 2))
-        assert launcher.reserved_free_port("127.0.0.1") != port  # the only candidate is taken
 
 
 def test_start_redis_starts_and_reuses(

@@ -16,7 +16,17 @@ from typing import TypeVar
 import redis
 
 from cloudllm_serve.launcher import redis_answers, redis_server_command
-from cloudllm_serve.ports import free_port
+from cloudllm_serve.ports import reserved_free_port
+
+
+def free_port() -> int:
+    """A free port for a server a test starts later, outside the ephemeral range.
+
+    A port from ``bind(0)`` can be taken by an outgoing connection (Ray opens hundreds)
+    before the server binds it: a start-up test's ``LLM_PORT`` once was, in ``make test``.
+    """
+    return reserved_free_port("127.0.0.1")
+
 
 T = TypeVar("T")
 

@@ -391,7 +391,7 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
         print(f"error: {error.message}", file=sys.stderr)
         return 2
 
-    if Path(settings.LLM_MODEL) == default_model_dir() and not is_prepared(default_model_dir()):
+    if Path(settings.engine_model) == default_model_dir() and not is_prepared(default_model_dir()):
         prepare()
 
     signal.signal(signal.SIGTERM, _on_signal)

@@ -20,7 +20,12 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.models.prepare import LOCAL_MODELS, default_model_dir, local_model_dir
+from cloudllm_serve.models.prepare import (
+    LOCAL_MODELS,
+    SIMULATED_MODEL,
+    default_model_dir,
+    local_model_dir,
+)
 
 MiB = 1024 * 1024
 
@@ -75,7 +80,8 @@ class Settings(BaseSettings):
         default_factory=_default_model,
         min_length=1,
         description="Hugging Face model id, local folder, or a prepared local model's name "
-        "(test-vlm: a tiny Qwen2.5-VL; default: the prepared SmolLM2)",
+        "(test-vlm: a tiny Qwen2.5-VL; sim: the simulated engine; default: the prepared "
+        "SmolLM2)",
     )
     LLM_SERVED_MODEL_NAME: str | None = Field(
         None, description="name reported as model_name (default: the model id or folder name)"
@@ -103,6 +109,48 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="JSON object of further vLLM engine arguments (quantization, dtype, "
         "max_num_batched_tokens, ...); checked against vLLM's at start-up",
+    )
+
+    # The simulated engine (LLM_MODEL=sim; cloudllm_serve/engine/simulated.py). Defaults
+    # resemble a 7-8B model on one H100/H200 (docs/performance.md, "The serving layer's
+    # ceiling").
+    SIM_TTFT_MS: float = Field(
+        20.0, ge=0.0, le=60_000.0, description="simulated engine: time to first token (ms)"
+    )
+    SIM_TTFT_MS_PER_TOKEN: float = Field(
+        0.1, ge=0.0, le=100.0, description="simulated engine: added TTFT per uncached prompt token"
+    )
+    SIM_STEP_MS: float = Field(
+        12.0, ge=0.0, le=10_000.0, description="simulated engine: one decode step (ms)"
+    )
+    SIM_STEP_MS_PER_SEQ: float = Field(
+        0.02, ge=0.0, le=100.0, description="simulated engine: added step time per running sequence"
+    )
+    SIM_JITTER: float = Field(
+        0.0, ge=0.0, le=1.0, description="simulated engine: relative spread of each time"
+    )
+    SIM_STARTUP_S: float = Field(
+        0.0, ge=0.0, le=3600.0, description="simulated engine: a replica's start-up time"
+    )
+    SIM_PRESET: Literal["default", "ceiling"] = Field(
+        "default", description="simulated engine: ceiling = no compute time at all"
+    )
+    SIM_CRASH_AFTER_TOKENS: int = Field(
+        0,
+        ge=0,
+        description="simulated engine: a replica's engine dies after this many tokens (0: never)",
+    )
+
+    # Streams between engine replica and ingress (docs/performance.md)
+    STREAM_BATCH_INTERVAL_MS: float = Field(
+        20.0,
+        ge=0.0,
+        le=1000.0,
+        description="after a stream's first item, items are gathered this long (at most) into "
+        "one handle item and one HTTP write (0: one item per engine step)",
+    )
+    STREAM_BATCH_MAX_ITEMS: int = Field(
+        64, ge=1, le=10_000, description="most stream items gathered into one"
     )
 
     # Scaling of the engine deployment (docs/deployment.md). A replica is full at
@@ -317,10 +365,27 @@ class Settings(BaseSettings):
         return self.API_KEYS_FILE is not None or self.API_KEYS is not None
 
     @property
+    def simulated(self) -> bool:
+        """Whether the engine is the simulated one (``LLM_MODEL=sim``)."""
+        return self.LLM_MODEL == SIMULATED_MODEL
+
+    @property
+    def engine_type(self) -> Literal["vLLM", "simulated"]:
+        """What generates: ``vLLM`` on a model, ``simulated`` without one."""
+        return "simulated" if self.simulated else "vLLM"
+
+    @property
+    def engine_model(self) -> str:
+        """The model vLLM loads: the default model's folder for the simulator's tokenizer."""
+        return str(default_model_dir()) if self.simulated else self.LLM_MODEL
+
+    @property
     def model_name(self) -> str:
         """The name clients see: ``LLM_SERVED_MODEL_NAME``, else the id or folder name."""
         if self.LLM_SERVED_MODEL_NAME:
             return self.LLM_SERVED_MODEL_NAME
+        if self.simulated:
+            return SIMULATED_MODEL
         path = Path(self.LLM_MODEL).expanduser()
         return path.name if path.is_absolute() or path.exists() else self.LLM_MODEL
 

@@ -6,6 +6,7 @@ so that importing the package (and most tests) needs no vLLM at all.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import logging
@@ -108,7 +109,7 @@ def _prometheus_logger(enabled: bool) -> list[Any]:
 def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
     """The ``AsyncEngineArgs`` keyword arguments that the settings ask for."""
     args: dict[str, Any] = {
-        "model": settings.LLM_MODEL,
+        "model": settings.engine_model,
         "served_model_name": settings.model_name,
         "max_model_len": settings.VLLM_MAX_MODEL_LEN,
         "max_num_seqs": settings.VLLM_MAX_NUM_SEQS,
@@ -242,13 +243,21 @@ class VLLMEngine:
         cli_args = vllm_cli_args(self._settings)
         logger.info("starting vLLM engine: vllm serve %s", " ".join(cli_args))
         args = parse_vllm_args(cli_args)
-        self._engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs.from_cli_args(args),
-            stat_loggers=[
-                *_prometheus_logger(self._settings.METRICS_ENABLED),
-                _make_stat_logger_factory(self._snapshot),
-            ],
-        )
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        stat_loggers = [
+            *_prometheus_logger(self._settings.METRICS_ENABLED),
+            _make_stat_logger_factory(self._snapshot),
+        ]
+        if self._settings.simulated:
+            from cloudllm_serve.engine.simulated import SimulatedAsyncLLM
+
+            logger.info("the engine is simulated (LLM_MODEL=sim): no weights, no compute")
+            self._engine = SimulatedAsyncLLM.from_settings(
+                self._settings, engine_args, stat_loggers
+            )
+            await asyncio.sleep(self._settings.SIM_STARTUP_S)
+        else:
+            self._engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
         self._openai = OpenAIServer(
             self._engine,
             args,

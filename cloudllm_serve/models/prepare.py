@@ -33,6 +33,8 @@ TEST_VLM_NAME = "test-vlm"
 #: Models this module prepares, by the name ``LLM_MODEL`` may give (the folder's name).
 LOCAL_MODELS = (MODEL_DIR_NAME, TEST_VLM_NAME)
 COMPLETE_MARKER = ".cloudllm-prepared"
+#: ``LLM_MODEL`` of the simulated engine, which needs the default model's tokenizer.
+SIMULATED_MODEL = "sim"
 
 
 def cache_root() -> Path:
@@ -160,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="target folder (one model)")
     parser.add_argument("--force", action="store_true", help="prepare again even if present")
     args = parser.parse_args(argv)
-    names = [name or MODEL_DIR_NAME for name in (args.model or [MODEL_DIR_NAME])]
+    # The simulated engine (LLM_MODEL=sim) runs on the default model's tokenizer.
+    names = [
+        MODEL_DIR_NAME if name in ("", SIMULATED_MODEL) else name
+        for name in (args.model or [MODEL_DIR_NAME])
+    ]
     for name in names:
         if name not in LOCAL_MODELS:
             _step(f"{name} is not a local model: nothing to prepare")

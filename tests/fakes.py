@@ -68,7 +68,17 @@ class FakeEngine:
             return message.removeprefix("say:")
         return f"{earlier} earlier messages; you said: {message}"
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """The chunks of :meth:`generate_items`, each in a batch of its own."""
+        async for chunk in self.generate_items(request):
+            yield [chunk]
+
+    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+        """The items of :meth:`openai_items`, each in a batch of its own."""
+        async for item in self.openai_items(call):
+            yield [item]
+
+    async def generate_items(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")
         self.requests.append(request)
@@ -149,7 +159,7 @@ class FakeEngine:
             messages.pop(0)
             dropped += 1
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+    async def openai_items(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         """Answers like :meth:`generate` (one word per chunk), in vLLM's shapes."""
         if self.down:
             raise EngineUnavailableError("engine unavailable: no replica")

@@ -10,8 +10,12 @@ user message last) and yields :class:`GenerationChunk` values:
   the metrics.
 
 Errors travel as values: a chunk whose ``error`` is set ends the stream, and nothing
-else in it is meaningful. Every value here is a plain dataclass so it crosses Ray
-cheaply and needs neither vLLM nor FastAPI to import.
+else in it is meaningful.
+
+Across the deployment handle a stream travels in batches: lists of these items, in
+order, each list one handle item (:mod:`cloudllm_serve.engine.stream_batching`), which
+the ingress writes to its client as one HTTP chunk. Every value here is a plain
+dataclass so it crosses Ray cheaply and needs neither vLLM nor FastAPI to import.
 """
 
 from __future__ import annotations
@@ -272,12 +276,12 @@ class EngineFleet:
 class EngineClient(Protocol):
     """What the ingress needs from the engine tier (a deployment handle or a local engine)."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Run one generation; yields chunks as described in the module docstring."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Run one generation; yields batches of the chunks the module docstring describes."""
         ...
 
-    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
-        """Run one ``/v1`` call: an :class:`OpenAIAnswer`, or SSE strings then an end."""
+    def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+        """Run one ``/v1`` call: an :class:`OpenAIAnswer`, or SSE strings then an end (batched)."""
         ...
 
     async def models(self) -> dict[str, Any]:

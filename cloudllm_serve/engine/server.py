@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, Protocol, TypeVar
 
 from cloudllm_serve.cpu_priority import engine_processes, lower_all, lower_priority
 from cloudllm_serve.engine.placement import bundle_mismatch
@@ -29,11 +30,13 @@ from cloudllm_serve.engine.protocol import (
     OpenAIItem,
     OpenAIStreamEnd,
 )
+from cloudllm_serve.engine.stream_batching import coalesce
 from cloudllm_serve.engine.vllm_engine import VLLMEngine
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
+ItemT = TypeVar("ItemT")
 
 
 def current_bundles() -> list[dict[str, float]] | None:
@@ -97,7 +100,11 @@ class EngineBackend(Protocol):
 
 
 class EngineServer:
-    """One engine replica. Serve calls ``generate`` with ``stream=True`` handles."""
+    """One engine replica. Serve calls ``generate`` and ``openai`` with ``stream=True`` handles.
+
+    Both stream lists of items: a stream's items coalesced
+    (:mod:`cloudllm_serve.engine.stream_batching`), each list one handle item.
+    """
 
     # Ray actors (and so Serve replicas) may have an async constructor.
     async def __init__(  # type: ignore[misc]
@@ -110,6 +117,7 @@ class EngineServer:
             logger.error(problem)
             raise SettingsError(problem)
         self._replica_id = current_replica_id()
+        self._settings = settings
         self._backend = backend_factory(settings)
         # vLLM starts at our priority: a replica added because the others are busy does
         # not start (imports, weights, warm-up) at the busy engines' lower one.
@@ -121,11 +129,36 @@ class EngineServer:
         niceness = settings.SERVING_NICENESS if engine else settings.ENGINE_NICENESS
         lower_priority(os.getpid(), niceness)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one generation's chunks back to the caller (the last one names us).
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Stream one generation's chunks back, in batches (the last chunk names us).
 
         Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
         """
+        async with aclosing(self._batched(self._generate(request))) as batches:
+            async for batch in batches:
+                yield batch
+
+    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+        """Stream one ``/v1`` call's items back, in batches (its answer or end names us).
+
+        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
+        """
+        async with aclosing(self._batched(self._openai(call))) as batches:
+            async for batch in batches:
+                yield batch
+
+    def _batched(self, items: AsyncIterator[ItemT]) -> AsyncGenerator[list[ItemT], None]:
+        """``items`` coalesced as ``STREAM_BATCH_INTERVAL_MS`` says.
+
+        Each batch crosses the handle as one item and becomes one HTTP write.
+        """
+        return coalesce(
+            items,
+            self._settings.STREAM_BATCH_INTERVAL_MS / 1000,
+            self._settings.STREAM_BATCH_MAX_ITEMS,
+        )
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self._refuse_if_dead("")
         sent = False
         async for chunk in self._backend.generate(request):
@@ -138,11 +171,7 @@ class EngineServer:
             sent = True
             yield chunk
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
-        """Stream one ``/v1`` call's items back (its answer or end names us).
-
-        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
-        """
+    async def _openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         self._refuse_if_dead("")
         sent = False
         async for item in self._backend.openai(call):

@@ -81,6 +81,8 @@ ANSWER_TEXT = (
 )
 
 _PR_SET_NAME = 15
+#: The name through which ``AsyncLLM.__init__`` builds its engine-core client.
+_CLIENT_NAME = "EngineCoreClient"
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,14 @@ class _Sequence:
     """One request in the simulated core."""
 
     __slots__ = (
-        "request_id",
-        "prompt_tokens",
-        "max_tokens",
-        "generated",
-        "position",
-        "first_token_due",
-        "prefill",
         "events",
+        "first_token_due",
+        "generated",
+        "max_tokens",
+        "position",
+        "prefill",
+        "prompt_tokens",
+        "request_id",
     )
 
     def __init__(self, request: EngineCoreRequest, answer_length: int) -> None:
@@ -487,18 +489,15 @@ class SimulatedAsyncLLM(AsyncLLM):
             return core
 
         kwargs.setdefault("executor_class", None)
-        original = _async_llm.EngineCoreClient
         # AsyncLLM builds its engine-core client through this one name; nothing else
-        # of vLLM's changes. A test fails if vLLM stops building it there.
-        _async_llm.EngineCoreClient = type(  # type: ignore[misc]
-            "SimulatedEngineCoreFactory",
-            (),
-            {"make_async_mp_client": staticmethod(make_core)},
-        )
+        # of vLLM's changes. It fails loudly below if vLLM stops building it there.
+        original = getattr(_async_llm, _CLIENT_NAME)
+        factory = type("SimulatedCore", (), {"make_async_mp_client": staticmethod(make_core)})
+        setattr(_async_llm, _CLIENT_NAME, factory)
         try:
             super().__init__(*args, **kwargs)
         finally:
-            _async_llm.EngineCoreClient = original  # type: ignore[misc]
+            setattr(_async_llm, _CLIENT_NAME, original)
         if not cores:
             raise RuntimeError(
                 "vLLM's AsyncLLM did not build its engine core through "
@@ -520,7 +519,6 @@ class SimulatedAsyncLLM(AsyncLLM):
 
 __all__ = [
     "STEP_LOOP_THREAD",
-    "EngineCoreClient",
     "SimulatedAsyncLLM",
     "SimulatedEngineCore",
     "SimulationConfig",

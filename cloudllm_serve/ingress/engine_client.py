@@ -93,12 +93,12 @@ class ServeEngineClient:
         #: Called with the dead replica's id each time a request is tried again.
         self.on_retry: Callable[[str], None] | None = None
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one generation from an engine replica."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Stream one generation from an engine replica, in the batches it sends."""
         return self._retrying(request, self._stream_handle.generate.remote)
 
-    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
-        """Stream one ``/v1`` call's items from an engine replica."""
+    def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+        """Stream one ``/v1`` call's items from an engine replica, in the batches it sends."""
         return self._retrying(call, self._stream_handle.openai.remote)
 
     async def _retrying(self, call: CallT, send: Callable[[CallT], Any]) -> AsyncIterator[Any]:

@@ -366,46 +366,51 @@ class CloudLLMService:
 
     async def stream(
         self, request: GenerationRequest, *, prompt_param: str = "messages"
-    ) -> AsyncIterator[GenerationChunk]:
-        """The engine's chunks; an engine error becomes the matching project error.
+    ) -> AsyncIterator[list[GenerationChunk]]:
+        """The engine's chunks, in the batches they came in (each one HTTP write).
 
-        ``prompt_param`` is the request field a too-long prompt is blamed on.
+        An engine error becomes the matching project error, raised after the chunks
+        before it; ``prompt_param`` is the request field a too-long prompt is blamed on.
         """
         tokens = 0
-        chunks = self._within_deadline(self.engine.generate(request))
+        batches = self._within_deadline(self.engine.generate(request))
         try:
-            async for chunk in chunks:
-                if chunk.error is not None:
-                    error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
-                    param = prompt_param if chunk.error.kind == "prompt_too_long" else None
-                    raise error_class(chunk.error.message, param=param)
-                tokens += sum(choice.token_count for choice in chunk.choices)
-                if chunk.finished:
-                    self.counters.tokens_generated += tokens
-                    if chunk.metrics is not None:
-                        self.counters.generation_ms_total += chunk.metrics.generation_ms
-                yield chunk
-                if chunk.finished:
-                    return
+            async for batch in batches:
+                for index, chunk in enumerate(batch):
+                    if chunk.error is not None:
+                        if index:
+                            yield batch[:index]
+                        error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
+                        param = prompt_param if chunk.error.kind == "prompt_too_long" else None
+                        raise error_class(chunk.error.message, param=param)
+                    tokens += sum(choice.token_count for choice in chunk.choices)
+                    if chunk.finished:
+                        self.counters.tokens_generated += tokens
+                        if chunk.metrics is not None:
+                            self.counters.generation_ms_total += chunk.metrics.generation_ms
+                        yield batch[: index + 1]
+                        return
+                yield batch
         finally:
-            await close_stream(chunks)
+            await close_stream(batches)
         raise EngineUnavailableError("engine stream ended without a final chunk")
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
-        """A ``/v1`` call's items from the engine, within ``REQUEST_TIMEOUT_S``."""
-        items = self._within_deadline(self.engine.openai(call))
+    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+        """A ``/v1`` call's items from the engine in batches, within ``REQUEST_TIMEOUT_S``."""
+        batches = self._within_deadline(self.engine.openai(call))
         try:
-            async for item in items:
-                usage = None
-                if isinstance(item, OpenAIStreamEnd):
-                    usage = item.usage
-                elif isinstance(item, OpenAIAnswer):
-                    usage = item.body.get("usage")
-                if isinstance(usage, dict):
-                    self.counters.tokens_generated += int(usage.get("completion_tokens") or 0)
-                yield item
+            async for batch in batches:
+                for item in batch:
+                    usage = None
+                    if isinstance(item, OpenAIStreamEnd):
+                        usage = item.usage
+                    elif isinstance(item, OpenAIAnswer):
+                        usage = item.body.get("usage")
+                    if isinstance(usage, dict):
+                        self.counters.tokens_generated += int(usage.get("completion_tokens") or 0)
+                yield batch
         finally:
-            await close_stream(items)
+            await close_stream(batches)
 
     async def _within_deadline(self, items: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
         """``items`` until ``REQUEST_TIMEOUT_S`` from now (then 504); counted in flight."""
@@ -433,7 +438,7 @@ class CloudLLMService:
 
     async def open_stream(
         self, request: GenerationRequest, *, prompt_param: str = "messages"
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncIterator[list[GenerationChunk]]:
         """:meth:`stream`, started: returns once the engine's first chunk is here.
 
         Whatever fails before the first token (no engine, a prompt too long, a
@@ -443,10 +448,10 @@ class CloudLLMService:
         chunks = self.stream(request, prompt_param=prompt_param)
         first = await anext(chunks)
 
-        async def started() -> AsyncIterator[GenerationChunk]:
+        async def started() -> AsyncIterator[list[GenerationChunk]]:
             yield first
-            async for chunk in chunks:
-                yield chunk
+            async for batch in chunks:
+                yield batch
 
         return started()
 
@@ -455,8 +460,9 @@ class CloudLLMService:
     ) -> Completion:
         """Run a generation to its end and gather every choice."""
         builder = CompletionBuilder(request.sampling.n)
-        async for chunk in self.stream(request, prompt_param=prompt_param):
-            builder.add(chunk)
+        async for batch in self.stream(request, prompt_param=prompt_param):
+            for chunk in batch:
+                builder.add(chunk)
         return builder.build()
 
 

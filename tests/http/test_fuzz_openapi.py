@@ -95,7 +95,7 @@ class VllmLikeFakeEngine(FakeEngine):
         super().__init__()
         self.validators = {kind: Draft202012Validator(schema) for kind, schema in bodies.items()}
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+    async def openai_items(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         error = best_match(self.validators[call.kind].iter_errors(call.body))
         if error is not None:
             param = ".".join(map(str, error.absolute_path)) or None
@@ -104,7 +104,7 @@ class VllmLikeFakeEngine(FakeEngine):
                 {"error": {"message": error.message, "type": "BadRequestError", "param": param}},
             )
             return
-        async for item in super().openai(call):
+        async for item in super().openai_items(call):
             yield item
 
 

@@ -167,23 +167,23 @@ class CompletionCall:
 
     async def respond(self) -> Response:
         """Run the call: a JSON answer, or the stream once its first string is here."""
-        items = aiter(self.service.openai(self.call))
+        batches = aiter(self.service.openai(self.call))
         try:
-            first = await anext(items)
+            first = await anext(batches)
         except StopAsyncIteration:
             await self.service.abandon_turn(self.turn)
             raise EngineUnavailableError("the engine ended the call without an answer") from None
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        if isinstance(first, OpenAIAnswer):
-            await close_stream(items)
-            return await self._whole(first)
-        if not isinstance(first, str):
+        if first and isinstance(first[0], OpenAIAnswer):
+            await close_stream(batches)
+            return await self._whole(first[0])
+        if not first or not isinstance(first[0], str):
             await self.service.abandon_turn(self.turn)
             raise EngineUnavailableError("the engine sent a stream end before any event")
         return StreamingResponse(
-            self._events(first, items),
+            self._events(first, batches),
             media_type=SSE_MEDIA_TYPE,
             headers={**SSE_HEADERS, **self.headers},
         )
@@ -207,15 +207,23 @@ class CompletionCall:
             body["conversation_id"] = self.turn.conversation_id
         return JSONResponse(body, headers=self.headers or None)
 
-    async def _events(self, first: str, items: AsyncIterator[OpenAIItem]) -> AsyncIterator[bytes]:
-        """The engine's SSE strings as they come; the end stores the turn (errors as events)."""
+    async def _events(
+        self, first: list[OpenAIItem], batches: AsyncIterator[list[OpenAIItem]]
+    ) -> AsyncIterator[bytes]:
+        """The engine's SSE strings as they come, a batch per write.
+
+        The stream's end stores the turn; errors become events.
+        """
         try:
-            yield first.encode()
-            async for item in items:
-                if isinstance(item, str):
-                    yield item.encode()
-                elif isinstance(item, OpenAIStreamEnd):
-                    await self._finish_stream(item)
+            batch: list[OpenAIItem] | None = first
+            while batch is not None:
+                events = "".join(item for item in batch if isinstance(item, str))
+                if events:
+                    yield events.encode()
+                for item in batch:
+                    if isinstance(item, OpenAIStreamEnd):
+                        await self._finish_stream(item)
+                batch = await anext(batches, None)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)
             yield sse_event(openai_error(error))
@@ -224,7 +232,7 @@ class CompletionCall:
             await self.service.abandon_turn(self.turn)
             raise
         finally:
-            await close_stream(items)
+            await close_stream(batches)
 
     async def _finish_stream(self, end: OpenAIStreamEnd) -> None:
         usage = end.usage or {}

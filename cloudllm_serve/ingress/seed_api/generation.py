@@ -122,15 +122,24 @@ class GenerateCall:
             raise
         return self._events(chunks)
 
-    async def _events(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[bytes]:
-        """``delta`` per text delta, then ``final`` (or ``error`` if it fails midway)."""
+    async def _events(self, batches: AsyncIterator[list[GenerationChunk]]) -> AsyncIterator[bytes]:
+        """``delta`` per text delta, then ``final`` (or ``error`` if it fails midway).
+
+        The deltas of one batch from the engine go out in one write.
+        """
         builder = CompletionBuilder(1)
         try:
-            async for chunk in chunks:
-                builder.add(chunk)
-                for choice in chunk.choices:
-                    if choice.text:
-                        yield sse_event({"type": "delta", "delta": choice.text})
+            async for batch in batches:
+                events = []
+                for chunk in batch:
+                    builder.add(chunk)
+                    events += [
+                        sse_event({"type": "delta", "delta": choice.text})
+                        for choice in chunk.choices
+                        if choice.text
+                    ]
+                if events:
+                    yield b"".join(events)
             completion = builder.build()
             self.context.record_usage(
                 completion.final.prompt_tokens, completion.completion_tokens[0]

@@ -37,6 +37,7 @@ FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
     "startup": ("stack", "startup", "vllm", "redis"),
     "vision": ("stack", "vision", "vllm", "redis"),
     "placement": ("ray",),
+    "sim": ("stack", "sim", "redis"),
 }
 
 

@@ -5,8 +5,8 @@ keep about one core busy (one process importing vLLM at a time while a stack sta
 HTTP-layer tests on one core, waits for a rate window or a freed port), so two chains of
 processes run side by side and at most two stacks run at once:
 
-- chain 1, shown as it runs: unit and HTTP-layer tests, fake-GPU Ray, then the tenants and
-  images stacks;
+- chain 1, shown as it runs: unit and HTTP-layer tests, fake-GPU Ray, the stack on the
+  simulated engine, then the tenants and images stacks;
 - chain 2, shown when it has ended: the session's stack tests (the stack and raw vLLM start
   with that process), the start-up tests, then the scale-out group, whose stack starts
   while chain 1 ends.
@@ -47,10 +47,13 @@ class Group:
 CHAIN_SHOWN = (
     Group("unit and HTTP layer", "not stack and not ray"),
     Group("fake-GPU Ray", "ray"),
+    Group("simulated engine", "sim"),
     Group("tenants and images", "tenants or vision"),
 )
 CHAIN_LOGGED = (
-    Group("stack", "stack and not scale and not tenants and not startup and not vision"),
+    Group(
+        "stack", "stack and not scale and not tenants and not startup and not vision and not sim"
+    ),
     Group("start-up", "startup"),
     Group("scale-out", "scale"),
 )

@@ -24,8 +24,10 @@ without bound (what a busy front end does to a real one's streams). The loop thr
 named ``sim-step-loop`` (``/proc/<pid>/task/*/comm``) so that its own CPU can be counted
 apart from the serving layer's.
 
-Generated tokens come from a fixed English text, so detokenized answers read as words;
-answers run to ``max_tokens`` (finish reason ``length``) unless a stop string ends them.
+Generated tokens come from a fixed English text, so detokenized answers read as words,
+from a place set by the request's ``seed`` (the same seed, the same answer) or else by
+its id; answers run to ``max_tokens`` (finish reason ``length``) unless a stop string
+ends them.
 Structured output is not simulated (a schema is accepted and ignored).
 
 Imports vLLM: only :mod:`cloudllm_serve.engine.vllm_engine` (and the Ray Serve LLM
@@ -151,8 +153,11 @@ class _Sequence:
         max_tokens = params.max_tokens if params is not None else None
         self.max_tokens = max(1, max_tokens or 16)
         self.generated = 0
-        # Where in the answer text this sequence starts (so choices of n differ).
-        self.position = zlib.crc32(request.request_id.encode()) % answer_length
+        # Where in the answer text this sequence starts: set by the seed when there is one
+        # (the same answer again; choices of n get seed + index), else by the request id.
+        seed = params.seed if params is not None else None
+        start = seed if seed is not None else zlib.crc32(request.request_id.encode())
+        self.position = start % answer_length
         self.first_token_due = 0.0
         self.prefill: PrefillStats | None = None
         self.events = [EngineCoreEvent.new_event(EngineCoreEventType.QUEUED)]

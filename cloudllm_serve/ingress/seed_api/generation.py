@@ -188,6 +188,7 @@ class GenerateCall:
             conversation_id=self.turn.conversation_id,
             generation_time=round(generation_ms / 1000, 6),
             model_info=ModelInfo(
+                engine=self.service.settings.engine_type,
                 model_name=self.service.settings.model_name,
                 max_tokens=self.request.sampling.max_tokens,
                 temperature=self.request.sampling.temperature,

@@ -8,7 +8,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, f
 
 from cloudllm_serve.ingress.json_limits import JSONLimitError, check_json_limits, is_valid_unicode
 
-ENGINE_NAME: Literal["vLLM"] = "vLLM"
+#: What generates: vLLM (the seed fixes it), or the simulated engine (``LLM_MODEL=sim``).
+EngineType = Literal["vLLM", "simulated"]
+ENGINE_NAME: EngineType = "vLLM"
 #: Largest ``max_tokens`` taken (32 bits); any value over ``MAX_TOKENS_CAP`` is clamped to it.
 MAX_TOKENS_LIMIT = 2**31 - 1
 #: Longest ``conversation_id`` taken (ids we make are 32 hex characters).
@@ -132,7 +134,10 @@ class Timings(BaseModel):
 class ModelInfo(BaseModel):
     """Which model answered and with what settings."""
 
-    engine: Literal["vLLM"] = ENGINE_NAME
+    engine: EngineType = Field(
+        ENGINE_NAME,
+        description="'vLLM', or 'simulated' when LLM_MODEL=sim (no model: timings only)",
+    )
     model_name: str
     max_tokens: int = Field(description="max_tokens used, after clamping to MAX_TOKENS_CAP")
     temperature: float
@@ -170,7 +175,10 @@ class HealthResponse(BaseModel):
     status: str = Field(description="'healthy', or 'unhealthy: ...' naming what is wrong")
     model_loaded: bool
     model_name: str
-    engine_type: Literal["vLLM"] = ENGINE_NAME
+    engine_type: EngineType = Field(
+        ENGINE_NAME,
+        description="'vLLM', or 'simulated' when LLM_MODEL=sim (no model: timings only)",
+    )
     gpu_memory_used: float | None = Field(None, description="GiB, null without a GPU")
     gpu_memory_total: float | None = Field(None, description="GiB, null without a GPU")
     vllm_stats: VllmStats

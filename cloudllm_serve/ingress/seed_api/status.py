@@ -11,6 +11,7 @@ from cloudllm_serve.engine.protocol import EngineFleet, EngineStats, ReplicaStat
 from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
 from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.settings import Settings
 
 
 async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
@@ -47,6 +48,7 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
         else "unhealthy: " + "; ".join(p.split(":")[0] + " unavailable" for p in problems),
         model_loaded=model_loaded,
         model_name=service.settings.model_name,
+        engine_type=service.settings.engine_type,
         gpu_memory_used=round(sum(g.memory_used_gb for g in gpus), 3) if gpus else None,
         gpu_memory_total=round(sum(g.memory_total_gb for g in gpus), 3) if gpus else None,
         vllm_stats=_sum_engine_stats(stats),
@@ -85,7 +87,7 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
     redis_ok = not isinstance(ping_result, BaseException)
     return {
         "model_name": settings.model_name,
-        "engine_type": "vLLM",
+        "engine_type": settings.engine_type,
         "uptime": round(service.uptime_s, 3),
         "engine": {
             "summary": _sum_engine_stats(fleet.running_stats if fleet else []).model_dump(),
@@ -116,7 +118,7 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "ingress_replicas": settings.INGRESS_REPLICAS,
         },
         "config": {
-            "model": settings.LLM_MODEL,
+            "model": settings.engine_model,
             "device": settings.ENGINE_DEVICE,
             "max_model_len": settings.VLLM_MAX_MODEL_LEN,
             "max_num_seqs": settings.VLLM_MAX_NUM_SEQS,
@@ -126,7 +128,11 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "max_tokens_cap": settings.MAX_TOKENS_CAP,
             "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
             "max_image_side": settings.MAX_IMAGE_SIDE,
+            "stream_batch_interval_ms": settings.STREAM_BATCH_INTERVAL_MS,
+            "stream_batch_max_items": settings.STREAM_BATCH_MAX_ITEMS,
         },
+        # The simulated engine's time model (null with vLLM): these answers come from no model.
+        "simulation": _simulation(settings),
         "redis": {
             "ok": redis_ok,
             "latency_ms": round(ping_result, 3) if isinstance(ping_result, float) else None,
@@ -184,3 +190,14 @@ def _sum_engine_stats(stats: list[EngineStats]) -> VllmStats:
         kv_cache_usage=round(sum(s.kv_cache_usage for s in stats) / len(stats), 4),
         replicas=len(stats),
     )
+
+
+def _simulation(settings: Settings) -> dict[str, Any] | None:
+    """The ``SIM_*`` settings when the engine is simulated, else ``None``."""
+    if not settings.simulated:
+        return None
+    return {
+        name.removeprefix("SIM_").lower(): getattr(settings, name)
+        for name in Settings.model_fields
+        if name.startswith("SIM_")
+    }

@@ -29,9 +29,6 @@ from cloudllm_serve.settings import Settings, load_settings
 logger = logging.getLogger("ray.serve")
 
 INGRESS_DEPLOYMENT = "Ingress"
-#: Requests one ingress replica handles at once (HTTP work and waiting on engines);
-#: the engine queue, not this, is what bounds waiting (ENGINE_MAX_QUEUED_REQUESTS).
-INGRESS_MAX_ONGOING_REQUESTS = 1000
 
 
 def build_application(settings: Settings) -> Application:
@@ -50,7 +47,7 @@ def build_application(settings: Settings) -> Application:
     ingress = serve.deployment(
         name=INGRESS_DEPLOYMENT,
         num_replicas=settings.INGRESS_REPLICAS,
-        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        max_ongoing_requests=settings.INGRESS_MAX_ONGOING_REQUESTS,
         # A stopping ingress replica waits for the generations it is streaming, as long
         # as the engine replicas let theirs finish.
         graceful_shutdown_timeout_s=settings.ENGINE_GRACEFUL_SHUTDOWN_S,

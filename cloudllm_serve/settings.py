@@ -200,6 +200,13 @@ class Settings(BaseSettings):
         "cores vLLM reserves for the rest (CPU hosts; no effect where workers are not bound)",
     )
     INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
+    INGRESS_MAX_ONGOING_REQUESTS: int = Field(
+        2048,
+        ge=1,
+        le=1_000_000,
+        description="requests (streams included) one ingress replica handles at once; the "
+        "engine queue, not this, bounds waiting (ENGINE_MAX_QUEUED_REQUESTS)",
+    )
     ROUTING_AFFINITY: bool = Field(
         True, description="send a conversation's turns to the engine replica that has its prefix"
     )

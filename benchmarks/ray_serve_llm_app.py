@@ -22,7 +22,19 @@ Usage::
 The script starts a private local Ray cluster, runs the application and blocks until
 SIGTERM or SIGINT, then shuts Serve and Ray down and exits 0. Ray Serve LLM's
 defaults are kept (including its 50 ms batching of streamed tokens) unless
-``--no-stream-batching`` is given.
+``--stream-batching-ms`` or ``--no-stream-batching`` (= 0 ms) is given.
+
+``--simulated`` serves the project's simulated engine instead of a model
+(``cloudllm_serve.engine.simulated``, as ``LLM_MODEL=sim`` does): Ray Serve LLM's own
+``VLLMEngine`` with vLLM's ``AsyncLLM`` replaced by ``SimulatedAsyncLLM``
+(``benchmarks/ray_serve_llm_sim.py``, selected through Ray Serve LLM's
+``RAYLLM_VLLM_ENGINE_CLS``). The model id is ``sim`` and the model folder the
+prepared SmolLM2 (config and tokenizer only). The ``SIM_*`` environment variables
+(``SIM_PRESET=ceiling``, ``SIM_STEP_MS``, ...) reach the replica; so does
+``VLLM_MAX_NUM_SEQS``, the engine's ``max_num_seqs`` unless ``--max-num-seqs`` says::
+
+    SIM_PRESET=ceiling python benchmarks/ray_serve_llm_app.py --simulated --port 8102 \\
+        --stream-batching-ms 0 --max-num-seqs 256
 """
 
 from __future__ import annotations
@@ -55,6 +67,14 @@ DEFAULT_ENGINE_KWARGS: dict[str, Any] = {
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
 
+#: Ray Serve LLM's engine class when ``--simulated`` (RAYLLM_VLLM_ENGINE_CLS).
+SIMULATED_ENGINE_CLS = "benchmarks.ray_serve_llm_sim:SimulatedVLLMEngine"
+SIMULATED_MODEL_ID = "sim"
+#: Environment variables a simulated replica gets from this process, by prefix.
+SIMULATION_ENV_PREFIXES = ("SIM_",)
+SIMULATION_ENV_VARS = ("VLLM_MAX_NUM_SEQS", "CLOUDLLM_CACHE_DIR")
+REPO = Path(__file__).resolve().parent.parent
+
 READY_TIMEOUT_S = 900.0
 PR_SET_CHILD_SUBREAPER = 36  # from <linux/prctl.h>
 
@@ -64,8 +84,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Serve a model with Ray Serve LLM (build_openai_app) on CPU."
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="local Hugging Face model folder")
-    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="model id served by the API")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model folder (default: the prepared SmolLM2)",
+    )
+    parser.add_argument(
+        "--model-id",
+        default=None,
+        help=f"model id served by the API (default: {DEFAULT_MODEL_ID}; "
+        f"{SIMULATED_MODEL_ID} with --simulated)",
+    )
+    parser.add_argument(
+        "--simulated",
+        action="store_true",
+        help="serve the project's simulated engine (SIM_* environment variables) instead "
+        "of running the model",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's proxy")
     parser.add_argument("--port", type=int, default=8002, help="HTTP port of Serve's proxy")
     parser.add_argument(
@@ -74,37 +109,115 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON object of vLLM engine kwargs that replaces the defaults",
     )
-    parser.add_argument(
+    batching = parser.add_mutually_exclusive_group()
+    batching.add_argument(
         "--no-stream-batching",
         action="store_true",
         help="set stream_batching_interval_ms=0 (Ray Serve LLM batches every 50 ms by default)",
     )
+    batching.add_argument(
+        "--stream-batching-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="set stream_batching_interval_ms (Ray Serve LLM's default: 50; 0: no batching)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="vLLM's max_num_seqs (default: the engine kwargs' value, 16; with --simulated "
+        "VLLM_MAX_NUM_SEQS from the environment if set)",
+    )
+    parser.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
+        help="Serve's max_ongoing_requests of the LLMServer and the ingress deployments "
+        "(default: Ray Serve LLM's, 1e9 for both)",
+    )
     args = parser.parse_args(argv)
     if args.engine_kwargs is not None and not isinstance(args.engine_kwargs, dict):
         parser.error("--engine-kwargs must be a JSON object")
+    if args.stream_batching_ms is not None and args.stream_batching_ms < 0:
+        parser.error("--stream-batching-ms must be >= 0")
+    for flag in ("max_num_seqs", "max_ongoing_requests"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.model is None:
+        args.model = default_model_dir() if args.simulated else DEFAULT_MODEL
+    if args.model_id is None:
+        args.model_id = SIMULATED_MODEL_ID if args.simulated else DEFAULT_MODEL_ID
+    if args.simulated and args.max_num_seqs is None and os.environ.get("VLLM_MAX_NUM_SEQS"):
+        args.max_num_seqs = int(os.environ["VLLM_MAX_NUM_SEQS"])
     return args
+
+
+def default_model_dir() -> str:
+    """The prepared SmolLM2's folder as the project finds it (``CLOUDLLM_CACHE_DIR``)."""
+    try:
+        from cloudllm_serve.models.prepare import default_model_dir as project_default
+    except ImportError:  # the script is used without the project installed
+        return DEFAULT_MODEL
+    return str(project_default())
+
+
+def simulation_env() -> dict[str, str]:
+    """The environment a simulated replica needs: its engine class, ``SIM_*``, imports.
+
+    ``PYTHONPATH`` holds the repository so that Ray's workers import ``benchmarks.*``
+    (the editable install maps only ``cloudllm_serve``).
+    """
+    env = {"RAYLLM_VLLM_ENGINE_CLS": SIMULATED_ENGINE_CLS}
+    for name, value in os.environ.items():
+        if name.startswith(SIMULATION_ENV_PREFIXES) or name in SIMULATION_ENV_VARS:
+            env[name] = value
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def build_llm_config(args: argparse.Namespace) -> dict[str, Any]:
     """Return the ``LLMConfig`` fields for the model, suited to a CPU-only machine."""
-    engine_kwargs = DEFAULT_ENGINE_KWARGS if args.engine_kwargs is None else args.engine_kwargs
+    engine_kwargs = dict(
+        DEFAULT_ENGINE_KWARGS if args.engine_kwargs is None else args.engine_kwargs
+    )
+    if args.max_num_seqs is not None:
+        engine_kwargs["max_num_seqs"] = args.max_num_seqs
     experimental_configs: dict[str, Any] = {}
     if args.no_stream_batching:
         experimental_configs["stream_batching_interval_ms"] = 0
-    return {
+    elif args.stream_batching_ms is not None:
+        experimental_configs["stream_batching_interval_ms"] = args.stream_batching_ms
+    deployment_config: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}}
+    if args.max_ongoing_requests is not None:
+        deployment_config["max_ongoing_requests"] = args.max_ongoing_requests
+    config: dict[str, Any] = {
         "model_loading_config": {
             "model_id": args.model_id,
             "model_source": str(Path(args.model).expanduser()),
         },
-        "engine_kwargs": dict(engine_kwargs),
+        "engine_kwargs": engine_kwargs,
         # Run vLLM on CPU in one 1-CPU bundle and give the replica actor 0 CPUs: by
         # default bundle 0 (replica actor + engine) asks for 2 CPUs, and on a 2-core
         # machine the ingress replica then never gets scheduled.
         "accelerator_config": {"kind": "cpu"},
         "placement_group_config": {"bundles": [{"CPU": 1}]},
-        "deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+        "deployment_config": deployment_config,
         "experimental_configs": experimental_configs,
     }
+    if args.simulated:
+        config["runtime_env"] = {"env_vars": simulation_env()}
+    return config
+
+
+def build_serving_args(args: argparse.Namespace, llm_config: Any) -> dict[str, Any]:
+    """Return the ``LLMServingArgs`` fields: the one model, and the ingress's options."""
+    serving: dict[str, Any] = {"llm_configs": [llm_config]}
+    if args.max_ongoing_requests is not None:
+        serving["ingress_deployment_config"] = {"max_ongoing_requests": args.max_ongoing_requests}
+    return serving
 
 
 def wait_until_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
@@ -137,7 +250,7 @@ def become_subreaper() -> bool:
 
 def reap_descendants(grace_s: float = 3.0, term_timeout_s: float = 5.0) -> None:
     """Wait ``grace_s`` for this process's descendants to exit, then terminate the rest."""
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     deadline = time.monotonic() + grace_s
     for _ in range(5):
@@ -163,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     # Must be in the environment before Ray starts: Ray runs workers at nice 15 by
     # default, which slows vLLM's processes.
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray reads this exact name)
+    if args.simulated:
+        # Also in the replica's runtime_env; here as well so that every Ray worker (the
+        # raylet starts them with this process's environment) imports benchmarks.*.
+        os.environ.update(simulation_env())
 
     import ray
     from ray import serve
@@ -190,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
 
         serve.start(http_options={"host": args.host, "port": args.port})
-        app = build_openai_app(LLMServingArgs(llm_configs=[llm_config]))
+        app = build_openai_app(LLMServingArgs(**build_serving_args(args, llm_config)))  # type: ignore[arg-type]
         serve.run(app, blocking=False)
         base_url = f"http://{args.host}:{args.port}"
         if wait_until_ready(f"{base_url}/v1/models", READY_TIMEOUT_S, stop):
@@ -205,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print("shutting down", flush=True)
         try:
             if ray.is_initialized():
-                serve.shutdown()
+                serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
             if subreaper:

@@ -516,6 +516,7 @@ class SimulatedAsyncLLM(AsyncLLM):
         vllm_config = engine_args.create_engine_config()
         return cls(
             vllm_config=vllm_config,
+            log_requests=engine_args.enable_log_requests,
             log_stats=not engine_args.disable_log_stats,
             stat_loggers=stat_loggers,
             simulation=SimulationConfig.from_settings(settings),

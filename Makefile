@@ -17,7 +17,7 @@ REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y
 	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity clean
+.PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity bench-ceiling clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench   raw vLLM vs CloudLLM Serve vs Ray Serve LLM, quick mode (bench-full: more prompts)"
 	@echo "make bench-guard   fails when our throughput at 2x the batch size is under 0.85x raw vLLM's"
 	@echo "make bench-affinity   2 engine replicas, conversation-affinity routing on vs off"
+	@echo "make bench-ceiling    the serving layer's ceiling on the simulated engine: us, Ray Serve LLM, a plain ASGI floor"
 
 $(INSTALLED): pyproject.toml
 	@echo "[make] installing the virtual environment in $(VENV) (engine: $(ENGINE))"
@@ -85,6 +86,10 @@ bench-guard: $(BENCH_INSTALLED) redis-server model
 
 bench-affinity: install redis-server model
 	@$(PY) -m benchmarks.affinity $(BENCH_ARGS)
+
+# The simulated engine (LLM_MODEL=sim) needs the default model's tokenizer only.
+bench-ceiling: $(BENCH_INSTALLED) redis-server model
+	@$(PY) -m benchmarks.ceiling $(BENCH_ARGS)
 
 lint: install
 	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks

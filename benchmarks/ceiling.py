@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks import proc_cpu
 from benchmarks.compare import CloudLLM, Server
+from cloudllm_serve.ports import free_port
 from cloudllm_serve.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ SYSTEMS = tuple(LABELS)
 SERVING_ROLES = ("proxy", "ingress", "engine")
 DEFAULT_CONCURRENCIES = (1, 64, 256, 1024)
 #: Tokens per answer, and words per prompt.
-MAX_TOKENS = 64
+MAX_TOKENS = 128
 PROMPT_WORDS = 32
 
 
@@ -81,7 +82,6 @@ def sim_environment(max_seqs: int, preset: str = "ceiling", **times: float) -> d
         "SIM_STEP_MS_PER_SEQ": "0",
         "SIM_JITTER": "0",
         "VLLM_MAX_NUM_SEQS": str(max_seqs),
-        "METRICS_ENABLED": "false",
     }
     env.update({name: str(value) for name, value in times.items()})
     return env
@@ -98,6 +98,7 @@ class OurStack(CloudLLM):
         self.env.update(
             {
                 "ENGINE_MAX_QUEUED_REQUESTS": "4096",
+                "METRICS_EXPORT_PORT": str(free_port()),
                 "SERVING_NICENESS": "0",
                 "SERVING_OFF_ENGINE_CPUS": "false",
             }
@@ -238,8 +239,8 @@ def run_load(
 
 
 def requests_at(concurrency: int) -> int:
-    """Measured requests at a concurrency: two waves, at least 16."""
-    return max(16, 2 * concurrency)
+    """Measured requests at a concurrency: two waves, at least 32."""
+    return max(32, 2 * concurrency)
 
 
 @dataclass

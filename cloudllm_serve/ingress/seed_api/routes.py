@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cloudllm_serve.ingress.context import RequestContext, request_context
+from cloudllm_serve.ingress.context import RequestContext, context_of, request_context
 from cloudllm_serve.ingress.errors import ErrorResponses
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
@@ -41,8 +41,8 @@ router = APIRouter()
 MAX_OFFSET = 1_000_000_000
 
 
-def get_service(request: Request) -> CloudLLMService:
-    """The service this app was built with."""
+async def get_service(request: Request) -> CloudLLMService:
+    """The service this app was built with (``async``: see ``context.request_context``)."""
     service: CloudLLMService = request.app.state.service
     return service
 
@@ -62,7 +62,7 @@ async def admitted(request: Request, service: Service) -> RequestContext:
 
     Generations are charged by their own handlers, with their token estimates.
     """
-    context = request_context(request)
+    context = context_of(request.scope)
     await charge_request(service, context)
     return context
 

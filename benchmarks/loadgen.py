@@ -111,6 +111,15 @@ class RequestResult:
         """Time to the first chunk with a content event, in seconds."""
         return self.chunk_times[0] - self.sent if self.chunk_times else None
 
+    def itl_s_after(self, moment: float) -> np.ndarray:
+        """The :meth:`itl_s` samples of the tokens that arrived at ``moment`` or later."""
+        if not self.chunk_times:
+            return np.zeros(0)
+        times = np.frombuffer(self.chunk_times, dtype=np.float64)
+        counts = np.frombuffer(self.chunk_events, dtype=np.int64)
+        arrived = np.repeat(times, counts)[1:]  # each sample's token's arrival
+        return self.itl_s()[arrived >= moment]
+
     def itl_s(self) -> np.ndarray:
         """Inter-token latency samples, in seconds, in arrival order (events - 1 of them).
 
@@ -312,6 +321,8 @@ class LoadSpec:
     #: The first request index, so that several processes send distinct prompts.
     first_index: int = 0
     api_key: str | None = None
+    #: The workers start evenly over this many seconds (0: all at once).
+    ramp_s: float = 0.0
 
 
 async def _pool(
@@ -328,12 +339,16 @@ async def _pool(
     last = first_index + requests
     results: list[RequestResult] = []
 
-    async def worker() -> None:
+    workers = min(concurrency, requests)
+
+    async def worker(number: int) -> None:
+        if spec.ramp_s > 0:
+            await asyncio.sleep(spec.ramp_s * number / workers)
         while (index := next(indices)) < last:
             body = request_body(index, spec.model, spec.max_tokens, spec.prompt_words, tag)
             results.append(await send_one(session, url, body, index))
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, requests))))
+    await asyncio.gather(*(worker(number) for number in range(workers)))
     results.sort(key=lambda r: r.index)
     return results
 
@@ -478,20 +493,32 @@ def run_load(
     warmup: int = 0,
     raw: bool = False,
     api_key: str | None = None,
+    ramp_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run the load against ``url`` (a server's base URL) and summarize it.
 
     ``processes`` > 1 splits ``concurrency``, ``requests`` and ``warmup`` over that many
     spawned processes, which start their measured requests together. ``warmup``
     requests per run are sent first (at most ``concurrency`` at once) and not counted.
-    Returns :func:`summarize`'s dict.
+    ``ramp_s``: the workers start evenly over that many seconds, and ``itl_after_ramp_ms``
+    counts only the tokens that arrived after it. Returns :func:`summarize`'s dict.
     """
     if concurrency < 1 or requests < 1 or processes < 1:
         raise ValueError("concurrency, requests and processes must be at least 1")
     raise_nofile_limit()
     processes = min(processes, concurrency, requests)
     spec = LoadSpec(
-        url, model, concurrency, requests, max_tokens, prompt_words, timeout_s, warmup, 0, api_key
+        url,
+        model,
+        concurrency,
+        requests,
+        max_tokens,
+        prompt_words,
+        timeout_s,
+        warmup,
+        0,
+        api_key,
+        ramp_s,
     )
     if processes == 1:
         outcomes = [_run_in_loop(spec)]
@@ -509,7 +536,9 @@ def run_load(
             )
         ]
         outcomes = _run_processes(specs)
-    summary = summarize([r for o in outcomes for r in o.results], concurrency=concurrency, raw=raw)
+    summary = summarize(
+        [r for o in outcomes for r in o.results], concurrency=concurrency, raw=raw, ramp_s=ramp_s
+    )
     summary["processes"] = processes
     summary["loadgen_cpu_s"] = round(sum(o.cpu_s for o in outcomes), 3)
     summary["event_loop"] = event_loop_name()
@@ -533,7 +562,7 @@ def _stats_ms(seconds: np.ndarray) -> dict[str, float | None]:
 
 
 def summarize(
-    results: Sequence[RequestResult], concurrency: int, raw: bool = False
+    results: Sequence[RequestResult], concurrency: int, raw: bool = False, ramp_s: float = 0.0
 ) -> dict[str, Any]:
     """The run's figures, as written to ``--out``.
 
@@ -545,6 +574,8 @@ def summarize(
     * ``ttft_ms`` and ``itl_ms``: ``p50``, ``p99``, ``mean`` over successful requests;
     * ``chunks_per_request``: mean network reads per successful request (every read);
     * ``events_per_chunk``: content events per read that held any (batching shows here);
+    * ``itl_after_ramp_ms`` (with ``ramp_s``): ``itl_ms`` of the tokens that arrived once
+      every worker had started (the steady state, without the arrival of the streams);
     * ``raw`` (only if asked): one dict per request.
     """
     ok = [r for r in results if r.ok]
@@ -578,6 +609,11 @@ def summarize(
             round(sum(r.events for r in ok) / content_reads, 3) if content_reads else None
         ),
     }
+    if ramp_s > 0 and ok:
+        steady_from = min(r.sent for r in ok) + ramp_s
+        steady = [r.itl_s_after(steady_from) for r in ok]
+        summary["ramp_s"] = ramp_s
+        summary["itl_after_ramp_ms"] = _stats_ms(np.concatenate(steady))
     if raw:
         summary["raw"] = [_raw(r) for r in results]
     return summary
@@ -619,6 +655,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
     parser.add_argument("--raw", action="store_true", help="add per-request results")
+    parser.add_argument(
+        "--ramp-s", type=float, default=0.0, help="start the workers evenly over this long"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: stdout)")
     args = parser.parse_args(argv)
     for name in ("concurrency", "requests", "processes"):
@@ -640,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.timeout_s,
         args.processes,
         warmup=args.warmup,
+        ramp_s=args.ramp_s,
         raw=args.raw,
         api_key=args.api_key,
     )

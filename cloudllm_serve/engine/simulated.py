@@ -211,9 +211,14 @@ class SimulatedEngineCore(EngineCoreClient):
         self._in_flight = 0
         self._stopped = False
         self._random = random.Random(config.seed)
-        self._prefix = PrefixCache(config.block_size, config.kv_cache_tokens // config.block_size)
+        self._prefix = self._empty_prefix_cache()
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0
+
+    def _empty_prefix_cache(self) -> PrefixCache:
+        return PrefixCache(
+            self.config.block_size, self.config.kv_cache_tokens // self.config.block_size
+        )
 
     # The client interface AsyncLLM uses ----------------------------------------------
 
@@ -375,19 +380,15 @@ class SimulatedEngineCore(EngineCoreClient):
                 waiting.append(_Sequence(value, len(self._answer)))
             elif kind == "abort":
                 gone = set(value)
-                prefilling_ids = [i for i in prefilling if i in gone]
-                for request_id in prefilling_ids:
-                    del prefilling[request_id]
-                for request_id in [i for i in decoding if i in gone]:
-                    del decoding[request_id]
+                for request_id in gone:
+                    prefilling.pop(request_id, None)
+                    decoding.pop(request_id, None)
                 if any(s.request_id in gone for s in waiting):
                     kept = [s for s in waiting if s.request_id not in gone]
                     waiting.clear()
                     waiting.extend(kept)
             elif kind == "reset":
-                self._prefix = PrefixCache(
-                    self.config.block_size, self.config.kv_cache_tokens // self.config.block_size
-                )
+                self._prefix = self._empty_prefix_cache()
 
     def _next_token(
         self,

@@ -54,9 +54,23 @@ IMAGE_OPERATIONS = {
     "POST /v1/chat/completions": (30, 20),
 }
 #: Operations whose schema-conforming requests must mostly succeed, with the least share of
-#: 2xx answers (the rest: unknown conversation ids and models, 404; the odd body over
-#: MAX_UPLOAD_BYTES, or a combination the schema cannot state, like n > 1 with store).
-MOSTLY_ACCEPTED = {"POST /generate": 0.55, "POST /v1/chat/completions": 0.5}
+#: 2xx answers among those not refused for a reason the schema cannot state (see
+#: :func:`_explained_refusal`); the rest: combinations such as n > 1 with store, too many
+#: images, a data URL that is not base64.
+MOSTLY_ACCEPTED = {"POST /generate": 0.7, "POST /v1/chat/completions": 0.6}
+
+
+def _explained_refusal(status: int, text: str) -> bool:
+    """Whether a schema-conforming request was refused for a reason the schema cannot state.
+
+    Unknown conversation ids and models (404), a body over ``MAX_UPLOAD_BYTES`` (413), and
+    an integer anywhere in free-form JSON beyond 64 bits (400: vLLM's and Redis's JSON
+    cannot hold it). How many of these a run draws depends on Hypothesis's state from the
+    tests before it in the process (one run: 38 of 80 chat bodies accepted, 35 of them so
+    refused), so they do not count against an operation's share of 2xx.
+    """
+    return status in (404, 413) or (status == 400 and "integer out of range" in text)
+
 
 FUZZ_SETTINGS = settings(
     derandomize=True,
@@ -130,6 +144,7 @@ class Tally:
     """What the run sent and got: status codes by (app, operation, mode), and the failures."""
 
     statuses: dict[tuple[str, str, str], Counter[int]] = field(default_factory=dict)
+    explained: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -140,8 +155,10 @@ class Tally:
         self.statuses.setdefault(key, Counter())[status] += 1
 
     def accepted_share(self, label: str) -> float:
-        counts = self.statuses.get(("vision", label, "positive"), Counter())
-        total = sum(counts.values())
+        """2xx answers to ``label``'s schema-conforming requests, among the unexplained."""
+        key = ("vision", label, "positive")
+        counts = self.statuses.get(key, Counter())
+        total = sum(counts.values()) - self.explained[key]
         return sum(n for code, n in counts.items() if 200 <= code < 300) / total if total else 0.0
 
     def table(self) -> str:
@@ -206,6 +223,8 @@ def _fuzz(target: Target, operation: APIOperation, mode: GenerationMode, tally: 
             )
             return
         tally.record(key, response.status_code)
+        if _explained_refusal(response.status_code, response.text):
+            tally.explained[key] += 1
         problem = _problem(target, operation, response.status_code)
         if problem is not None:
             tally.failures.append(
@@ -240,4 +259,6 @@ def test_no_generated_request_gets_a_server_error(targets: list[Target]) -> None
     text_only = {label for (app, label, _) in tally.statuses if app == "text-only"}
     assert text_only == set(IMAGE_OPERATIONS), text_only
     for label, share in MOSTLY_ACCEPTED.items():
-        assert tally.accepted_share(label) >= share, f"{label}: too few 2xx\n{report}"
+        accepted = tally.accepted_share(label)
+        print(f"{label}: {accepted:.2f} of the unexplained answers 2xx (at least {share})")
+        assert accepted >= share, f"{label}: too few 2xx ({accepted:.2f})\n{report}"

@@ -98,8 +98,15 @@ def test_seed_status_example_verbatim(stack: Stack) -> None:
     assert detailed["gpu"] == []
 
 
+#: A question SmolLM2-135M (Q4_1) answers right whatever the CPU's bf16 arithmetic: with
+#: AMX (Intel Sapphire Rapids and later) vLLM's bf16 kernels answer "What is the capital of
+#: France?" in French ("L'Étoile, ..."), float32 and AMD hosts with "The capital of France is
+#: Paris." This wording gives "The capital of France is Paris." on both (measured).
+GREEDY_QUESTION = "Name the capital of France."
+
+
 def test_greedy_answer_is_right(stack: Stack) -> None:
-    body = generate(stack, message="What is the capital of France?", max_tokens=20, temperature=0)
+    body = generate(stack, message=GREEDY_QUESTION, max_tokens=20, temperature=0)
     assert "Paris" in body["response"]
     assert body["finish_reason"] == "stop"
 

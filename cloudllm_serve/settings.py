@@ -227,6 +227,12 @@ class Settings(BaseSettings):
     MAX_UPLOAD_BYTES: int = Field(
         10 * MiB, ge=1024, description="largest accepted request body, and largest image (413)"
     )
+    MAX_JSON_SCHEMA_BYTES: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="largest json_schema of /generate, /vision, /multimodal as compact JSON "
+        "(400 past it; checking one costs ~4 ms of CPU per KiB)",
+    )
 
     # Images (vision-language models)
     MAX_IMAGE_SIDE: int = Field(
@@ -276,6 +282,30 @@ class Settings(BaseSettings):
     API_KEYS: SecretStr | None = Field(
         None,
         description="development: comma-separated plaintext keys of one tenant 'default'",
+    )
+    MAX_CONVERSATIONS: int = Field(
+        10_000,
+        ge=0,
+        description="conversations a tenant may keep (409 past it; 0: unlimited); a key "
+        "file's max_conversations overrides it per tenant",
+    )
+    MAX_MESSAGES_PER_CONVERSATION: int = Field(
+        1_000,
+        ge=0,
+        description="messages one conversation may hold, answers included (409 past it; "
+        "0: unlimited); key file: max_messages_per_conversation",
+    )
+    MAX_IMAGE_BYTES: int = Field(
+        256 * MiB,
+        ge=0,
+        description="bytes of stored images a tenant may keep, all its conversations "
+        "together (409 past it; 0: unlimited); key file: max_image_bytes",
+    )
+    REDIS_MAXMEMORY: str = Field(
+        "1gb",
+        pattern=r"^(0|[1-9][0-9]*(b|kb|mb|gb|k|m|g)?)$",
+        description="launcher: maxmemory of the Redis make serve starts (noeviction: a full "
+        "Redis refuses writes with 503 rather than dropping stored turns; 0: no limit)",
     )
     CONVERSATION_TTL_S: int = Field(
         0,

@@ -177,8 +177,19 @@ def json_schema_validator(schema: dict[str, Any]) -> type[jsonschema.protocols.V
     return validator
 
 
-def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """Raise a 400 naming ``param`` when ``schema`` is not a valid JSON Schema."""
+def check_json_schema(schema: dict[str, Any], param: str, *, max_bytes: int) -> None:
+    """Raise a 400 naming ``param`` when ``schema`` is not a valid JSON Schema.
+
+    Or when it is longer than ``max_bytes`` as compact JSON (``MAX_JSON_SCHEMA_BYTES``):
+    checking costs milliseconds per KiB. CPU-bound: call it in a worker thread.
+    """
+    size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > max_bytes:
+        raise InvalidRequestError(
+            f"{param} is {size} bytes as compact JSON, more than MAX_JSON_SCHEMA_BYTES "
+            f"({max_bytes})",
+            param=param,
+        )
     dialect = schema.get("$schema")
     if dialect is not None and not isinstance(dialect, str):
         raise InvalidRequestError(

@@ -6,6 +6,7 @@ the message and are kept with it in the conversation.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.response_json import extract_json
+from cloudllm_serve.ingress.seed_api.image_input import RawImage, check_images
 from cloudllm_serve.ingress.seed_api.schemas import (
     GenerateRequest,
     GenerationResponse,
@@ -79,26 +81,35 @@ class GenerateCall:
         body: GenerateRequest,
         received_at: float,
         context: RequestContext,
-        images: list[CheckedImage] | None = None,
+        images: list[RawImage] | None = None,
     ) -> GenerateCall:
-        """Check what needs no engine, charge the tenant, load (or start) the conversation.
+        """Charge the tenant, check the schema and images, load (or start) the conversation.
 
-        ``images`` (checked already) are shown with the message and kept with it.
+        ``images`` (each field name and bytes or reference, unchecked) are fetched and
+        checked here, then shown with the message and kept with it.
 
-        Everything that can fail before generating fails here, so a streamed answer
-        still gets a proper HTTP status for a bad schema, a rate limit, an unknown id or
-        Redis down.
+        The tenant is charged first: one over its limits is refused (429) before any
+        costly check runs (a schema compiled, an image fetched or decoded), and those
+        checks run in worker threads, off the event loop. Everything that can fail before
+        generating fails here, so a streamed answer still gets a proper HTTP status for a
+        bad schema, a rate limit, an unknown id or Redis down.
         """
-        if body.json_schema is not None:
-            check_json_schema(body.json_schema, "json_schema")
         await service.admit(
             context,
             prompt_chars=len(body.message),
             max_tokens=service.clamp_max_tokens(body.max_tokens),
             stateless=False,
         )
+        if body.json_schema is not None:
+            await asyncio.to_thread(
+                check_json_schema,
+                body.json_schema,
+                "json_schema",
+                max_bytes=service.settings.MAX_JSON_SCHEMA_BYTES,
+            )
+        checked = await check_images(images, service.settings) if images else None
         turn = await service.begin_turn(body.conversation_id, create=True, context=context)
-        return cls(service, body, turn, received_at, context, images)
+        return cls(service, body, turn, received_at, context, checked)
 
     async def run(self) -> GenerationResponse:
         """Generate the whole answer, store the turn, build the response."""
@@ -111,7 +122,7 @@ class GenerateCall:
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        return self._response(completion)
+        return self._response(completion, await self._parsed(completion.text))
 
     async def start_events(self) -> AsyncIterator[bytes]:
         """Start generating; return the server-sent events once the first token is here."""
@@ -152,15 +163,30 @@ class GenerateCall:
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
-        yield sse_event({"type": "final", "response": self._response(completion).model_dump()})
+        response = self._response(completion, await self._parsed(completion.text))
+        yield sse_event({"type": "final", "response": response.model_dump()})
 
-    def _response(self, completion: Completion) -> GenerationResponse:
+    async def _parsed(self, text: str) -> tuple[Any, float]:
+        """The JSON in the answer (``None``: none, or not following the schema), and ms taken.
+
+        Checked against the schema in a worker thread (compiling it is CPU-bound).
+        """
+        started = time.perf_counter()
+        parsed = extract_json(text)
+        schema = self.body.json_schema
+        if (
+            parsed is not None
+            and schema is not None
+            and not await asyncio.to_thread(_valid, parsed, schema)
+        ):
+            parsed = None
+        return parsed, (time.perf_counter() - started) * 1000
+
+    def _response(
+        self, completion: Completion, parsed_json: tuple[Any, float]
+    ) -> GenerationResponse:
         finished = time.perf_counter()
-        parse_started = time.perf_counter()
-        parsed = extract_json(completion.text)
-        if parsed is not None and self.body.json_schema is not None:
-            parsed = parsed if _valid(parsed, self.body.json_schema) else None
-        json_parse_ms = (time.perf_counter() - parse_started) * 1000
+        parsed, json_parse_ms = parsed_json
 
         final = completion.final
         metrics = final.metrics

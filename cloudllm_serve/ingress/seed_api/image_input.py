@@ -32,6 +32,9 @@ from cloudllm_serve.settings import Settings
 
 #: The media types of an image upload (what ``images.sniff_format`` takes).
 IMAGE_CONTENT_TYPES = "image/png, image/jpeg, image/webp, image/gif"
+#: An image as read from the request, unchecked: its field name, and its bytes or the
+#: reference the JSON carried (base64, a data URL or an http(s) URL).
+RawImage = tuple[str, bytes | str]
 #: Form fields beside the images (``/generate``'s fields).
 _FORM_FIELDS = ("message", "conversation_id", "max_tokens", "temperature", "stream", "json_schema")
 
@@ -103,7 +106,7 @@ def _form_value(name: str, value: str) -> Any:
 
 async def read_image_request(
     request: Request, model: type[GenerateRequest], image_field: str, settings: Settings
-) -> tuple[GenerateRequest, list[tuple[str, bytes | str]]]:
+) -> tuple[GenerateRequest, list[RawImage]]:
     """The validated fields and each image's field name and bytes (or reference), unchecked.
 
     A reference is the JSON text: base64, a data URL or an allowlisted http(s) URL.
@@ -161,7 +164,7 @@ async def read_image_request(
                     raise InvalidRequestError("image is required (a file field)", param="image")
                 fields["image"] = ""  # checked below, from the upload
             body = _validated(model, fields)
-            images: list[tuple[str, bytes | str]] = []
+            images: list[RawImage] = []
             for index, upload in enumerate(uploads):
                 name = f"{image_field}.{index}" if many else image_field
                 if isinstance(upload, UploadFile):
@@ -205,10 +208,11 @@ def _check_count(count: int, field: str, settings: Settings) -> None:
         )
 
 
-async def check_images(
-    images: list[tuple[str, bytes | str]], settings: Settings
-) -> list[CheckedImage]:
-    """Each image loaded (references), checked and normalised (errors name its field)."""
+async def check_images(images: list[RawImage], settings: Settings) -> list[CheckedImage]:
+    """Each image loaded (references), checked and normalised (errors name its field).
+
+    Fetching is asynchronous and decoding runs in a worker thread: never on the event loop.
+    """
     limits = ImageLimits.from_settings(settings)
     checked = []
     for name, image in images:

@@ -10,14 +10,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cloudllm_serve.ingress.context import RequestContext, context_of, request_context
 from cloudllm_serve.ingress.errors import ErrorResponses
-from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
 from cloudllm_serve.ingress.seed_api import status
 from cloudllm_serve.ingress.seed_api.generation import GenerateCall
 from cloudllm_serve.ingress.seed_api.image_input import (
     MultimodalRequest,
+    RawImage,
     VisionRequest,
-    check_images,
     openapi_body,
     read_image_request,
 )
@@ -95,9 +94,12 @@ async def _run_turn(
     service: CloudLLMService,
     context: RequestContext,
     body: GenerateRequest,
-    images: list[CheckedImage] | None = None,
+    images: list[RawImage] | None = None,
 ) -> Any:
-    """Run one turn (``/generate``, ``/vision``, ``/multimodal``): whole, or as events."""
+    """Run one turn (``/generate``, ``/vision``, ``/multimodal``): whole, or as events.
+
+    ``images`` are checked after the tenant was charged (:meth:`GenerateCall.prepare`).
+    """
     received_at = request.scope.get("state", {}).get(RECEIVED_AT, time.perf_counter())
     call = await GenerateCall.prepare(service, body, received_at, context, images)
     if body.stream:
@@ -125,11 +127,13 @@ async def _image_turn(
     model: type[GenerateRequest],
     image_field: str,
 ) -> Any:
-    """``/vision`` and ``/multimodal``: read and check the images, then run as ``/generate``."""
+    """``/vision`` and ``/multimodal``: read the body, then run as ``/generate``.
+
+    The images are fetched and decoded only once the tenant is admitted.
+    """
     await service.require_images(f"POST {request.url.path}")
     body, raw_images = await read_image_request(request, model, image_field, service.settings)
-    images = await check_images(raw_images, service.settings)
-    return await _run_turn(request, service, context, body, images)
+    return await _run_turn(request, service, context, body, raw_images)
 
 
 @router.post(

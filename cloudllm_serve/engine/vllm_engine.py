@@ -35,6 +35,7 @@ from cloudllm_serve.engine.protocol import (
     OpenAIItem,
 )
 from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.heap import settle_heap
 from cloudllm_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -270,10 +271,13 @@ class VLLMEngine:
         # As `vllm serve` does once its server is up: the start-up objects (the model's
         # modules, tokenizer, Ray, Serve) go to a permanent generation that the garbage
         # collector no longer walks, so a full collection (which pauses this replica's
-        # event loop) covers only what requests allocated.
-        from vllm.utils.gc_utils import freeze_gc_heap
+        # event loop) covers only what requests allocated. And as vLLM's engine core
+        # does: its environment variables are read once from now on (the output
+        # processing of every token reads some).
+        import vllm.envs
 
-        freeze_gc_heap()
+        settle_heap()
+        vllm.envs.enable_envs_cache()
 
     def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
         """One ``/v1`` call through vLLM's own OpenAI serving layer."""

@@ -6,7 +6,6 @@ so routes stay plain FastAPI functions over an injected service.
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
@@ -15,6 +14,7 @@ from ray import serve
 
 from cloudllm_serve.conversations.store import ConversationStore
 from cloudllm_serve.cpu_priority import lower_priority
+from cloudllm_serve.heap import settle_heap
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
 from cloudllm_serve.ingress.service import CloudLLMService
@@ -40,9 +40,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self._service)
-        # Start-up objects to the permanent generation (vLLM's `freeze_gc_heap`, without
-        # importing vLLM here): full collections then walk only what requests allocate.
-        for generation in range(3):
-            gc.collect(generation)
-        gc.freeze()
+        # Start-up objects to the permanent generation: full collections then walk only
+        # what requests allocate, and fewer of them run.
+        settle_heap()
         return app

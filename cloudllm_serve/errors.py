@@ -88,6 +88,23 @@ class RateLimitError(CloudLLMError):
         self.retry_after_s = retry_after_s
 
 
+class StorageQuotaError(CloudLLMError):
+    """Storing the turn would pass one of the tenant's storage quotas (409).
+
+    Nothing was written. The message names the quota (as the key file spells it) and its
+    limit; retrying does not help until the tenant deletes conversations
+    (``x-should-retry: false``).
+    """
+
+    status_code = 409
+    code = "storage_quota_exceeded"
+    error_type = "storage_quota"
+
+    def __init__(self, message: str, *, quota: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.quota = quota
+
+
 class PayloadTooLargeError(CloudLLMError):
     """The request body is larger than ``MAX_UPLOAD_BYTES`` (413)."""
 
@@ -115,6 +132,12 @@ class ServiceUnavailableError(CloudLLMError):
 
 class StoreUnavailableError(ServiceUnavailableError):
     """Redis, which keeps the conversations, cannot be reached."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """Redis reached its ``maxmemory`` and refuses writes (``noeviction``); nothing was written."""
+
+    retry_after_s = 30
 
 
 class EngineUnavailableError(ServiceUnavailableError):

@@ -189,21 +189,34 @@ REDIS_APPENDFSYNC = "always"
 
 
 def redis_server_command(
-    binary: str, host: str, port: int, data_dir: Path, *, appendfsync: str = REDIS_APPENDFSYNC
+    binary: str,
+    host: str,
+    port: int,
+    data_dir: Path,
+    *,
+    appendfsync: str = REDIS_APPENDFSYNC,
+    maxmemory: str = "0",
 ) -> list[str]:
     """The ``redis-server`` command line: foreground, append-only file in ``data_dir``.
 
     No RDB snapshots: the append-only file, synced per ``appendfsync`` (``always``,
     see :data:`REDIS_APPENDFSYNC`; ``everysec``; ``no``), is the only persistence.
+    Memory is capped at ``maxmemory`` (``REDIS_MAXMEMORY``; ``0``: no cap) with the
+    ``noeviction`` policy: a full Redis refuses writes (the ingress answers 503) rather
+    than evicting keys, which would drop turns already acknowledged to clients.
     """
     command = [binary, "--port", str(port), "--bind", host, "--dir", str(data_dir)]
     command += ["--appendonly", "yes", "--appendfsync", appendfsync, "--save", ""]
+    command += ["--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"]
     command += ["--daemonize", "no", "--loglevel", "warning"]
     return command
 
 
-def start_redis(url: str) -> subprocess.Popen[bytes] | None:
-    """Start ``redis-server`` for ``url`` unless one answers there; return the process."""
+def start_redis(url: str, *, maxmemory: str = "0") -> subprocess.Popen[bytes] | None:
+    """Start ``redis-server`` for ``url`` unless one answers there; return the process.
+
+    ``maxmemory``: see :func:`redis_server_command`.
+    """
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     if redis_answers(host, port):
@@ -216,9 +229,14 @@ def start_redis(url: str) -> subprocess.Popen[bytes] | None:
         raise SettingsError("redis-server is not installed (make serve installs it with apt-get)")
     data_dir = cache_root() / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
-    say(f"starting Redis on {host}:{port} (data in {data_dir}, AOF fsync {REDIS_APPENDFSYNC})")
+    say(
+        f"starting Redis on {host}:{port} (data in {data_dir}, AOF fsync {REDIS_APPENDFSYNC}, "
+        f"maxmemory {maxmemory}, noeviction)"
+    )
     process = subprocess.Popen(
-        redis_server_command(binary, host, port, data_dir, appendfsync=REDIS_APPENDFSYNC),
+        redis_server_command(
+            binary, host, port, data_dir, appendfsync=REDIS_APPENDFSYNC, maxmemory=maxmemory
+        ),
         start_new_session=True,
     )
     for _ in range(100):
@@ -404,7 +422,7 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
         check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
         check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
         if start_redis_server:
-            redis_process = start_redis(settings.REDIS_URL)
+            redis_process = start_redis(settings.REDIS_URL, maxmemory=settings.REDIS_MAXMEMORY)
         for attempt in range(1, BIND_RESTARTS + 1):
             serve_process, started = start_serve(profile, settings)
             try:

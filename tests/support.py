@@ -55,7 +55,12 @@ class RedisServer:
     """
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, appendfsync: str = "always"
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        appendfsync: str = "always",
+        maxmemory: str = "0",
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -64,6 +69,7 @@ class RedisServer:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendfsync = appendfsync
+        self.maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,7 +83,12 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             redis_server_command(
-                self.binary, "127.0.0.1", self.port, self.data_dir, appendfsync=self.appendfsync
+                self.binary,
+                "127.0.0.1",
+                self.port,
+                self.data_dir,
+                appendfsync=self.appendfsync,
+                maxmemory=self.maxmemory,
             ),
             stdout=subprocess.DEVNULL,
         )

@@ -12,6 +12,9 @@ so a lookup made for one tenant cannot reach another tenant's keys):
   image a conversation was shown is kept once, however many messages show it; a
   message names its images by digest (``images``)
 * ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
+* ``{p}image_bytes``        hash: conversation id → bytes of the images it keeps (the
+  tenant's total, for the ``max_image_bytes`` quota; entries of conversations that
+  expired are dropped when the total is next needed)
 
 With a retention (``ttl_s`` > 0, ``CONVERSATION_TTL_S``) every write sets the keys of
 the conversation (and the index) to expire ``ttl_s`` after it, and index entries older
@@ -24,10 +27,18 @@ the answer) is appended by one Lua script that also checks the conversation stil
 exists, so concurrent turns on one conversation never overwrite each other and a
 deleted conversation is never brought back half-way.
 
+Storage quotas (:class:`StorageQuota`, per tenant) are checked by the same scripts that
+write, atomically: :meth:`create` refuses past ``conversations``, :meth:`append` past
+``messages_per_conversation`` or ``image_bytes``, with
+:class:`~cloudllm_serve.errors.StorageQuotaError` (409) and nothing written. The message
+quota also bounds what each turn loads (:meth:`get` reads the whole history).
+
 Every Redis failure (refused, timed out, frozen server) becomes
 :class:`~cloudllm_serve.errors.StoreUnavailableError`; calls are bounded by the
 client's socket timeouts, so a dead Redis costs a request at most ``REDIS_TIMEOUT_S``, not a hang.
-The client reconnects by itself when Redis is back.
+The client reconnects by itself when Redis is back. A Redis at its ``maxmemory`` (policy
+``noeviction``) refuses a script's first write, so a refused turn leaves nothing behind:
+that is :class:`~cloudllm_serve.errors.StoreFullError` (503).
 """
 
 from __future__ import annotations
@@ -43,21 +54,82 @@ from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
-from cloudllm_serve.errors import ConversationNotFoundError, StoreUnavailableError
+from cloudllm_serve.errors import (
+    ConversationNotFoundError,
+    StorageQuotaError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 
 T = TypeVar("T")
 
+# KEYS: meta, index. ARGV: now, id, ttl, max conversations (0: unlimited).
+# Returns {1} when created, {0, count} when the tenant already keeps the most it may.
+_CREATE_SCRIPT = """
+local ttl, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[1]) - ttl))
+end
+if limit > 0 then
+  local count = redis.call('ZCARD', KEYS[2])
+  if count >= limit then
+    return {0, count}
+  end
+end
+redis.call('HSET', KEYS[1], 'created_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return {1}
+"""
+
+# KEYS: meta, messages, index, images, image_bytes. ARGV: now, id, engine replica, ttl,
+# image count, max messages, max image bytes (0: unlimited), the meta keys' prefix, then
+# (digest, data URL) pairs, then the messages. Returns {1} when appended, {0} when the
+# conversation is gone, {-1, messages held} or {-2, image bytes held} when over a quota
+# (nothing written).
 _APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
+  return {0}
 end
 local images = tonumber(ARGV[5])
-for i = 0, images - 1 do
-  redis.call('HSETNX', KEYS[4], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+local first = 9
+local adding = #ARGV - (first - 1) - 2 * images
+local max_messages, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+if max_messages > 0 then
+  local held = redis.call('LLEN', KEYS[2])
+  if held + adding > max_messages then
+    return {-1, held}
+  end
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 6 + 2 * images))
+local new_bytes = 0
+for i = 0, images - 1 do
+  if redis.call('HEXISTS', KEYS[4], ARGV[first + 2 * i]) == 0 then
+    new_bytes = new_bytes + string.len(ARGV[first + 1 + 2 * i])
+  end
+end
+if new_bytes > 0 and max_bytes > 0 then
+  local total = 0
+  local entries = redis.call('HGETALL', KEYS[5])
+  for i = 1, #entries, 2 do
+    if redis.call('EXISTS', ARGV[8] .. entries[i]) == 1 then
+      total = total + tonumber(entries[i + 1])
+    else
+      redis.call('HDEL', KEYS[5], entries[i])
+    end
+  end
+  if total + new_bytes > max_bytes then
+    return {-2, total}
+  end
+end
+for i = 0, images - 1 do
+  redis.call('HSETNX', KEYS[4], ARGV[first + 2 * i], ARGV[first + 1 + 2 * i])
+end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, first + 2 * images))
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'engine_replica', ARGV[3])
@@ -73,8 +145,68 @@ if ttl > 0 then
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (tonumber(ARGV[1]) - ttl))
 end
-return 1
+if new_bytes > 0 then
+  redis.call('HINCRBY', KEYS[5], ARGV[2], new_bytes)
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[5], ttl)
+  end
+end
+return {1}
 """
+
+
+# Reads and deletes are scripts, not MULTI transactions: a Redis at its maxmemory refuses
+# every command queued in a transaction, reads and deletes too, but runs a script until
+# its first write that may grow memory. So a full Redis still answers reads, and deleting
+# conversations frees it.
+
+# KEYS: meta, messages, images. ARGV: 1 to read the images too. Returns {} when the
+# conversation does not exist, else {meta pairs, messages, image pairs}.
+_GET_SCRIPT = """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then
+  return {}
+end
+local images = {}
+if ARGV[1] == '1' then
+  images = redis.call('HGETALL', KEYS[3])
+end
+return {meta, redis.call('LRANGE', KEYS[2], 0, -1), images}
+"""
+
+# KEYS: meta, messages, images, index, image_bytes. ARGV: id. Returns 1 if it existed.
+_DELETE_SCRIPT = """
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+return deleted
+"""
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as a Lua script returns it (field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def store_error(error: RedisError | OSError) -> StoreUnavailableError:
+    """The 503 of a failed Redis call: :class:`StoreFullError` when Redis is at maxmemory."""
+    if isinstance(error, OutOfMemoryError) or str(error).startswith("OOM "):
+        return StoreFullError(
+            "Redis is full (it reached its maxmemory and refuses writes): nothing was "
+            "stored; retry after conversations are deleted or Redis is given more memory "
+            "(REDIS_MAXMEMORY)"
+        )
+    return StoreUnavailableError(f"Redis is unavailable: {error}")
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """What one tenant may keep (each 0: unlimited); see the module docstring."""
+
+    conversations: int = 0
+    messages_per_conversation: int = 0
+    image_bytes: int = 0
 
 
 def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
@@ -193,11 +325,16 @@ class ConversationStore:
         key_prefix: str = "cloudllm:",
         ttl_s: int = 0,
         stats: StoreStats | None = None,
+        quota: StorageQuota | None = None,
     ) -> None:
         self._redis = client
         self._root_prefix = key_prefix
         self._prefix = key_prefix
         self.ttl_s = ttl_s
+        self.quota = quota or StorageQuota()
+        self._create = client.register_script(_CREATE_SCRIPT)
+        self._get = client.register_script(_GET_SCRIPT)
+        self._delete = client.register_script(_DELETE_SCRIPT)
         self._append = client.register_script(_APPEND_SCRIPT)
         self.stats = stats or StoreStats()
         #: Called after each operation with its name, seconds taken and whether it failed
@@ -221,17 +358,23 @@ class ConversationStore:
         """The prefix of every key this store writes (the deployment's, not a tenant's)."""
         return self._root_prefix
 
-    def for_tenant(self, tenant_id: str | None) -> ConversationStore:
+    def for_tenant(
+        self, tenant_id: str | None, quota: StorageQuota | None = None
+    ) -> ConversationStore:
         """The same store seeing only ``tenant_id``'s conversations (``None``: no tenants).
 
         Tenant ids are restricted to ``[A-Za-z0-9._-]`` by the key file, so one tenant's
-        prefix is never a prefix of another's keys.
+        prefix is never a prefix of another's keys. ``quota`` (default: this store's)
+        applies to what the view writes.
         """
-        if tenant_id is None:
+        if tenant_id is None and quota is None:
             return self
         view = ConversationStore.__new__(ConversationStore)
         view.__dict__.update(self.__dict__)
-        view._prefix = f"{self._root_prefix}t:{tenant_id}:"
+        if tenant_id is not None:
+            view._prefix = f"{self._root_prefix}t:{tenant_id}:"
+        if quota is not None:
+            view.quota = quota
         return view
 
     @property
@@ -257,6 +400,10 @@ class ConversationStore:
     def _index_key(self) -> str:
         return f"{self._prefix}conversations"
 
+    @property
+    def _image_bytes_key(self) -> str:
+        return f"{self._prefix}image_bytes"
+
     async def _call(
         self, name: str, operation: Callable[[], Awaitable[T]], round_trips: int = 1
     ) -> T:
@@ -266,7 +413,7 @@ class ConversationStore:
             return await operation()
         except (RedisError, OSError) as error:
             failed = True
-            raise StoreUnavailableError(f"Redis is unavailable: {error}") from None
+            raise store_error(error) from None
         finally:
             took = time.perf_counter() - started
             self.stats.round_trips += round_trips
@@ -275,23 +422,22 @@ class ConversationStore:
                 self.observer(name, took, failed)
 
     async def create(self) -> str:
-        """Create an empty conversation with a new unguessable id; return the id."""
+        """Create an empty conversation with a new unguessable id; return the id.
+
+        Past the ``conversations`` quota: :class:`StorageQuotaError`, nothing created.
+        """
         conversation_id = uuid.uuid4().hex
-        now = time.time()
-
-        async def run() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._meta_key(conversation_id), mapping={"created_at": now, "updated_at": now}
-                )
-                pipe.zadd(self._index_key, {conversation_id: now})
-                if self.ttl_s:
-                    pipe.expire(self._meta_key(conversation_id), self.ttl_s)
-                    pipe.expire(self._index_key, self.ttl_s)
-                    self._drop_expired(pipe, now)
-                await pipe.execute()
-
-        await self._call("create", run)
+        keys = [self._meta_key(conversation_id), self._index_key]
+        limit = self.quota.conversations
+        args: list[Any] = [time.time(), conversation_id, self.ttl_s, limit]
+        reply = await self._call("create", lambda: self._create(keys=keys, args=args))
+        if int(reply[0]) != 1:
+            raise StorageQuotaError(
+                f"this tenant keeps {int(reply[1])} conversations, the most "
+                f"max_conversations ({limit}) allows; delete some "
+                "(DELETE /conversations/{id}) to start another",
+                quota="max_conversations",
+            )
         return conversation_id
 
     async def append(
@@ -305,7 +451,9 @@ class ConversationStore:
         """Append messages atomically; 404 error when the conversation was deleted.
 
         ``engine_replica`` (which engine replica answered) is recorded with them;
-        ``images`` (digest → data URL) the messages show are kept, each once.
+        ``images`` (digest → data URL) the messages show are kept, each once. Past the
+        ``messages_per_conversation`` or ``image_bytes`` quota:
+        :class:`StorageQuotaError`, nothing written.
         """
         if not messages:
             return
@@ -315,6 +463,7 @@ class ConversationStore:
             self._messages_key(conversation_id),
             self._index_key,
             self._images_key(conversation_id),
+            self._image_bytes_key,
         ]
         pairs = [item for pair in (images or {}).items() for item in pair]
         args: list[Any] = [
@@ -323,24 +472,54 @@ class ConversationStore:
             engine_replica or "",
             self.ttl_s,
             len(pairs) // 2,
+            self.quota.messages_per_conversation,
+            self.quota.image_bytes,
+            self._meta_key(""),
             *pairs,
             *(m.to_json() for m in messages),
         ]
-        appended = await self._call("append", lambda: self._append(keys=keys, args=args))
-        if not appended:
+        reply = await self._call("append", lambda: self._append(keys=keys, args=args))
+        outcome = int(reply[0])
+        if outcome == 0:
             raise ConversationNotFoundError(conversation_id)
+        if outcome == -1:
+            raise self.messages_quota_error(conversation_id, int(reply[1]), len(messages))
+        if outcome == -2:
+            limit = self.quota.image_bytes
+            raise StorageQuotaError(
+                f"this tenant's stored images take {int(reply[1])} bytes; this turn's new "
+                f"images would pass max_image_bytes ({limit}); delete conversations with "
+                "images to make room",
+                quota="max_image_bytes",
+            )
+
+    def messages_quota_error(
+        self, conversation_id: str, held: int, adding: int
+    ) -> StorageQuotaError:
+        """The refusal of ``adding`` messages to a conversation holding ``held``."""
+        limit = self.quota.messages_per_conversation
+        return StorageQuotaError(
+            f"conversation '{conversation_id}' holds {held} messages; this turn's {adding} "
+            f"more would pass max_messages_per_conversation ({limit}); start a new "
+            "conversation",
+            quota="max_messages_per_conversation",
+            param="conversation_id",
+        )
 
     async def get(self, conversation_id: str, *, with_images: bool = False) -> Conversation:
         """One conversation with all its messages (and its images, when asked)."""
+        keys = [
+            self._meta_key(conversation_id),
+            self._messages_key(conversation_id),
+            self._images_key(conversation_id),
+        ]
 
         async def run() -> tuple[dict[str, str], list[str], dict[str, str] | None]:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self._meta_key(conversation_id))
-                pipe.lrange(self._messages_key(conversation_id), 0, -1)
-                if with_images:
-                    pipe.hgetall(self._images_key(conversation_id))
-                replies = await pipe.execute()
-            return replies[0], replies[1], replies[2] if with_images else None
+            reply = await self._get(keys=keys, args=[1 if with_images else 0])
+            if not reply:
+                return {}, [], None
+            meta, raw, images = reply
+            return _pairs(meta), raw, _pairs(images) if with_images else None
 
         meta, raw, images = await self._call("get", run)
         if not meta:
@@ -395,17 +574,17 @@ class ConversationStore:
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation; 404 error when it does not exist."""
-
-        async def run() -> int:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._meta_key(conversation_id))
-                pipe.delete(self._messages_key(conversation_id))
-                pipe.delete(self._images_key(conversation_id))
-                pipe.zrem(self._index_key, conversation_id)
-                deleted, _, _, _ = await pipe.execute()
-            return int(deleted)
-
-        if not await self._call("delete", run):
+        keys = [
+            self._meta_key(conversation_id),
+            self._messages_key(conversation_id),
+            self._images_key(conversation_id),
+            self._index_key,
+            self._image_bytes_key,
+        ]
+        deleted = await self._call(
+            "delete", lambda: self._delete(keys=keys, args=[conversation_id])
+        )
+        if not deleted:
             raise ConversationNotFoundError(conversation_id)
 
     async def count(self) -> int:
@@ -414,7 +593,8 @@ class ConversationStore:
             return int(await self._call("count", lambda: self._redis.zcard(self._index_key)))
 
         async def run() -> int:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            # Not MULTI: a full Redis refuses every command queued in a transaction.
+            async with self._redis.pipeline(transaction=False) as pipe:
                 self._drop_expired(pipe, time.time())
                 pipe.zcard(self._index_key)
                 _, total = await pipe.execute()

@@ -34,6 +34,7 @@ from cloudllm_serve.errors import (
     PermissionDeniedError,
     RateLimitError,
     ServiceUnavailableError,
+    StorageQuotaError,
 )
 from cloudllm_serve.ingress.seed_api.schemas import ErrorBody
 
@@ -58,6 +59,7 @@ def openai_error(error: CloudLLMError) -> dict[str, Any]:
         401: "invalid_request_error",
         403: "permission_error",
         404: "not_found_error",
+        409: "invalid_request_error",
         413: "invalid_request_error",
         415: "invalid_request_error",
         429: "rate_limit_error",
@@ -112,6 +114,8 @@ def error_headers(error: CloudLLMError) -> dict[str, str]:
         headers["Retry-After"] = str(error.retry_after_s)
     elif isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, StorageQuotaError):
+        headers["x-should-retry"] = "false"  # OpenAI's clients retry a 409 otherwise
     elif isinstance(error, RateLimitError):
         if error.retry_after_s is None:
             headers["x-should-retry"] = "false"
@@ -256,11 +260,13 @@ ErrorResponses = documented_errors(
         400: "malformed request",
         401: "no API key, a malformed Authorization header or an unknown key",
         404: "unknown conversation",
+        409: "a storage quota of the tenant would be passed (conversations, messages per "
+        "conversation, image bytes); nothing was stored",
         413: "request body (or an image) too large",
         415: "an image that is not PNG, JPEG, WEBP or GIF",
         422: "invalid field",
         429: "over a rate limit of the tenant (Retry-After), or engines overloaded",
         501: "not implemented",
-        503: "Redis or engine unavailable (with Retry-After)",
+        503: "Redis or engine unavailable, or Redis full (with Retry-After)",
     },
 )

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from cloudllm_serve.errors import RateLimitError, StoreUnavailableError
+from cloudllm_serve.conversations.store import store_error
+from cloudllm_serve.errors import RateLimitError
 from cloudllm_serve.keys import Principal, Tenant
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class RateLimiter:
             )
         except (RedisError, OSError) as error:
             if not stateless:
-                raise StoreUnavailableError(f"Redis is unavailable: {error}") from None
+                raise store_error(error) from None
             return self._admit_in_memory(tenant, tokens, request_id)
         reset_s = float(reset)
         if reason:

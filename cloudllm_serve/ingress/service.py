@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import jsonschema
 
-from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
+from cloudllm_serve.conversations.store import ConversationStore, StorageQuota, StoredMessage
 from cloudllm_serve.engine.protocol import (
     ChatMessage,
     EngineClient,
@@ -256,8 +256,28 @@ class CloudLLMService:
     # Tenants and limits -----------------------------------------------------------
 
     def conversations(self, context: RequestContext) -> ConversationStore:
-        """The store as the caller's tenant sees it: its own conversations only."""
-        return self.store.for_tenant(context.tenant_id)
+        """The store as the caller's tenant sees it: its own conversations, its quotas."""
+        return self.store.for_tenant(context.tenant_id, self.storage_quota(context))
+
+    def storage_quota(self, context: RequestContext) -> StorageQuota:
+        """The caller's tenant's storage quotas: its key file's, else the environment's."""
+        settings = self.settings
+        tenant = context.principal.tenant if context.principal is not None else None
+        own = (
+            (tenant.max_conversations, tenant.max_messages_per_conversation, tenant.max_image_bytes)
+            if tenant is not None
+            else (None, None, None)
+        )
+        defaults = (
+            settings.MAX_CONVERSATIONS,
+            settings.MAX_MESSAGES_PER_CONVERSATION,
+            settings.MAX_IMAGE_BYTES,
+        )
+        conversations, messages, image_bytes = (
+            default if value is None else value
+            for value, default in zip(own, defaults, strict=True)
+        )
+        return StorageQuota(conversations, messages, image_bytes)
 
     async def admit(
         self, context: RequestContext, *, prompt_chars: int, max_tokens: int, stateless: bool
@@ -298,12 +318,17 @@ class CloudLLMService:
         """Load the conversation to continue (404 if unknown), or start one when ``create``.
 
         Only the caller's tenant's conversations are visible: another tenant's id is as
-        unknown as an id never made.
+        unknown as an id never made. A conversation with no room for a turn (a message
+        and its answer) under the tenant's quota is refused here, before generating (409;
+        the store's append checks it again, atomically).
         """
         started = time.perf_counter()
         store = self.conversations(context)
         if conversation_id is not None:
             stored = await store.get(conversation_id, with_images=True)
+            limit = store.quota.messages_per_conversation
+            if limit and stored.message_count + 2 > limit:
+                raise store.messages_quota_error(conversation_id, stored.message_count, 2)
             turn = ConversationTurn(
                 conversation_id,
                 False,

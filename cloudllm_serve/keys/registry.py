@@ -9,6 +9,9 @@ The key file (``API_KEYS_FILE``, YAML) holds only SHA-256 digests of keys::
         requests_per_minute: 600     # each limit optional: absent or 0 = unlimited
         tokens_per_minute: 200000
         max_concurrent_requests: 32
+        max_conversations: 1000      # storage quotas: absent = the environment's default
+        max_messages_per_conversation: 200   # (MAX_CONVERSATIONS, ...), 0 = unlimited
+        max_image_bytes: 104857600
         admin: false                 # admin keys may read /status/detailed
 
 ``API_KEYS`` (comma-separated plaintext keys) is the development shortcut: one tenant
@@ -42,6 +45,8 @@ TENANT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 DEV_TENANT = "default"
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+#: Storage quotas: absent (``None``) means the environment's default, 0 unlimited.
+_QUOTA_FIELDS = ("max_conversations", "max_messages_per_conversation", "max_image_bytes")
 
 
 def key_digest(key: str) -> str:
@@ -51,13 +56,20 @@ def key_digest(key: str) -> str:
 
 @dataclass(frozen=True)
 class Tenant:
-    """A tenant: its limits (0 = unlimited) and whether its keys are admin keys."""
+    """A tenant: its limits (0 = unlimited) and whether its keys are admin keys.
+
+    Its storage quotas are ``None`` where the key file leaves them to the environment
+    (``MAX_CONVERSATIONS``, ``MAX_MESSAGES_PER_CONVERSATION``, ``MAX_IMAGE_BYTES``).
+    """
 
     id: str
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     max_concurrent_requests: int = 0
     admin: bool = False
+    max_conversations: int | None = None
+    max_messages_per_conversation: int | None = None
+    max_image_bytes: int | None = None
 
     @property
     def limited(self) -> bool:
@@ -110,7 +122,7 @@ def parse_key_file(data: Any, source: str) -> KeyTable:
         where = f"tenants[{index}]"
         if not isinstance(item, dict):
             raise fail(f"{where} must be a mapping")
-        unknown = set(item) - {"id", "keys", "admin", *_LIMIT_FIELDS}
+        unknown = set(item) - {"id", "keys", "admin", *_LIMIT_FIELDS, *_QUOTA_FIELDS}
         if unknown:
             raise fail(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         tenant_id = item.get("id")
@@ -125,10 +137,30 @@ def parse_key_file(data: Any, source: str) -> KeyTable:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise fail(f"{where}.{name} must be a whole number >= 0 (0: unlimited)")
             limits[name] = value
+        quotas: dict[str, int | None] = {}
+        for name in _QUOTA_FIELDS:
+            value = item.get(name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
+                raise fail(
+                    f"{where}.{name} must be a whole number >= 0 (0: unlimited; "
+                    "absent: the environment's default)"
+                )
+            quotas[name] = value
         admin = item.get("admin", False)
         if not isinstance(admin, bool):
             raise fail(f"{where}.admin must be true or false")
-        tenant = Tenant(id=tenant_id, admin=admin, **limits)
+        tenant = Tenant(
+            id=tenant_id,
+            admin=admin,
+            requests_per_minute=limits["requests_per_minute"],
+            tokens_per_minute=limits["tokens_per_minute"],
+            max_concurrent_requests=limits["max_concurrent_requests"],
+            max_conversations=quotas["max_conversations"],
+            max_messages_per_conversation=quotas["max_messages_per_conversation"],
+            max_image_bytes=quotas["max_image_bytes"],
+        )
         table.tenants.append(tenant)
         keys = item.get("keys")
         if not isinstance(keys, list) or not keys:

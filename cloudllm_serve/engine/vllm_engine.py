@@ -88,6 +88,8 @@ def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
 
 #: The one host vLLM's own media fetching may reach: none (``.invalid`` never resolves).
 MEDIA_FETCH_OFF_DOMAIN = "vllm-media-fetching-is-off.invalid"
+#: vLLM's modalities other than images, each limited to 0 items per prompt (off).
+OFF_MODALITIES = {"video": 0, "audio": 0}
 
 
 def _prometheus_logger(enabled: bool) -> list[Any]:
@@ -125,7 +127,8 @@ def engine_args_from_settings(settings: Settings) -> dict[str, Any]:
         # Images (ignored by a text-only model). vLLM never fetches media itself: the
         # ingress checks every image and sends it as a data URL; an allowlist no host
         # matches turns vLLM's own http(s) fetching off (an empty one allows every host).
-        "limit_mm_per_prompt": {"image": settings.VLLM_LIMIT_IMAGES_PER_PROMPT},
+        # Video and audio stay off: no check of ours covers them (the ingress refuses them).
+        "limit_mm_per_prompt": {"image": settings.VLLM_LIMIT_IMAGES_PER_PROMPT, **OFF_MODALITIES},
         "allowed_media_domains": [MEDIA_FETCH_OFF_DOMAIN],
     }
     if settings.VLLM_MM_PROCESSOR_KWARGS:

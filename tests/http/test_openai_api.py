@@ -189,9 +189,9 @@ def test_conversation_rules(app: App) -> None:
         response = chat(app, **body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param
-    audio = [{"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}]
+    refusal = [{"type": "refusal", "refusal": "no"}]  # text to vLLM, but not storable
     refused = app.client.post(
-        CHAT, json={"messages": [{"role": "user", "content": audio}], "conversation_id": cid}
+        CHAT, json={"messages": [{"role": "user", "content": refusal}], "conversation_id": cid}
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "messages.0.content"

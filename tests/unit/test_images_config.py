@@ -64,11 +64,12 @@ def test_more_images_per_request_than_per_prompt_is_refused() -> None:
         Settings(MAX_IMAGES_PER_REQUEST=6, VLLM_LIMIT_IMAGES_PER_PROMPT=4)
 
 
-def test_vllm_never_fetches_media_itself() -> None:
+def test_vllm_never_fetches_media_itself_and_takes_images_only() -> None:
     args = vllm_cli_args(Settings(VLLM_LIMIT_IMAGES_PER_PROMPT=5))
     at = args.index("--allowed-media-domains")
     assert args[at + 1] == MEDIA_FETCH_OFF_DOMAIN and MEDIA_FETCH_OFF_DOMAIN.endswith(".invalid")
-    assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 5}'
+    limits = args[args.index("--limit-mm-per-prompt") + 1]
+    assert limits == '{"image": 5, "video": 0, "audio": 0}'
 
 
 def test_local_model_names_resolve_to_their_folders() -> None:

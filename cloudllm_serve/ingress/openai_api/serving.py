@@ -7,10 +7,11 @@ needs besides: our own fields (``conversation_id``, ``store``), rough sizes for 
 tenant's rate limits, and the answer's usage. A stored conversation's history is put in
 front of ``messages``; the answer's message (tool calls included) is stored after it.
 
-Images (``image_url`` parts) are checked here before any engine sees them
-(:mod:`cloudllm_serve.ingress.images`): a data URL is decoded and checked, an ``http(s)``
-URL fetched by us from an allowlisted host, and either way the part is given to vLLM
-as a data URL of our own re-encoding. A stored conversation keeps each image once.
+Media parts, found as vLLM's renderer finds them (:mod:`.media`), are checked here before
+any engine sees them: an image's data URL is decoded and checked, an ``http(s)`` URL
+fetched by us from an allowlisted host, and either way the part is given to vLLM as a
+plain ``image_url`` part with a data URL of our own re-encoding; any other media part is
+refused. A stored conversation keeps each image once.
 
 A stateless stream is relayed string by string: nothing is decoded per token here.
 """
@@ -27,13 +28,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloudllm_serve.conversations.store import StoredMessage
-from cloudllm_serve.engine.prompt import IMAGE_PART_TYPES
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, InvalidRequestError
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error, openai_http_error
-from cloudllm_serve.ingress.images import CheckedImage, load_image_reference
 from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
+from cloudllm_serve.ingress.openai_api.media import ChatMedia, CheckedParts
 from cloudllm_serve.ingress.seed_api.schemas import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.service import (
     CloudLLMService,
@@ -118,18 +118,19 @@ class CompletionCall:
                 param="store",
             )
         stateful = conversation_id is not None or store
-        image_parts = _image_parts(body.get("messages")) if kind == "chat" else []
-        if image_parts:
-            await service.require_images("an image_url content part")
-            _check_image_count(len(image_parts), service)
-        image_chars = sum(len(_part_url(part) or "") for _, part in image_parts)
+        media = ChatMedia.find(body.get("messages")) if kind == "chat" else ChatMedia()
+        if media.parts:
+            await service.require_images(media.parts[0].description)
+        if kind == "chat":
+            media.refuse_unchecked(body, service.settings.MAX_IMAGES_PER_REQUEST)
+        image_chars = media.image_chars
         await service.admit(
             context,
             prompt_chars=max(0, _prompt_chars(body) - image_chars),
             max_tokens=_max_tokens(body, service) * (n if isinstance(n, int) and n > 0 else 1),
             stateless=not stateful,
         )
-        checked = await _check_images(image_parts, service)
+        checked = await media.check(service.settings)
         new_messages: list[StoredMessage] = []
         if stateful:
             if n not in (None, 1):
@@ -271,79 +272,6 @@ def _conversation_id(value: Any) -> str | None:
             param="conversation_id",
         )
     return value
-
-
-def _image_parts(messages: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Each image part of chat ``messages`` with its parameter path.
-
-    Malformed messages are skipped: vLLM's request model refuses them.
-    """
-    found: list[tuple[str, dict[str, Any]]] = []
-    if not isinstance(messages, list):
-        return found
-    for index, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for number, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
-                found.append((f"messages.{index}.content.{number}", part))
-    return found
-
-
-def _part_url(part: dict[str, Any]) -> str | None:
-    """The URL of an ``image_url`` part (``{"url": ...}`` or, as vLLM also takes, a string)."""
-    value = part.get("image_url")
-    if isinstance(value, dict):
-        value = value.get("url")
-    return value if isinstance(value, str) else None
-
-
-def _check_image_count(count: int, service: CloudLLMService) -> None:
-    limit = service.settings.MAX_IMAGES_PER_REQUEST
-    if count > limit:
-        raise InvalidRequestError(
-            f"{count} images, more than MAX_IMAGES_PER_REQUEST ({limit})", param="messages"
-        )
-
-
-class CheckedParts:
-    """The images of a request's ``image_url`` parts, checked: by digest and by part."""
-
-    def __init__(self) -> None:
-        self.images: dict[str, CheckedImage] = {}
-        self._digest_of_part: dict[int, str] = {}
-
-    def add(self, part: dict[str, Any], image: CheckedImage) -> None:
-        """Record that ``part`` now shows ``image``."""
-        self.images[image.digest] = image
-        self._digest_of_part[id(part)] = image.digest
-
-    def digest(self, part: Any) -> str | None:
-        """The digest of the image ``part`` shows, if it is a checked image part."""
-        return self._digest_of_part.get(id(part))
-
-
-async def _check_images(
-    parts: list[tuple[str, dict[str, Any]]], service: CloudLLMService
-) -> CheckedParts:
-    """Check each image part and point it at our re-encoding.
-
-    Only ``image_url`` parts with a URL are taken; other image kinds (``image_embeds``,
-    ``image_pil``) cannot come over JSON or are off in vLLM, which refuses them.
-    """
-    checked = CheckedParts()
-    for param, part in parts:
-        url = _part_url(part)
-        if part.get("type") not in ("image_url", "input_image") or url is None:
-            continue
-        image = await load_image_reference(
-            url, field=f"{param}.image_url", settings=service.settings
-        )
-        detail = part["image_url"].get("detail") if isinstance(part["image_url"], dict) else None
-        part["image_url"] = {"url": image.data_url(), **({"detail": detail} if detail else {})}
-        checked.add(part, image)
-    return checked
 
 
 def _storable(messages: Any, images: CheckedParts) -> list[StoredMessage]:

@@ -283,3 +283,40 @@ def test_oldest_turns_and_their_images_drop_first_when_the_context_is_full(
     )
     assert last["dropped_history_messages"] == 2
     assert 3 * per_image < prompt_tokens(last) <= 2048 - 4
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none (a pixel bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_untyped_media_parts_are_checked_or_refused_before_vllm(vlm_stack: Stack) -> None:
+    def chat(part: dict[str, Any]) -> requests.Response:
+        content = [part, {"type": "text", "text": "What is in this picture?"}]
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        return requests.post(
+            f"{vlm_stack.base_url}/v1/chat/completions", json=body, timeout=TIMEOUT_S
+        )
+
+    bomb = chat({"image_url": {"url": data_url(png_header(8000, 8000))}})
+    assert bomb.status_code == 400, bomb.text
+    assert bomb.json()["error"]["param"] == "messages.0.content.0.image_url"
+    assert "MAX_IMAGE_PIXELS" in bomb.json()["error"]["message"]
+    video = chat({"video_url": {"url": "data:video/mp4;base64,AAAA"}})
+    assert video.status_code == 400, video.text
+    assert video.json()["error"]["param"] == "messages.0.content.0"
+    # A checked untyped image reaches the model as the image it is (Qwen2.5-VL's count).
+    image = data_url(image_bytes(640, 640, seed=9))
+    untyped = chat({"image_url": image, "uuid": "any"})
+    typed = chat({"type": "image_url", "image_url": {"url": image}})
+    assert untyped.status_code == typed.status_code == 200, (untyped.text, typed.text)
+    assert untyped.json()["usage"] == typed.json()["usage"]

@@ -17,8 +17,9 @@ parts the same way (:func:`vllm_part_kind`), and every part vLLM would render as
 On a text-only model any media part is a 501 (the caller asks first). The body fields
 ``media_io_kwargs`` and ``mm_processor_kwargs`` (per-request options of vLLM's media
 loading and of the model's processor, which can undo our pixel limits or the image
-token budget) are refused unless empty. ``tests/unit/test_media_parts.py`` compares the
-tables here with vLLM's, so an upgrade that adds a part kind fails there first.
+token budget) are refused unless empty. ``tests/vision/test_media_parts_vllm.py`` runs
+vLLM's own parser beside :func:`vllm_part_kind`, so an upgrade that adds a part kind or
+changes the dispatch fails there first.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ CHAT_ERRORS = {
         OpenAIErrorBody,
         {
             415: "an image that is not PNG, JPEG, WEBP or GIF",
-            501: "an image_url part, and the served model takes text only",
+            501: "a media content part (an image, audio, video), and the model takes text only",
         },
     ),
 }

@@ -112,7 +112,8 @@ _IMAGE_PART = {
     },
     "description": "an image: only on a vision-language model (501 otherwise)",
 }
-#: One chat message; vLLM takes further part types (audio, video, ...) and fields.
+#: One chat message; vLLM takes further part kinds, which the ingress refuses (400) except
+#: images in vLLM's other shapes (:mod:`cloudllm_serve.ingress.openai_api.media`).
 CHAT_MESSAGE_DOC: dict[str, Any] = {
     "type": "object",
     "required": ["role"],

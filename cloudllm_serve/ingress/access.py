@@ -196,7 +196,7 @@ class AccessMiddleware:
     def _finish(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
         admission = context.admission
         if admission is not None:
-            used = context.prompt_tokens + context.completion_tokens
+            used = context.settled_tokens(admission.charged_tokens)
             task = asyncio.ensure_future(self.limiter.settle(admission, used))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -9,7 +9,7 @@ charge and writes the audit line from it when the response is done.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 
@@ -18,6 +18,11 @@ from cloudllm_serve.ingress.rate_limits import Admission
 from cloudllm_serve.keys import Principal
 
 SCOPE_KEY = "cloudllm_context"
+
+#: How a request's token counts are known: ``none`` (the engine never got it),
+#: ``counted`` (as its stream passed through), ``usage`` (the engine's own count),
+#: ``unknown`` (a whole answer asked for and not received).
+Metering = Literal["none", "counted", "usage", "unknown"]
 
 
 @dataclass
@@ -33,6 +38,11 @@ class RequestContext:
     #: What access control decided: public, open (no keys configured), allowed,
     #: unauthenticated, forbidden, rate_limited:<reason>.
     decision: str = "open"
+    #: How the token counts above are known; see :meth:`settled_tokens`.
+    metering: Metering = "none"
+    #: The admission's estimate: the prompt's part, and the most tokens it may generate.
+    prompt_estimate: int = 0
+    completion_estimate: int = 0
 
     @property
     def tenant_id(self) -> str | None:
@@ -43,6 +53,36 @@ class RequestContext:
         """The generation's real token counts (settled against the estimate, audited)."""
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.metering = "usage"
+
+    def start_generation(self, *, stream: bool) -> None:
+        """The engine was given the request: a stream is counted as it passes through."""
+        if self.metering == "none":
+            self.metering = "counted" if stream else "unknown"
+
+    def count_tokens(self, completion_tokens: int, prompt_tokens: int | None = None) -> None:
+        """Tokens of the engine's output as it passes through (before its usage is known)."""
+        if self.metering == "usage":
+            return
+        self.metering = "counted"
+        self.completion_tokens += completion_tokens
+        if prompt_tokens:
+            self.prompt_tokens = prompt_tokens
+
+    def settled_tokens(self, charged: int) -> int:
+        """What the generation costs the tenant, given the ``charged`` estimate.
+
+        Nothing when the engine never got it; the engine's usage when known; else (a
+        stream dropped, cut off by ``REQUEST_TIMEOUT_S`` or failed midway) the prompt
+        and the tokens counted as they passed, at most the estimate's completion part;
+        and the whole estimate when a whole answer was cut off (its count is unknown).
+        """
+        if self.metering in ("none", "usage"):
+            return self.prompt_tokens + self.completion_tokens
+        if self.metering == "unknown":
+            return charged
+        prompt = self.prompt_tokens or self.prompt_estimate
+        return prompt + min(self.completion_tokens, self.completion_estimate)
 
     def require_admin(self) -> None:
         """403 unless the caller's key is an admin key (or keys are off)."""

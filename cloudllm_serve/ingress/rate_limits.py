@@ -7,9 +7,10 @@ window. A generation is admitted by one Lua script, one round trip: it checks th
 three limits and, only when all pass, counts the request, charges its token estimate
 (prompt estimate plus ``max_tokens``) and holds a concurrency slot (an entry of a
 sorted set scored by its lease's end, so a crashed replica's slots lapse by
-themselves). After the answer is sent, :meth:`RateLimiter.settle` charges the real
-token count instead of the estimate and frees the slot (a second round trip, off the
-request's path, made only when the tenant has a token or concurrency limit).
+themselves). After the answer is sent, :meth:`RateLimiter.settle` charges the tokens
+used instead of the estimate (in the window charged; once that has passed, what the
+estimate left out goes to the current one) and frees the slot (a second round trip, off
+the request's path, made only when the tenant has a token or concurrency limit).
 
 Keys: ``{p}rl:{<tenant>}`` (hash: window, requests, tokens) and
 ``{p}rl:{<tenant>}:inflight`` (sorted set); the braces are a Redis Cluster hash tag.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import asyncio as aioredis
@@ -39,9 +41,19 @@ WINDOW_S = 60.0
 #: Retry-After of a refusal for concurrency: a slot frees when a request ends.
 CONCURRENCY_RETRY_S = 1.0
 
-_ADMIT_SCRIPT = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+#: The time: Redis's clock, or the limiter's own (``ARGV[n]`` not empty, in tests).
+_NOW = """
+local function clock(given)
+  if given ~= '' then return tonumber(given) end
+  local parts = redis.call('TIME')
+  return tonumber(parts[1]) + tonumber(parts[2]) / 1000000
+end
+"""
+
+_ADMIT_SCRIPT = (
+    _NOW
+    + """
+local now = clock(ARGV[8])
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens, lease, window_s = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local window = math.floor(now / window_s)
@@ -74,17 +86,31 @@ if reason == '' then
 end
 return {reason, r, t, window, tostring(reset)}
 """
+)
 
-_SETTLE_SCRIPT = """
-local delta = tonumber(ARGV[2])
-if delta ~= 0 and tonumber(redis.call('HGET', KEYS[1], 'w') or '-1') == tonumber(ARGV[1]) then
-  if redis.call('HINCRBY', KEYS[1], 't', delta) < 0 then
+_SETTLE_SCRIPT = (
+    _NOW
+    + """
+local charged, delta, window_s = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
+local window = math.floor(clock(ARGV[4]) / window_s)
+local held = tonumber(redis.call('HGET', KEYS[1], 'w') or '-1')
+if delta ~= 0 and window == charged then
+  if held == charged and redis.call('HINCRBY', KEYS[1], 't', delta) < 0 then
     redis.call('HSET', KEYS[1], 't', 0)
+  end
+elseif delta > 0 then
+  -- The window charged has passed: what the estimate left out goes to this one.
+  if held == window then
+    redis.call('HINCRBY', KEYS[1], 't', delta)
+  else
+    redis.call('HSET', KEYS[1], 'w', window, 'r', 0, 't', delta)
+    redis.call('EXPIRE', KEYS[1], math.ceil(window_s * 2))
   end
 end
 redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 """
+)
 
 
 def go_duration(seconds: float) -> str:
@@ -184,6 +210,7 @@ class RateLimiter:
         lease_s: float,
         ingress_replicas: int = 1,
         window_s: float = WINDOW_S,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._admit = client.register_script(_ADMIT_SCRIPT)
         self._settle = client.register_script(_SETTLE_SCRIPT)
@@ -191,6 +218,8 @@ class RateLimiter:
         self.lease_s = lease_s
         self.window_s = window_s
         self.ingress_replicas = ingress_replicas
+        #: The time windows are counted in (Unix seconds); ``None``: Redis's clock.
+        self.clock = clock
         self._memory: dict[str, _MemoryWindow] = {}
         #: Decisions made in memory because Redis was down, and Redis round trips made
         #: (``/status/detailed``).
@@ -220,6 +249,7 @@ class RateLimiter:
             request_id,
             self.lease_s,
             self.window_s,
+            self._now_arg(),
         ]
         self.round_trips += 1
         try:
@@ -237,10 +267,14 @@ class RateLimiter:
             tenant, request_id, int(window), tokens, int(requests_used), int(tokens_used), reset_s
         )
 
+    def _now_arg(self) -> str:
+        """The time for a script: the limiter's clock, or empty (Redis's clock)."""
+        return "" if self.clock is None else repr(self.clock())
+
     def _admit_in_memory(self, tenant: Tenant, tokens: int, request_id: str) -> Admission:
         """The same decision against this replica's share of each limit."""
         self.fallback_decisions += 1
-        now = time.time()
+        now = self.clock() if self.clock is not None else time.time()
         window = math.floor(now / self.window_s)
         reset_s = (window + 1) * self.window_s - now
         state = self._memory.setdefault(tenant.id, _MemoryWindow())
@@ -281,13 +315,17 @@ class RateLimiter:
         )
 
     async def settle(self, admission: Admission, tokens_used: int) -> None:
-        """Charge ``tokens_used`` instead of the estimate and free the concurrency slot."""
+        """Charge ``tokens_used`` instead of the estimate and free the concurrency slot.
+
+        In the window the estimate was charged to; once that window has passed, only
+        what the estimate left out is charged, to the current window (a passed window's
+        overcharge is not refunded into a new one, where it would raise the limit).
+        """
         delta = tokens_used - admission.charged_tokens
         if admission.in_memory:
             state = self._memory.get(admission.tenant.id)
             if state is not None:
-                if state.window == admission.window:
-                    state.tokens = max(0, state.tokens + delta)
+                self._settle_in_memory(state, admission.window, delta)
                 state.inflight.pop(admission.request_id, None)
             return
         if not admission.needs_settling:
@@ -300,8 +338,22 @@ class RateLimiter:
                     admission.window,
                     delta if admission.tenant.tokens_per_minute else 0,
                     admission.request_id,
+                    self._now_arg(),
+                    self.window_s,
                 ],
             )
         except (RedisError, OSError) as error:
             # The slot lapses with its lease; the estimate stays charged.
             logger.warning("rate limit not settled for tenant %s: %s", admission.tenant.id, error)
+
+    def _settle_in_memory(self, state: _MemoryWindow, charged: int, delta: int) -> None:
+        """:meth:`settle`'s token adjustment, on this replica's own count."""
+        now = self.clock() if self.clock is not None else time.time()
+        window = math.floor(now / self.window_s)
+        if window == charged:
+            if state.window == charged:
+                state.tokens = max(0, state.tokens + delta)
+        elif delta > 0:
+            if state.window != window:
+                state.window, state.requests, state.tokens = window, 0, 0
+            state.tokens += delta

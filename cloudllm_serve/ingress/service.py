@@ -27,7 +27,6 @@ from cloudllm_serve.engine.protocol import (
     OpenAIAnswer,
     OpenAICall,
     OpenAIItem,
-    OpenAIStreamEnd,
 )
 from cloudllm_serve.errors import (
     CloudLLMError,
@@ -284,12 +283,15 @@ class CloudLLMService:
     ) -> None:
         """Charge a generation to the caller's tenant, or refuse it (429).
 
-        The charge is an estimate (``prompt_chars`` / 4 plus ``max_tokens``), settled
-        with the real count when the answer is done (:mod:`.access`). No-op without keys.
+        The charge is an estimate (``prompt_chars`` / 4 plus ``max_tokens``, the most
+        the request may generate), settled when the answer is done (:mod:`.access`, with
+        :meth:`RequestContext.settled_tokens`). No-op without keys.
         """
         if context.principal is None:
             return
-        tokens = -(-prompt_chars // CHARS_PER_TOKEN) + max_tokens
+        context.prompt_estimate = -(-prompt_chars // CHARS_PER_TOKEN)
+        context.completion_estimate = max_tokens
+        tokens = context.prompt_estimate + max_tokens
         try:
             context.admission = await self.limiter.admit(
                 context.principal, tokens=tokens, request_id=context.request_id, stateless=stateless
@@ -401,14 +403,21 @@ class CloudLLMService:
     # Generation ----------------------------------------------------------------
 
     async def stream(
-        self, request: GenerationRequest, *, prompt_param: str = "messages"
+        self,
+        request: GenerationRequest,
+        *,
+        prompt_param: str = "messages",
+        context: RequestContext | None = None,
     ) -> AsyncIterator[list[GenerationChunk]]:
         """The engine's chunks, in the batches they came in (each one HTTP write).
 
         An engine error becomes the matching project error, raised after the chunks
         before it; ``prompt_param`` is the request field a too-long prompt is blamed on.
+        The tokens are counted into ``context`` as they pass, whatever becomes of them.
         """
         tokens = 0
+        meter = context or RequestContext(request_id="")
+        meter.start_generation(stream=request.stream)
         batches = self._within_deadline(self.engine.generate(request))
         try:
             async for batch in batches:
@@ -416,11 +425,16 @@ class CloudLLMService:
                     if chunk.error is not None:
                         if index:
                             yield batch[:index]
+                        if chunk.error.kind != "engine_failure" and not tokens:
+                            meter.record_usage(0, 0)  # refused: nothing was generated
                         error_class = _ERROR_KINDS.get(chunk.error.kind, EngineUnavailableError)
                         param = prompt_param if chunk.error.kind == "prompt_too_long" else None
                         raise error_class(chunk.error.message, param=param)
-                    tokens += sum(choice.token_count for choice in chunk.choices)
+                    new = sum(choice.token_count for choice in chunk.choices)
+                    tokens += new
+                    meter.count_tokens(new, chunk.prompt_tokens)
                     if chunk.finished:
+                        meter.record_usage(chunk.prompt_tokens, tokens)
                         self.counters.tokens_generated += tokens
                         if chunk.metrics is not None:
                             self.counters.generation_ms_total += chunk.metrics.generation_ms
@@ -431,19 +445,40 @@ class CloudLLMService:
             await close_stream(batches)
         raise EngineUnavailableError("engine stream ended without a final chunk")
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
-        """A ``/v1`` call's items from the engine in batches, within ``REQUEST_TIMEOUT_S``."""
+    async def openai(
+        self,
+        call: OpenAICall,
+        *,
+        context: RequestContext | None = None,
+        tokens_per_event: int = 1,
+    ) -> AsyncIterator[list[OpenAIItem]]:
+        """A ``/v1`` call's items from the engine in batches, within ``REQUEST_TIMEOUT_S``.
+
+        The tokens are counted into ``context`` as they pass, whatever becomes of them:
+        the answer's usage, or before it, ``tokens_per_event`` per SSE event with
+        choices (vLLM sends one per choice and engine step, ``stream_interval`` tokens).
+        """
+        meter = context or RequestContext(request_id="")
+        meter.start_generation(stream=call.body.get("stream") is True)
         batches = self._within_deadline(self.engine.openai(call))
         try:
             async for batch in batches:
+                events = 0
                 for item in batch:
-                    usage = None
-                    if isinstance(item, OpenAIStreamEnd):
+                    if isinstance(item, str):
+                        events += item.startswith("data: {") and '"choices"' in item
+                        continue
+                    if isinstance(item, OpenAIAnswer):
+                        # An error answer: vLLM refused the request, nothing was generated.
+                        usage = item.body.get("usage") if item.status == 200 else {}
+                    else:
                         usage = item.usage
-                    elif isinstance(item, OpenAIAnswer):
-                        usage = item.body.get("usage")
                     if isinstance(usage, dict):
-                        self.counters.tokens_generated += int(usage.get("completion_tokens") or 0)
+                        completion = _usage_count(usage, "completion_tokens")
+                        meter.record_usage(_usage_count(usage, "prompt_tokens"), completion)
+                        self.counters.tokens_generated += completion
+                if events:
+                    meter.count_tokens(events * tokens_per_event)
                 yield batch
         finally:
             await close_stream(batches)
@@ -473,7 +508,11 @@ class CloudLLMService:
             await close_stream(items)
 
     async def open_stream(
-        self, request: GenerationRequest, *, prompt_param: str = "messages"
+        self,
+        request: GenerationRequest,
+        *,
+        prompt_param: str = "messages",
+        context: RequestContext | None = None,
     ) -> AsyncIterator[list[GenerationChunk]]:
         """:meth:`stream`, started: returns once the engine's first chunk is here.
 
@@ -481,7 +520,7 @@ class CloudLLMService:
         parameter vLLM refuses) raises here, so a streamed answer still gets its HTTP
         status; the first chunk goes out with the response headers, costing nothing.
         """
-        chunks = self.stream(request, prompt_param=prompt_param)
+        chunks = self.stream(request, prompt_param=prompt_param, context=context)
         first = await anext(chunks)
 
         async def started() -> AsyncIterator[list[GenerationChunk]]:
@@ -492,14 +531,24 @@ class CloudLLMService:
         return started()
 
     async def collect(
-        self, request: GenerationRequest, *, prompt_param: str = "messages"
+        self,
+        request: GenerationRequest,
+        *,
+        prompt_param: str = "messages",
+        context: RequestContext | None = None,
     ) -> Completion:
-        """Run a generation to its end and gather every choice."""
+        """Run a generation to its end and gather every choice (counted into ``context``)."""
         builder = CompletionBuilder(request.sampling.n)
-        async for batch in self.stream(request, prompt_param=prompt_param):
+        async for batch in self.stream(request, prompt_param=prompt_param, context=context):
             for chunk in batch:
                 builder.add(chunk)
         return builder.build()
+
+
+def _usage_count(usage: dict[str, Any], name: str) -> int:
+    """A count of vLLM's ``usage`` (0 when missing)."""
+    value = usage.get(name)
+    return value if isinstance(value, int) else 0
 
 
 async def close_stream(chunks: AsyncIterator[Any]) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import TypeAdapter, ValidationError
 
 from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
@@ -36,6 +37,7 @@ from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
 from cloudllm_serve.ingress.openai_api.media import ChatMedia, CheckedParts
 from cloudllm_serve.ingress.seed_api.schemas import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.service import (
+    CHARS_PER_TOKEN,
     CloudLLMService,
     ConversationTurn,
     affinity_key,
@@ -44,6 +46,8 @@ from cloudllm_serve.ingress.service import (
 from cloudllm_serve.ingress.sse import DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 
 CONVERSATION_HEADER = "X-Conversation-Id"
+#: vLLM's default ``max_tokens`` of a text completion.
+VLLM_COMPLETION_MAX_TOKENS = 16
 
 
 class BadBody(Exception):
@@ -86,12 +90,14 @@ class CompletionCall:
         call: OpenAICall,
         turn: ConversationTurn,
         new_messages: list[StoredMessage],
+        tokens_per_event: int = 1,
     ) -> None:
         self.service = service
         self.context = context
         self.call = call
         self.turn = turn
         self.new_messages = new_messages
+        self.tokens_per_event = tokens_per_event
 
     @classmethod
     async def prepare(
@@ -106,7 +112,7 @@ class CompletionCall:
         store = body.pop("store", False)
         if not isinstance(store, bool):
             raise InvalidRequestError("store must be true or false", param="store")
-        n = body.get("n")
+        n = _lax_int(body.get("n"))
         if kind == "completion" and (conversation_id is not None or store):
             raise InvalidRequestError(
                 "conversations are kept for chat completions only",
@@ -123,11 +129,11 @@ class CompletionCall:
             await service.require_images(media.parts[0].description)
         if kind == "chat":
             media.refuse_unchecked(body, service.settings.MAX_IMAGES_PER_REQUEST)
-        image_chars = media.image_chars
+        prompt_chars = max(0, _prompt_chars(body) - media.image_chars)
         await service.admit(
             context,
-            prompt_chars=max(0, _prompt_chars(body) - image_chars),
-            max_tokens=_max_tokens(body, service) * (n if isinstance(n, int) and n > 0 else 1),
+            prompt_chars=prompt_chars,
+            max_tokens=_most_generated(kind, body, service, prompt_chars, stateful=stateful),
             stateless=not stateful,
         )
         checked = await media.check(service.settings)
@@ -158,7 +164,7 @@ class CompletionCall:
             affinity_key=_affinity_key(turn.conversation_id, messages),
             preferred_replica=turn.engine_replica,
         )
-        return cls(service, context, call, turn, new_messages)
+        return cls(service, context, call, turn, new_messages, _tokens_per_event(body, service))
 
     @property
     def headers(self) -> dict[str, str]:
@@ -168,7 +174,11 @@ class CompletionCall:
 
     async def respond(self) -> Response:
         """Run the call: a JSON answer, or the stream once its first string is here."""
-        batches = aiter(self.service.openai(self.call))
+        batches = aiter(
+            self.service.openai(
+                self.call, context=self.context, tokens_per_event=self.tokens_per_event
+            )
+        )
         try:
             first = await anext(batches)
         except StopAsyncIteration:
@@ -194,10 +204,6 @@ class CompletionCall:
         if answer.status != 200:
             await self.service.abandon_turn(self.turn)
             return JSONResponse(body, status_code=answer.status)
-        usage = body.get("usage") or {}
-        self.context.record_usage(
-            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        )
         if self.turn.conversation_id is not None:
             try:
                 message = body["choices"][0]["message"]
@@ -236,10 +242,6 @@ class CompletionCall:
             await close_stream(batches)
 
     async def _finish_stream(self, end: OpenAIStreamEnd) -> None:
-        usage = end.usage or {}
-        self.context.record_usage(
-            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        )
         if self.turn.conversation_id is None:
             return
         if end.message is None:  # the stream ended with an error event: nothing to keep
@@ -340,22 +342,88 @@ def _optional_str(value: Any, param: str) -> str | None:
 
 
 def _prompt_chars(body: dict[str, Any]) -> int:
-    """A rough size of the prompt for the rate limiter's estimate (characters)."""
+    """A rough size of the prompt(s) for the rate limiter's estimate (characters)."""
     prompt = body.get("messages", body.get("prompt"))
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        return 4 * len(prompt)  # token ids: about CHARS_PER_TOKEN characters each
+        return CHARS_PER_TOKEN * len(prompt)  # token ids
+    if isinstance(prompt, list) and prompt and all(_token_ids(p) for p in prompt):
+        return CHARS_PER_TOKEN * sum(len(p) for p in prompt)  # a batch of token-id prompts
     return len(json.dumps(prompt, ensure_ascii=False, default=str)) if prompt else 0
 
 
-def _max_tokens(body: dict[str, Any], service: CloudLLMService) -> int:
-    """The most tokens the request may generate, for the rate limiter's estimate."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return min(value, service.settings.VLLM_MAX_MODEL_LEN)
-    return service.settings.MAX_TOKENS_CAP
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) for i in value)
+
+
+def _lax_int(value: Any) -> int | None:
+    """``value`` as vLLM's request models read an integer, or ``None`` (unset or invalid).
+
+    Pydantic's lax mode, as vLLM validates: ``2.0`` and ``"3"`` are integers. An invalid
+    value gets vLLM's 400, so how it is estimated does not matter.
+    """
+    if value is None:
+        return None
+    try:
+        return _INTEGER.validate_python(value)
+    except ValidationError:
+        return None
+
+
+_INTEGER: TypeAdapter[int] = TypeAdapter(int)
+
+
+def _most_generated(
+    kind: Literal["chat", "completion"],
+    body: dict[str, Any],
+    service: CloudLLMService,
+    prompt_chars: int,
+    *,
+    stateful: bool,
+) -> int:
+    """The most tokens vLLM may generate for ``body``, for the rate limiter's estimate.
+
+    ``max_tokens`` (chat: ``max_completion_tokens`` first) x ``n`` x the number of
+    prompts (a batched ``/v1/completions``), each read as vLLM reads it. Unset, vLLM
+    generates up to 16 tokens for a completion and up to the rest of the context for a
+    chat (a stored conversation's turn: ``MAX_TOKENS_CAP``, set below).
+    """
+    settings = service.settings
+    keys = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
+    max_tokens = next((v for v in map(_lax_int, map(body.get, keys)) if v is not None), None)
+    if max_tokens is None:
+        if kind == "completion":
+            max_tokens = VLLM_COMPLETION_MAX_TOKENS
+        elif stateful:
+            max_tokens = settings.MAX_TOKENS_CAP
+        else:
+            max_tokens = settings.VLLM_MAX_MODEL_LEN - -(-prompt_chars // CHARS_PER_TOKEN)
+    max_tokens = min(max(max_tokens, 0), settings.VLLM_MAX_MODEL_LEN)
+    n = _lax_int(body.get("n"))
+    return max_tokens * (n if n is not None and n > 0 else 1) * _prompt_count(kind, body)
+
+
+def _prompt_count(kind: Literal["chat", "completion"], body: dict[str, Any]) -> int:
+    """The prompts of a request as vLLM counts them (each one answered ``n`` times).
+
+    A list of strings or of token-id lists is a batch; one string or id list is one.
+    """
+    prompt = body.get("prompt")
+    if kind == "chat" or not isinstance(prompt, list) or not prompt:
+        return 1
+    return 1 if all(isinstance(p, int) for p in prompt) else len(prompt)
+
+
+def _tokens_per_event(body: dict[str, Any], service: CloudLLMService) -> int:
+    """Tokens a streamed event holds at most: vLLM's ``stream_interval``.
+
+    The request's or the server's, the larger; so counting a stream's events (one per
+    choice and engine step) bounds its tokens.
+    """
+    requested = _lax_int(body.get("stream_interval")) or 1
+    server = _lax_int(service.settings.VLLM_ENGINE_KWARGS.get("stream_interval")) or 1
+    return max(1, requested, server)
 
 
 def _affinity_key(conversation_id: str | None, messages: Any) -> str | None:

@@ -114,9 +114,8 @@ class GenerateCall:
     async def run(self) -> GenerationResponse:
         """Generate the whole answer, store the turn, build the response."""
         try:
-            completion = await self.service.collect(self.request, prompt_param="message")
-            self.context.record_usage(
-                completion.final.prompt_tokens, completion.completion_tokens[0]
+            completion = await self.service.collect(
+                self.request, prompt_param="message", context=self.context
             )
             await self.service.finish_turn(self.turn, [self.user_message], completion)
         except BaseException:
@@ -127,7 +126,9 @@ class GenerateCall:
     async def start_events(self) -> AsyncIterator[bytes]:
         """Start generating; return the server-sent events once the first token is here."""
         try:
-            chunks = await self.service.open_stream(self.request, prompt_param="message")
+            chunks = await self.service.open_stream(
+                self.request, prompt_param="message", context=self.context
+            )
         except BaseException:
             await self.service.abandon_turn(self.turn)
             raise
@@ -152,9 +153,6 @@ class GenerateCall:
                 if events:
                     yield b"".join(events)
             completion = builder.build()
-            self.context.record_usage(
-                completion.final.prompt_tokens, completion.completion_tokens[0]
-            )
             await self.service.finish_turn(self.turn, [self.user_message], completion)
         except CloudLLMError as error:
             await self.service.abandon_turn(self.turn)

@@ -33,6 +33,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,7 +47,7 @@ from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
 from cloudllm_serve.ports import reserved_free_port, wait_until_listenable
-from cloudllm_serve.procfs import children, command_line
+from cloudllm_serve.procfs import children, command_line, descendants, start_time
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
@@ -70,11 +72,83 @@ def say(message: str) -> None:
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM arrived."""
+    """SIGINT, SIGTERM or SIGHUP arrived while the launcher waited."""
 
 
-def _on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise Stopped(signal.Signals(signum).name)
+#: The signals that stop the launcher (SIGHUP: the terminal closed).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: A stop signal this soon after the first is the same stop, not a hurry: a SIGTERM to
+#: ``make serve``'s process group reaches the launcher twice (directly, and forwarded by
+#: make).
+SAME_STOP_S = 1.0
+#: How long each remaining wait of a stop lasts once a later signal hurried it (then
+#: what still runs gets SIGKILL).
+HURRIED_WAIT_S = 2.0
+#: How long the processes left under the launcher after Serve and Redis stopped (Ray's
+#: workers, vLLM's engine) get to exit before SIGKILL.
+LEFTOVER_WAIT_S = 10.0
+#: How often a stop looks whether what it waits for has exited.
+STOP_POLL_S = 0.05
+
+
+class Shutdown:
+    """The launcher's stop signals: the first starts the stop, later ones only hurry it.
+
+    The handler raises :class:`Stopped` only inside :meth:`interruptible` blocks (waits
+    that start nothing), never while a process is being started or stopped: otherwise it
+    records the signal, and the next :meth:`interruptible` block raises. So a process is
+    always tracked once started, and the clean-up cannot be interrupted into leaving
+    one behind: a signal during it (after :data:`SAME_STOP_S`) shortens its remaining
+    waits to :data:`HURRIED_WAIT_S`.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.first_at = 0.0
+        self.hurried_at: float | None = None
+        self._interruptible = False
+        self._announced = False
+
+    def install(self) -> None:
+        """Handle :data:`STOP_SIGNALS` with :meth:`on_signal`."""
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, self.on_signal)
+
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Record the signal; raise :class:`Stopped` if it is the first, during a wait."""
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.reason is None:
+            self.reason, self.first_at = name, now
+            if self._interruptible:
+                self._interruptible = False
+                raise Stopped(name)
+        elif self.hurried_at is None and now - self.first_at >= SAME_STOP_S:
+            # Nothing printed here: a print while the main thread prints raises.
+            self.hurried_at = now
+
+    def announce_hurry(self) -> None:
+        """Say once that the stop was hurried (outside the handler)."""
+        if self.hurried_at is not None and not self._announced:
+            self._announced = True
+            say(f"stop signal again: hurrying the stop (SIGKILL after {HURRIED_WAIT_S:.0f} s)")
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait that the first stop signal ends with :class:`Stopped`."""
+        self._interruptible = True  # before the check: a signal between them raises
+        try:
+            if self.reason is not None:
+                raise Stopped(self.reason)
+            yield
+        finally:
+            self._interruptible = False
+
+    def deadline(self, deadline: float) -> float:
+        """``deadline`` (monotonic), or sooner when the stop was hurried."""
+        if self.hurried_at is None:
+            return deadline
+        return min(deadline, self.hurried_at + HURRIED_WAIT_S)
 
 
 def load_profile(path: Path) -> dict[str, Any]:
@@ -366,17 +440,59 @@ def _health_problems(body: bytes) -> str:
     return f": {'; '.join(str(p) for p in problems)[:600]}" if problems else ""
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, name: str, timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; quiet when already gone."""
+def stop_process(
+    process: subprocess.Popen[bytes] | None,
+    name: str,
+    timeout_s: float,
+    shutdown: Shutdown | None = None,
+) -> None:
+    """SIGTERM, then SIGKILL to its process group after ``timeout_s``; quiet when gone.
+
+    Sooner than ``timeout_s`` once ``shutdown`` is hurried.
+    """
     if process is None or process.poll() is not None:
         return
+    shutdown = shutdown or Shutdown()
     say(f"stopping {name} (pid {process.pid})")
     process.terminate()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < shutdown.deadline(deadline):
+        shutdown.announce_hurry()
+        time.sleep(STOP_POLL_S)
+    if process.poll() is None:
+        say(f"{name} still runs: SIGKILL to its process group")
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def started_under(pid: int) -> dict[int, str]:
+    """Every process under ``pid`` (not ``pid``), with its start time (against pid reuse)."""
+    return {child: start_time(child) for child in descendants(pid)[1:]}
+
+
+def stop_leftovers(started: dict[int, str], shutdown: Shutdown) -> None:
+    """Wait for the processes of ``started`` (:func:`started_under`) to exit.
+
+    Those left after :data:`LEFTOVER_WAIT_S` (sooner once hurried) get SIGKILL.
+    """
+
+    def alive() -> list[int]:
+        return [pid for pid, began in started.items() if began and start_time(pid) == began]
+
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while alive() and time.monotonic() < shutdown.deadline(deadline):
+        shutdown.announce_hurry()
+        time.sleep(STOP_POLL_S)
+    left = alive()
+    if left:
+        say(f"SIGKILL to {len(left)} process(es) still left: {', '.join(map(str, left))}")
+    for pid in left:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in left:  # reap our own children among them (the others' parents do)
+        with suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def start_serve(
@@ -412,38 +528,11 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
     if Path(settings.engine_model) == default_model_dir() and not is_prepared(default_model_dir()):
         prepare()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    redis_process: subprocess.Popen[bytes] | None = None
-    serve_process: subprocess.Popen[bytes] | None = None
-    host = "127.0.0.1" if settings.LLM_HOST in ("0.0.0.0", "::") else settings.LLM_HOST
-    base_url = f"http://{host}:{settings.LLM_PORT}"
+    shutdown = Shutdown()
+    shutdown.install()
+    processes: list[subprocess.Popen[bytes] | None] = [None, None]  # Serve, Redis
     try:
-        check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
-        check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
-        if start_redis_server:
-            redis_process = start_redis(settings.REDIS_URL, maxmemory=settings.REDIS_MAXMEMORY)
-        for attempt in range(1, BIND_RESTARTS + 1):
-            serve_process, started = start_serve(profile, settings)
-            try:
-                wait_healthy(base_url, serve_process, settings.LLM_PORT, started)
-                break
-            except PortLost as lost:
-                say(f"Serve could not listen on port {settings.LLM_PORT}: {lost}")
-                if attempt == BIND_RESTARTS:
-                    raise RuntimeError(
-                        f"Serve could not listen on port {settings.LLM_PORT} (LLM_PORT) in "
-                        f"{BIND_RESTARTS} starts"
-                    ) from None
-                say(f"restarting Ray Serve once the port is free (attempt {attempt + 1})")
-                stop_serve(serve_process, settings, port_wait_s)
-                check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
-        say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
-        say(f"metrics: http://{host}:{settings.METRICS_EXPORT_PORT}/metrics  (Prometheus text)")
-        assert serve_process is not None
-        status = serve_process.wait()
-        say(f"serve run exited with status {status}")
-        return status or 1
+        return _launch(profile, settings, start_redis_server, port_wait_s, shutdown, processes)
     except Stopped as stop:
         say(f"{stop} received, shutting down")
         return 0
@@ -451,27 +540,86 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_serve(serve_process, settings, port_wait_s)
-        stop_process(redis_process, "Redis", 10)
+        # No signal raises from here on (see Shutdown): a later one only hurries the stop.
+        started = started_under(os.getpid())
+        stop_serve(processes[0], settings, port_wait_s, shutdown)
+        stop_process(processes[1], "Redis", 10, shutdown)
+        stop_leftovers(started, shutdown)
+        say("stopped")
+
+
+def _launch(
+    profile: dict[str, Any],
+    settings: Settings,
+    start_redis_server: bool,
+    port_wait_s: float,
+    shutdown: Shutdown,
+    processes: list[subprocess.Popen[bytes] | None],
+) -> int:
+    """Start Redis and Serve (into ``processes``), then wait until Serve exits.
+
+    Only the waits are :meth:`Shutdown.interruptible`: a process, once started, is
+    always in ``processes`` for :func:`run` to stop.
+    """
+    host = "127.0.0.1" if settings.LLM_HOST in ("0.0.0.0", "::") else settings.LLM_HOST
+    base_url = f"http://{host}:{settings.LLM_PORT}"
+    with shutdown.interruptible():
+        check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
+        check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
+    if start_redis_server:
+        processes[1] = start_redis(settings.REDIS_URL)
+    for attempt in range(1, BIND_RESTARTS + 1):
+        serve_process, started = start_serve(profile, settings)
+        processes[0] = serve_process
+        try:
+            with shutdown.interruptible():
+                wait_healthy(base_url, serve_process, settings.LLM_PORT, started)
+            break
+        except PortLost as lost:
+            say(f"Serve could not listen on port {settings.LLM_PORT}: {lost}")
+            if attempt == BIND_RESTARTS:
+                raise RuntimeError(
+                    f"Serve could not listen on port {settings.LLM_PORT} (LLM_PORT) in "
+                    f"{BIND_RESTARTS} starts"
+                ) from None
+            say(f"restarting Ray Serve once the port is free (attempt {attempt + 1})")
+            stop_serve(serve_process, settings, port_wait_s, shutdown)
+            with shutdown.interruptible():
+                check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
+    say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
+    say(f"metrics: http://{host}:{settings.METRICS_EXPORT_PORT}/metrics  (Prometheus text)")
+    running = processes[0]
+    assert running is not None
+    with shutdown.interruptible():
+        status = running.wait()
+    say(f"serve run exited with status {status}")
+    return status or 1
 
 
 def stop_serve(
-    process: subprocess.Popen[bytes] | None, settings: Settings, wait_s: float = PORT_WAIT_S
+    process: subprocess.Popen[bytes] | None,
+    settings: Settings,
+    wait_s: float = PORT_WAIT_S,
+    shutdown: Shutdown | None = None,
 ) -> None:
     """Stop ``serve run``, then wait until its HTTP server has let go of ``LLM_PORT``.
 
     Ray's workers may outlive ``serve run`` by a moment; a start right after this
-    returns then finds the port free.
+    returns then finds the port free. A hurried ``shutdown`` shortens both waits.
     """
     if process is None:
         return
-    stop_process(process, "Ray Serve", 60)
-    if not wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, 0):
-        say(f"waiting (at most {wait_s:.0f} s) until port {settings.LLM_PORT} is free again")
-        if not wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, wait_s):
-            say(f"port {settings.LLM_PORT} is still in use {wait_s:.0f} s after the stop")
+    shutdown = shutdown or Shutdown()
+    stop_process(process, "Ray Serve", 60, shutdown)
+    if wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, 0):
+        return
+    say(f"waiting (at most {wait_s:.0f} s) until port {settings.LLM_PORT} is free again")
+    deadline = time.monotonic() + wait_s
+    while not wait_until_listenable(settings.LLM_HOST, settings.LLM_PORT, 0.5):
+        shutdown.announce_hurry()
+        if time.monotonic() >= shutdown.deadline(deadline):
+            say(f"port {settings.LLM_PORT} is still in use after the stop")
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,18 @@ def descendants(root: int) -> list[int]:
     for pid in every:
         every += children(pid)
     return every
+
+
+def start_time(pid: int) -> str:
+    """When the process started (clock ticks since boot, as text); "" once gone or a zombie.
+
+    With the pid, an identity that a reused pid does not share.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the name, which may hold spaces
+    if fields[0] in ("Z", "X"):
+        return ""
+    return fields[19]

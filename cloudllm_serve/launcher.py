@@ -567,7 +567,7 @@ def _launch(
         check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
         check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
     if start_redis_server:
-        processes[1] = start_redis(settings.REDIS_URL)
+        processes[1] = start_redis(settings.REDIS_URL, maxmemory=settings.REDIS_MAXMEMORY)
     for attempt in range(1, BIND_RESTARTS + 1):
         serve_process, started = start_serve(profile, settings)
         processes[0] = serve_process

@@ -16,6 +16,11 @@ so a lookup made for one tenant cannot reach another tenant's keys):
   tenant's total, for the ``max_image_bytes`` quota; entries of conversations that
   expired are dropped when the total is next needed)
 
+An id is ``[A-Za-z0-9_-]{1,128}`` (:func:`is_conversation_id`; those we make are 32 hex
+characters). Any other id a client names is unknown (:class:`ConversationNotFoundError`,
+404), before Redis is asked: ``<id>:messages`` would otherwise name another key of
+conversation ``<id>``.
+
 With a retention (``ttl_s`` > 0, ``CONVERSATION_TTL_S``) every write sets the keys of
 the conversation (and the index) to expire ``ttl_s`` after it, and index entries older
 than that are dropped before the index is read, so a conversation without a new turn
@@ -44,6 +49,7 @@ that is :class:`~cloudllm_serve.errors.StoreFullError` (503).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -64,6 +70,22 @@ from cloudllm_serve.errors import (
 )
 
 T = TypeVar("T")
+
+#: Longest conversation id taken from a client (ids we make are 32 hex characters).
+MAX_CONVERSATION_ID_CHARS = 128
+_CONVERSATION_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CONVERSATION_ID_CHARS}}}")
+
+
+def is_conversation_id(value: str) -> bool:
+    """Whether ``value`` can name a conversation: ``[A-Za-z0-9_-]{1,128}``, nothing else."""
+    return _CONVERSATION_ID.fullmatch(value) is not None
+
+
+def _known_form(conversation_id: str) -> None:
+    """Raise :class:`ConversationNotFoundError` for an id that no conversation can have."""
+    if not is_conversation_id(conversation_id):
+        raise ConversationNotFoundError(conversation_id)
+
 
 # KEYS: meta, index. ARGV: now, id, ttl, max conversations (0: unlimited).
 # Returns {1} when created, {0, count} when the tenant already keeps the most it may.
@@ -455,6 +477,7 @@ class ConversationStore:
         ``messages_per_conversation`` or ``image_bytes`` quota:
         :class:`StorageQuotaError`, nothing written.
         """
+        _known_form(conversation_id)
         if not messages:
             return
         now = time.time()
@@ -508,6 +531,7 @@ class ConversationStore:
 
     async def get(self, conversation_id: str, *, with_images: bool = False) -> Conversation:
         """One conversation with all its messages (and its images, when asked)."""
+        _known_form(conversation_id)
         keys = [
             self._meta_key(conversation_id),
             self._messages_key(conversation_id),
@@ -574,6 +598,7 @@ class ConversationStore:
 
     async def delete(self, conversation_id: str) -> None:
         """Delete a conversation; 404 error when it does not exist."""
+        _known_form(conversation_id)
         keys = [
             self._meta_key(conversation_id),
             self._messages_key(conversation_id),

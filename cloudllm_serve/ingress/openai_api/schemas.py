@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cloudllm_serve.conversations.store import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.json_limits import INT64_MAX, INT64_MIN
 
 VLLM_DOCS = "https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html"
@@ -23,8 +24,9 @@ class ConversationFields(BaseModel):
     conversation_id: str | None = Field(
         None,
         min_length=1,
-        max_length=128,
-        description="continue this stored conversation: send only the new message(s)",
+        max_length=MAX_CONVERSATION_ID_CHARS,
+        description="continue this stored conversation: send only the new message(s) (an id "
+        "is letters, digits, _ and -: any other is unknown, 404)",
     )
     store: bool = Field(False, description="keep this exchange as a new server-side conversation")
 

@@ -28,14 +28,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from cloudllm_serve.conversations.store import StoredMessage
+from cloudllm_serve.conversations.store import MAX_CONVERSATION_ID_CHARS, StoredMessage
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, InvalidRequestError
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error, openai_http_error
 from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
 from cloudllm_serve.ingress.openai_api.media import ChatMedia, CheckedParts
-from cloudllm_serve.ingress.seed_api.schemas import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.service import (
     CHARS_PER_TOKEN,
     CloudLLMService,

@@ -200,7 +200,10 @@ async def list_conversations(
 async def get_conversation(
     conversation_id: str, service: Service, context: Admitted
 ) -> ConversationDetail:
-    """One of the caller's conversations with every message in order."""
+    """One of the caller's conversations with every message in order.
+
+    An id is letters, digits, ``_`` and ``-`` (1 to 128); any other is unknown (404).
+    """
     context.conversation_id = conversation_id
     conversation = await service.conversations(context).get(conversation_id)
     return ConversationDetail(
@@ -229,7 +232,7 @@ async def get_conversation(
 async def delete_conversation(
     conversation_id: str, service: Service, context: Admitted
 ) -> ConversationDeleted:
-    """Delete one of the caller's conversations and its messages."""
+    """Delete one of the caller's conversations and its messages (404 as for a GET)."""
     context.conversation_id = conversation_id
     await service.conversations(context).delete(conversation_id)
     return ConversationDeleted(conversation_id=conversation_id)

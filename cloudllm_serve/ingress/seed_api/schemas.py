@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
 
+from cloudllm_serve.conversations.store import MAX_CONVERSATION_ID_CHARS
 from cloudllm_serve.ingress.json_limits import JSONLimitError, check_json_limits, is_valid_unicode
 
 #: What generates: vLLM (the seed fixes it), or the simulated engine (``LLM_MODEL=sim``).
@@ -13,8 +14,6 @@ EngineType = Literal["vLLM", "simulated"]
 ENGINE_NAME: EngineType = "vLLM"
 #: Largest ``max_tokens`` taken (32 bits); any value over ``MAX_TOKENS_CAP`` is clamped to it.
 MAX_TOKENS_LIMIT = 2**31 - 1
-#: Longest ``conversation_id`` taken (ids we make are 32 hex characters).
-MAX_CONVERSATION_ID_CHARS = 128
 _JSON_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
 #: A few keywords of ``json_schema`` and what they take (JSON Schema's meta-schema checks the
 #: rest; a ``$ref`` is resolved within the schema only, never fetched).
@@ -64,7 +63,11 @@ class GenerateRequest(BaseModel):
     )
     conversation_id: (
         Annotated[str, Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS)] | None
-    ) = Field(None, description="continue this conversation; null starts a new one")
+    ) = Field(
+        None,
+        description="continue this conversation; null starts a new one (an id is letters, "
+        "digits, _ and -: any other is unknown, 404)",
+    )
     # An integer as JSON Schema has it: 3 or 3.0; never "3", 3.5 or true.
     max_tokens: Annotated[
         StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT), BeforeValidator(_integral)

@@ -213,11 +213,22 @@ LATENCY_TUNING = {
 }
 
 
+#: The environment of a local Ray cluster whose node address is 127.0.0.1, so that Ray's
+#: metrics agent listens there only (``METRICS_EXPORT_HOST=127.0.0.1``): Ray binds the
+#: agent to all interfaces unless the node's address is a loopback one, and ``ray.init``
+#: replaces a loopback ``_node_ip_address`` by the machine's address unless clusters are
+#: off (Ray's switch for its local-only macOS/Windows mode; a one-machine cluster loses
+#: nothing). vLLM's own address must match the node's (a tensor-parallel engine looks for
+#: its Ray workers on its own address).
+LOOPBACK_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_HOST_IP": "127.0.0.1"}
+
+
 def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str]:
     """The environment of ``serve run`` (and so of the whole local Ray cluster).
 
     * ``RAY_worker_niceness=0``: Ray runs workers at nice 15 by default and vLLM's engine
       processes inherit it, which slows generation whenever the CPU is contended.
+    * With ``METRICS_EXPORT_HOST=127.0.0.1`` (the default), :data:`LOOPBACK_NODE`.
     * With ``SERVE_LATENCY_TUNING``, :data:`LATENCY_TUNING`.
     * With ``SERVE_DIRECT_INGRESS``, Ray Serve's direct ingress: the ingress replica runs
       its own HTTP server, and its port range starts at ``LLM_PORT``, so clients reach it
@@ -228,6 +239,9 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
     env = dict(base)
     env.setdefault("RAY_worker_niceness", "0")
     env["METRICS_EXPORT_PORT"] = str(settings.METRICS_EXPORT_PORT)
+    if settings.METRICS_EXPORT_HOST == "127.0.0.1":
+        for name, value in LOOPBACK_NODE.items():
+            env.setdefault(name, value)
     env["SERVING_NICENESS"] = str(settings.SERVING_NICENESS)
     env["SERVING_OFF_ENGINE_CPUS"] = "1" if settings.SERVING_OFF_ENGINE_CPUS else "0"
     # Counters as Prometheus counters only (Ray also exports each as a gauge by default).
@@ -565,7 +579,12 @@ def _launch(
     base_url = f"http://{host}:{settings.LLM_PORT}"
     with shutdown.interruptible():
         check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
-        check_port("0.0.0.0", settings.METRICS_EXPORT_PORT, "METRICS_EXPORT_PORT", port_wait_s)
+        check_port(
+            settings.METRICS_EXPORT_HOST,
+            settings.METRICS_EXPORT_PORT,
+            "METRICS_EXPORT_PORT",
+            port_wait_s,
+        )
     if start_redis_server:
         processes[1] = start_redis(settings.REDIS_URL, maxmemory=settings.REDIS_MAXMEMORY)
     for attempt in range(1, BIND_RESTARTS + 1):
@@ -587,7 +606,10 @@ def _launch(
             with shutdown.interruptible():
                 check_port(settings.LLM_HOST, settings.LLM_PORT, "LLM_PORT", port_wait_s)
     say(f"ready: {base_url}  (API docs: {base_url}/docs; Ctrl-C stops)")
-    say(f"metrics: http://{host}:{settings.METRICS_EXPORT_PORT}/metrics  (Prometheus text)")
+    say(
+        f"metrics: http://127.0.0.1:{settings.METRICS_EXPORT_PORT}/metrics  (Prometheus text, "
+        f"listening on {settings.METRICS_EXPORT_HOST})"
+    )
     running = processes[0]
     assert running is not None
     with shutdown.interruptible():

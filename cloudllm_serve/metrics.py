@@ -5,7 +5,8 @@ engine metrics (``ray_vllm_*``, :mod:`cloudllm_serve.engine.vllm_engine`) and Ra
 Serve's own (``ray_serve_*``). Prometheus conventions: names start with ``cloudllm_``
 (Ray adds ``ray_``), durations are in seconds, counters get ``_total`` (Ray adds it),
 and every label has a bounded set of values: API, route template, status, reason,
-operation, token kind, tenant (from the key file: a bounded set). Never an id.
+operation, token kind, tenant (from the key file: a bounded set; left out with
+``METRICS_TENANT_LABELS=false``). Never an id.
 
 Serve adds ``deployment``, ``replica`` and ``application`` labels. Outside a Ray
 worker (tests of the HTTP layer) the metrics only count in memory, in
@@ -112,8 +113,11 @@ class Metric:
 class IngressMetrics:
     """Everything one ingress replica measures (see the module docstring)."""
 
-    def __init__(self, *, export: bool = True) -> None:
-        """``export``: hand the values to Ray's metrics agent (in a Ray worker)."""
+    def __init__(self, *, export: bool = True, tenant_labels: bool = True) -> None:
+        """``export``: hand the values to Ray's metrics agent (in a Ray worker).
+
+        ``tenant_labels`` (``METRICS_TENANT_LABELS``): label the token counter by tenant.
+        """
 
         def metric(*args: Any) -> Metric:
             return Metric(*args, export=export)
@@ -160,8 +164,9 @@ class IngressMetrics:
         self.tokens = metric(
             "counter",
             "cloudllm_tokens",
-            "tokens of answered requests by kind (prompt, completion) and tenant",
-            ("kind", "tenant"),
+            "tokens of answered requests by kind (prompt, completion)"
+            + (" and tenant" if tenant_labels else ""),
+            ("kind", "tenant") if tenant_labels else ("kind",),
         )
         self.affinity = metric(
             "counter",

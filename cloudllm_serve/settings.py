@@ -23,6 +23,7 @@ from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import (
     LOCAL_MODELS,
     SIMULATED_MODEL,
+    cache_root,
     default_model_dir,
     local_model_dir,
 )
@@ -35,6 +36,10 @@ CPU_BLOCK_SIZE_MULTIPLE = 32
 
 def _default_model() -> str:
     return str(default_model_dir())
+
+
+def _default_audit_log() -> str:
+    return str(cache_root() / "run" / "audit.jsonl")
 
 
 def _is_host_name(host: str) -> bool:
@@ -60,6 +65,17 @@ class Settings(BaseSettings):
         ge=1,
         le=65535,
         description="launcher: port of Ray's metrics agent (Prometheus text at /metrics)",
+    )
+    METRICS_EXPORT_HOST: Literal["127.0.0.1", "0.0.0.0"] = Field(
+        "127.0.0.1",
+        description="launcher: where Ray's metrics agent listens: 127.0.0.1 (this machine "
+        "only; the cluster's Ray node address is then 127.0.0.1) or 0.0.0.0 (every interface, "
+        "for a Prometheus on another host); Ray binds no other address",
+    )
+    METRICS_TENANT_LABELS: bool = Field(
+        True,
+        description="label cloudllm_tokens_total by tenant id (false: by kind only, for a "
+        "metrics endpoint that others may read)",
     )
     METRICS_ENABLED: bool = Field(
         True,
@@ -314,10 +330,11 @@ class Settings(BaseSettings):
         description="a conversation without a new turn this long is deleted (0: kept)",
     )
     AUDIT_LOG: str = Field(
-        "stderr",
+        default_factory=_default_audit_log,
         min_length=1,
-        description="where the audit log's JSON lines go: 'stderr' (the ingress replica's "
-        "log), 'off', or a file path (appended to)",
+        description="where the audit log's JSON lines go: a file path (appended to; default "
+        "audit.jsonl in the run folder, $CLOUDLLM_CACHE_DIR/run), 'stderr' (the ingress "
+        "replica's log, so make serve's console), or 'off'",
     )
 
     @field_validator("LLM_MODEL")

@@ -25,6 +25,9 @@ from cloudllm_serve.launcher import (
 from tests.support import RedisServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+#: No test writes audit lines into the developer's run folder (``AUDIT_LOG``'s default,
+#: where ``make serve``'s go): a test of the audit log names its own target.
+os.environ.setdefault("AUDIT_LOG", "off")
 
 #: Markers of every test in a folder (``make test`` and ``make test-fast`` select by them),
 #: so a new test file gets its group's markers without declaring any.

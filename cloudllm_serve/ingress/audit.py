@@ -1,14 +1,17 @@
 """The audit log: one JSON line per request, never message content, never a key.
 
-Fields: ``time`` (Unix seconds), ``replica`` (the ingress replica), ``request_id``,
-``tenant``, ``key_id``, ``client`` (address), ``method``, ``route`` (the route template,
-e.g. ``/conversations/{conversation_id}``), ``status``, ``decision`` (see
+Fields: ``time`` (Unix seconds), ``replica`` (the ingress replica), ``request_id`` (the
+correlation id: the client's ``X-Request-Id``, or one made), ``internal_id`` (made by the
+server: vLLM's request id, and the concurrency slot's), ``tenant``, ``key_id``, ``client``
+(address), ``method``, ``route`` (the route template, e.g.
+``/conversations/{conversation_id}``), ``status``, ``decision`` (see
 :class:`~cloudllm_serve.ingress.context.RequestContext`), ``conversation_id``,
 ``prompt_tokens``, ``completion_tokens`` and ``latency_ms``.
 
-``AUDIT_LOG`` says where the lines go: ``stderr`` (the ingress replica's log, where Ray
-keeps it), ``off``, or a file appended to (one ``write`` per line, so the ingress
-replicas of one host can share a file).
+``AUDIT_LOG`` says where the lines go: a file appended to (one ``write`` per line, so
+the ingress replicas of one host can share a file; by default ``audit.jsonl`` in the run
+folder, created with its folder), ``stderr`` (the ingress replica's log, where Ray keeps
+it, and so ``make serve``'s console), or ``off``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -31,6 +35,7 @@ class AuditLog:
         if target == "stderr":
             self._stream = sys.stderr
         elif self.enabled:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -230,7 +230,9 @@ class CloudLLMService:
             ingress_replicas=settings.INGRESS_REPLICAS,
         )
         self.counters = IngressCounters()
-        self.metrics = IngressMetrics(export=settings.METRICS_ENABLED)
+        self.metrics = IngressMetrics(
+            export=settings.METRICS_ENABLED, tenant_labels=settings.METRICS_TENANT_LABELS
+        )
         store.observer = self._observe_store
         #: Serve's id of the ingress replica running this service ("" outside Serve).
         self.replica_id = ""

@@ -125,3 +125,12 @@ def test_bind_failure_reads_only_lines_about_the_port(tmp_path: Path) -> None:
     assert launcher.bind_failure(since, 8001, logs) is None
     assert "port 8002" in (launcher.bind_failure(since, 8002, logs) or "")
     assert launcher.bind_failure(time.time() + 60, 8002, logs) is None  # written before
+
+
+def test_metrics_agent_on_loopback_unless_configured() -> None:
+    """METRICS_EXPORT_HOST=127.0.0.1 (the default): the local cluster's node address is
+    127.0.0.1, the one case where Ray binds its metrics agent to loopback only."""
+    env = launcher.serve_environment(Settings(), {})
+    assert {name: env[name] for name in launcher.LOOPBACK_NODE} == launcher.LOOPBACK_NODE
+    everywhere = launcher.serve_environment(Settings(METRICS_EXPORT_HOST="0.0.0.0"), {})
+    assert not set(launcher.LOOPBACK_NODE) & set(everywhere)

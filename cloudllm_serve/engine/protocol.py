@@ -69,6 +69,9 @@ class GenerationRequest:
     #: Engine replicas whose engine died under an earlier try of this request: the
     #: router passes over them while another replica is there.
     avoid_replicas: tuple[str, ...] = ()
+    #: vLLM's prefix-cache salt: the tenant's (:mod:`cloudllm_serve.ingress.cache_salt`),
+    #: so one tenant's prompts are never a cache hit for another's.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,10 @@ class OpenAICall:
     """One ``/v1`` chat or text completion for vLLM's own OpenAI serving layer.
 
     ``body`` is the client's JSON (our own fields removed, a stored conversation's
-    history put in front of ``messages``); vLLM's request model validates it in the
-    engine replica. The first ``droppable_messages`` messages are stored history the
-    engine may leave out, oldest turn first, when the whole does not fit the context.
+    history put in front of ``messages``, ``cache_salt`` the tenant's); vLLM's request
+    model validates it in the engine replica. The first ``droppable_messages`` messages
+    are stored history the engine may leave out, oldest turn first, when the whole does
+    not fit the context.
     """
 
     kind: Literal["chat", "completion"]

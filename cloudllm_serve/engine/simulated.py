@@ -136,6 +136,7 @@ class _Sequence:
     """One request in the simulated core."""
 
     __slots__ = (
+        "cache_salt",
         "events",
         "first_token_due",
         "generated",
@@ -149,6 +150,7 @@ class _Sequence:
     def __init__(self, request: EngineCoreRequest, answer_length: int) -> None:
         self.request_id = request.request_id
         self.prompt_tokens = list(request.prompt_token_ids or ())
+        self.cache_salt = request.cache_salt
         params = request.sampling_params
         max_tokens = params.max_tokens if params is not None else None
         self.max_tokens = max(1, max_tokens or 16)
@@ -171,10 +173,14 @@ class PrefixCache:
         self._capacity = max(1, capacity_blocks)
         self._blocks: OrderedDict[int, None] = OrderedDict()
 
-    def lookup_and_insert(self, tokens: list[int]) -> int:
-        """How many leading tokens of ``tokens`` were cached; all full blocks are cached after."""
+    def lookup_and_insert(self, tokens: list[int], cache_salt: str | None = None) -> int:
+        """How many leading tokens of ``tokens`` were cached; all full blocks are cached after.
+
+        As in vLLM, the first block's hash includes ``cache_salt`` (and every later block's
+        hash its parent's), so prompts with different salts share no block.
+        """
         cached = 0
-        parent = 0
+        parent = hash(cache_salt) if cache_salt else 0
         hit = True
         for start in range(0, len(tokens) - self._block_size + 1, self._block_size):
             parent = hash((parent, tuple(tokens[start : start + self._block_size])))
@@ -318,7 +324,7 @@ class SimulatedEngineCore(EngineCoreClient):
             prefix_stats = PrefixCacheStats()
             while waiting and len(prefilling) + len(decoding) < config.max_num_seqs:
                 sequence = waiting.popleft()
-                cached = self._prefix.lookup_and_insert(sequence.prompt_tokens)
+                cached = self._prefix.lookup_and_insert(sequence.prompt_tokens, sequence.cache_salt)
                 prompt = len(sequence.prompt_tokens)
                 prefix_stats.requests += 1
                 prefix_stats.queries += prompt

@@ -386,6 +386,8 @@ class VLLMEngine:
         tokens = 0
         prompt_tokens, dropped = len(fitted.token_ids), fitted.dropped_messages
         prompt = fitted.engine_input or TokensPrompt(prompt_token_ids=fitted.token_ids)
+        if request.cache_salt is not None:
+            prompt = {**prompt, "cache_salt": request.cache_salt}
         try:
             async for output in self._engine.generate(prompt, params, request.request_id):
                 choices = tuple(

@@ -209,6 +209,7 @@ class AccessMiddleware:
         self.audit.write(
             {
                 "request_id": context.request_id,
+                "internal_id": context.internal_id,
                 "tenant": principal.tenant_id if principal else None,
                 "key_id": principal.key_id if principal else None,
                 "client": client[0] if client else None,

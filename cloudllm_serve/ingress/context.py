@@ -8,7 +8,8 @@ charge and writes the audit line from it when the response is done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
@@ -27,9 +28,17 @@ Metering = Literal["none", "counted", "usage", "unknown"]
 
 @dataclass
 class RequestContext:
-    """One request's caller, rate-limit admission and outcome."""
+    """One request's caller, rate-limit admission and outcome.
+
+    ``request_id`` is the correlation id: the client's ``X-Request-Id`` when it sent one,
+    returned on the answer and written in the audit line. Two requests may share it, so
+    nothing that must tell requests apart uses it: that is ``internal_id``.
+    """
 
     request_id: str
+    #: Made by the server for this request alone: its concurrency slot (rate limits) and
+    #: the engine's request id (vLLM's), never chosen by the client.
+    internal_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     principal: Principal | None = None
     admission: Admission | None = None
     conversation_id: str | None = None

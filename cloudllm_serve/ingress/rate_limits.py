@@ -235,6 +235,8 @@ class RateLimiter:
     ) -> Admission | None:
         """Count the request and charge ``tokens``, or raise :class:`RateLimited` (429).
 
+        ``request_id`` names the concurrency slot: an id the server made for this request
+        alone (requests sharing one would share a slot), never the client's ``X-Request-Id``.
         ``None`` when the tenant has no limit (no round trip). ``stateless`` requests
         fall back to in-memory limits while Redis is down; others get a 503.
         """

@@ -296,7 +296,10 @@ class CloudLLMService:
         tokens = context.prompt_estimate + max_tokens
         try:
             context.admission = await self.limiter.admit(
-                context.principal, tokens=tokens, request_id=context.request_id, stateless=stateless
+                context.principal,
+                tokens=tokens,
+                request_id=context.internal_id,
+                stateless=stateless,
             )
         except RateLimited as refusal:
             context.decision = f"rate_limited:{refusal.reason}"

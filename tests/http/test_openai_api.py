@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cloudllm_serve.ingress.cache_salt import cache_salt
 from tests.http.conftest import App
 
 CHAT = "/v1/chat/completions"
@@ -41,6 +42,7 @@ def test_models_come_from_the_engine(app: App) -> None:
 
 
 def test_the_body_reaches_the_engine_as_sent(app: App) -> None:
+    """As sent, but for ``cache_salt``: the tenant's (tests/http/test_server_ids_and_salts.py)."""
     body = {
         "messages": [{"role": "user", "content": "hi"}],
         "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -53,7 +55,7 @@ def test_the_body_reaches_the_engine_as_sent(app: App) -> None:
     assert response.status_code == 200, response.text
     call = app.engine.calls[-1]
     assert call.kind == "chat"
-    assert call.body == body
+    assert call.body == {**body, "cache_salt": cache_salt(None)}
     assert call.droppable_messages == 0 and not call.collect
     assert call.affinity_key is not None and call.affinity_key.startswith("chat:")
     assert "X-Conversation-Id" not in response.headers  # nothing stored unless asked

@@ -6,6 +6,8 @@ so ``/v1`` accepts and answers what ``vllm serve`` does. The ingress reads only 
 needs besides: our own fields (``conversation_id``, ``store``), rough sizes for the
 tenant's rate limits, and the answer's usage. A stored conversation's history is put in
 front of ``messages``; the answer's message (tool calls included) is stored after it.
+``cache_salt`` becomes the tenant's, the client's own (if any) mixed in
+(:mod:`cloudllm_serve.ingress.cache_salt`).
 
 Media parts, found as vLLM's renderer finds them (:mod:`.media`), are checked here before
 any engine sees them: an image's data URL is decoded and checked, an ``http(s)`` URL
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from cloudllm_serve.conversations.store import MAX_CONVERSATION_ID_CHARS, StoredMessage
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import CloudLLMError, EngineUnavailableError, InvalidRequestError
+from cloudllm_serve.ingress.cache_salt import cache_salt, client_cache_salt
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error, openai_http_error
 from cloudllm_serve.ingress.json_limits import JSONLimitError, loads_checked
@@ -111,6 +113,9 @@ class CompletionCall:
         store = body.pop("store", False)
         if not isinstance(store, bool):
             raise InvalidRequestError("store must be true or false", param="store")
+        body["cache_salt"] = cache_salt(
+            context.tenant_id, client_cache_salt(body.get("cache_salt"))
+        )
         n = _lax_int(body.get("n"))
         if kind == "completion" and (conversation_id is not None or store):
             raise InvalidRequestError(
@@ -157,7 +162,7 @@ class CompletionCall:
         call = OpenAICall(
             kind=kind,
             body=body,
-            request_id=context.request_id or uuid.uuid4().hex,
+            request_id=context.internal_id,  # ours, never the client's X-Request-Id
             droppable_messages=droppable,
             collect=turn.conversation_id is not None,
             affinity_key=_affinity_key(turn.conversation_id, messages),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from referencing.exceptions import Unresolvable
 from cloudllm_serve.conversations.store import StoredMessage
 from cloudllm_serve.engine.protocol import GenerationChunk, GenerationRequest, SamplingOptions
 from cloudllm_serve.errors import CloudLLMError
+from cloudllm_serve.ingress.cache_salt import cache_salt
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.response_json import extract_json
@@ -61,8 +61,8 @@ class GenerateCall:
         self.user_message = StoredMessage("user", body.message, time.time(), images=digests)
         messages = turn.chat_messages([self.user_message])
         self.request = GenerationRequest(
-            # X-Request-Id (taken from the client or made by the access middleware)
-            request_id=context.request_id or f"gen-{uuid.uuid4().hex}",
+            # Ours, never the client's X-Request-Id (which two requests may share).
+            request_id=context.internal_id,
             messages=messages,
             affinity_key=turn.affinity_key(messages),
             preferred_replica=turn.engine_replica,
@@ -72,6 +72,7 @@ class GenerateCall:
                 json_schema=body.json_schema,
             ),
             stream=body.stream,
+            cache_salt=cache_salt(context.tenant_id),
         )
 
     @classmethod

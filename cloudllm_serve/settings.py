@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloudllm_serve.errors import SettingsError
@@ -237,6 +244,13 @@ class Settings(BaseSettings):
     REQUEST_TIMEOUT_S: float = Field(
         300.0, gt=0.0, description="longest a generation may take, queueing included"
     )
+    REQUEST_BODY_TIMEOUT_S: float = Field(
+        60.0,
+        gt=0.0,
+        le=3600.0,
+        description="longest a request body may take to arrive after its headers (408, "
+        "and the connection is closed)",
+    )
 
     # Request limits
     MAX_TOKENS_CAP: int = Field(512, ge=1, description="upper bound on max_tokens")
@@ -264,6 +278,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="hosts image_url may fetch http(s) images from, comma-separated "
         "(empty: no remote fetch at all)",
+    )
+    MEDIA_ALLOWED_NETWORKS: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs a remote image's host may resolve to although "
+        "they are not public (private, loopback, link-local, CGNAT...; empty: none)",
+    )
+    MEDIA_ALLOWED_PORTS: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [80, 443],
+        description="comma-separated ports remote images may be fetched from",
     )
     MEDIA_FETCH_TIMEOUT_S: float = Field(
         10.0, gt=0.0, le=300.0, description="longest a remote image fetch may take"
@@ -356,6 +379,21 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"host names only, without scheme, port or path: {bad[0]!r}")
         return [host for host in hosts if host]
+
+    @field_validator("MEDIA_ALLOWED_NETWORKS", "MEDIA_ALLOWED_PORTS", mode="before")
+    @classmethod
+    def _parse_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("MEDIA_ALLOWED_PORTS")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        bad = [port for port in value if not 1 <= port <= 65535]
+        if bad:
+            raise ValueError(f"ports are 1-65535: {bad[0]}")
+        return value
 
     @field_validator("VLLM_ENGINE_KWARGS", "VLLM_MM_PROCESSOR_KWARGS", mode="before")
     @classmethod

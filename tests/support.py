@@ -164,6 +164,7 @@ class MediaServer:
             def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 server.requests.append(path)
+                server.hosts.append(self.headers.get("Host", ""))
                 if path == "/redirect":
                     target = urllib.parse.parse_qs(query)["to"][0]
                     self.send_response(302)
@@ -188,6 +189,8 @@ class MediaServer:
         self.slow_s = slow_s
         self.big_bytes = big_bytes
         self.requests: list[str] = []
+        #: The Host header of each request, in order.
+        self.hosts: list[str] = []
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]

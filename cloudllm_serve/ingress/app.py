@@ -12,6 +12,7 @@ from cloudllm_serve.ingress.errors import install_error_handlers
 from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware, image_body_limit
 from cloudllm_serve.ingress.openai_api.routes import router as openai_router
 from cloudllm_serve.ingress.seed_api.routes import router as seed_router
+from cloudllm_serve.ingress.seed_api.status import HealthCheck
 from cloudllm_serve.ingress.service import CloudLLMService
 
 
@@ -26,6 +27,7 @@ def create_app(service: CloudLLMService) -> FastAPI:
     )
     install_offline_docs(app)
     app.state.service = service
+    app.state.health = HealthCheck(service)
     app.include_router(seed_router)
     app.include_router(openai_router)
     install_error_handlers(app)
@@ -34,6 +36,7 @@ def create_app(service: CloudLLMService) -> FastAPI:
         max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
         image_body_bytes=image_body_limit(service.settings),
         counters=service.counters,
+        body_timeout_s=service.settings.REQUEST_BODY_TIMEOUT_S,
     )
     # Outermost: a request without a valid key goes no further than this.
     app.add_middleware(

@@ -13,10 +13,14 @@ PNG, JPEG, WEBP or GIF (by its magic bytes) → 415; more than ``MAX_IMAGE_PIXEL
 pixels → 400; bytes that do not decode → 400.
 
 Remote images (:func:`fetch_image`) are fetched by this module only, never by vLLM:
-``http``/``https`` to hosts in ``MEDIA_ALLOWED_DOMAINS`` (exact names; empty: none),
-redirects followed by hand and each hop checked against the list, loopback, link-local
-and other non-public-routing addresses refused unless the address itself is listed,
-at most ``MAX_UPLOAD_BYTES`` read, all within ``MEDIA_FETCH_TIMEOUT_S``.
+``http``/``https`` to hosts in ``MEDIA_ALLOWED_DOMAINS`` (exact names; empty: none) on a
+port in ``MEDIA_ALLOWED_PORTS`` (80 and 443 by default), redirects followed by hand and
+each hop checked again. Each host name is resolved once, every address it resolves to
+must be public (not private, loopback, link-local, CGNAT, multicast or reserved) unless
+it lies in ``MEDIA_ALLOWED_NETWORKS``, and the connection goes to the first of those
+addresses (the ``Host`` header and the TLS server name stay the host name), so a second
+DNS answer cannot send the fetch elsewhere. At most ``MAX_UPLOAD_BYTES`` are read, all
+within ``MEDIA_FETCH_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import io
 import ipaddress
 import socket
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import urljoin, urlsplit
@@ -52,6 +57,13 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 ACCEPTED_FORMATS = "PNG, JPEG, WEBP or GIF"
 #: Redirect hops a remote fetch follows (each one checked against the allowlist).
 MAX_REDIRECTS = 3
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Resolves a host name and port to addresses, in the order to try them.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -186,20 +198,82 @@ def _refuse(field: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(f"{field}: {message}", param=field)
 
 
-def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return (
-        address.is_loopback
-        or address.is_link_local
-        or address.is_unspecified
-        or address.is_multicast
-        or address.is_reserved
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), if any."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """Whether ``address`` routes on the public internet (and so is no internal service).
+
+    Private (10/8, 172.16/12, 192.168/16, fc00::/7), loopback, link-local, CGNAT
+    (100.64/10), "this network" (0/8), documentation, multicast and reserved ranges are not.
+    """
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        return is_public_address(embedded)
+    return address.is_global and not address.is_multicast
+
+
+def _address_allowed(address: IPAddress, networks: list[IPNetwork]) -> bool:
+    candidates = [address, _embedded_ipv4(address)]
+    listed = any(
+        candidate in network
+        for candidate in candidates
+        if candidate is not None
+        for network in networks
+        if network.version == candidate.version
     )
+    return listed or is_public_address(address)
 
 
-async def _check_url(url: str, *, field: str, allowed: list[str]) -> None:
-    """Refuse ``url`` unless it is http(s) to an allowed host with public addresses."""
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to (the system resolver), in its order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+@dataclass(frozen=True)
+class FetchTarget:
+    """A checked remote URL and the one address it is fetched from."""
+
+    url: str
+    host: str
+    port: int
+    address: IPAddress
+
+    def request(self, client: httpx.AsyncClient) -> httpx.Request:
+        """A GET to :attr:`address`, with ``Host`` and the TLS server name of :attr:`host`."""
+        original = httpx.URL(self.url)
+        pinned = original.copy_with(host=str(self.address))
+        default_port = 443 if original.scheme == "https" else 80
+        host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        if ":" in self.host:  # an IPv6 literal
+            host_header = f"[{self.host}]" + ("" if self.port == default_port else f":{self.port}")
+        extensions = {"sni_hostname": self.host} if original.scheme == "https" else {}
+        return client.build_request(
+            "GET", pinned, headers={"Host": host_header}, extensions=extensions
+        )
+
+
+async def check_url(
+    url: str, *, field: str, settings: Settings, resolve: Resolver = resolve_host
+) -> FetchTarget:
+    """Refuse ``url`` (a 400 naming ``field`` and the rule) unless it may be fetched.
+
+    It must be http(s) to a ``MEDIA_ALLOWED_DOMAINS`` host on a ``MEDIA_ALLOWED_PORTS``
+    port, whose every address is public or in ``MEDIA_ALLOWED_NETWORKS``; the host is
+    resolved once, here, and the fetch goes to the first address.
+    """
+    allowed = settings.MEDIA_ALLOWED_DOMAINS
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -214,34 +288,45 @@ async def _check_url(url: str, *, field: str, allowed: list[str]) -> None:
         )
     if host not in allowed:
         raise _refuse(field, f"host {host!r} is not in MEDIA_ALLOWED_DOMAINS")
+    if port not in settings.MEDIA_ALLOWED_PORTS:
+        ports = ", ".join(str(p) for p in settings.MEDIA_ALLOWED_PORTS)
+        raise _refuse(field, f"port {port} is not in MEDIA_ALLOWED_PORTS ({ports})")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in await resolve(host, port)]
     except (OSError, ValueError) as error:
         raise _refuse(field, f"host {host!r} could not be resolved ({error})") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if _non_public(address) and str(address) not in allowed:
-            raise _refuse(
-                field,
-                f"host {host!r} resolves to {address}, a loopback, link-local or reserved "
-                "address; list that address in MEDIA_ALLOWED_DOMAINS to allow it",
-            )
+    if not addresses:
+        raise _refuse(field, f"host {host!r} could not be resolved (no address)")
+    networks = settings.MEDIA_ALLOWED_NETWORKS
+    if not all(_address_allowed(address, networks) for address in addresses):
+        raise _refuse(
+            field,
+            f"host {host!r} resolves to an address that is not public (private, loopback, "
+            "link-local, CGNAT or reserved); list its network in MEDIA_ALLOWED_NETWORKS "
+            "to allow it",
+        )
+    return FetchTarget(url=url, host=host, port=port, address=addresses[0])
 
 
 async def fetch_image(
-    url: str, *, field: str, settings: Settings, client: httpx.AsyncClient | None = None
+    url: str,
+    *,
+    field: str,
+    settings: Settings,
+    client: httpx.AsyncClient | None = None,
+    resolve: Resolver = resolve_host,
 ) -> bytes:
-    """The bytes at ``url`` (an allowlisted http(s) host), or a 400/413 naming ``field``."""
+    """The bytes at ``url`` (see :func:`check_url`), or a 400/413 naming ``field``."""
     limits = ImageLimits.from_settings(settings)
-    allowed = settings.MEDIA_ALLOWED_DOMAINS
     timeout_s = settings.MEDIA_FETCH_TIMEOUT_S
     own_client = client is None
     client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
     try:
         async with asyncio.timeout(timeout_s):
             for _ in range(MAX_REDIRECTS + 1):
-                await _check_url(url, field=field, allowed=allowed)
-                async with client.stream("GET", url, follow_redirects=False) as response:
+                target = await check_url(url, field=field, settings=settings, resolve=resolve)
+                response = await client.send(target.request(client), stream=True)
+                try:
                     if response.is_redirect:
                         location = response.headers.get("location", "")
                         try:
@@ -249,17 +334,9 @@ async def fetch_image(
                         except ValueError:
                             raise _refuse(field, "redirected to an invalid URL") from None
                         continue
-                    if response.status_code != 200:
-                        raise _refuse(field, f"fetching the image got HTTP {response.status_code}")
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limits.max_bytes:
-                        raise _too_large(field, limits)
-                    body = bytearray()
-                    async for piece in response.aiter_bytes():
-                        body += piece
-                        if len(body) > limits.max_bytes:
-                            raise _too_large(field, limits)
-                    return bytes(body)
+                    return await _read_image(response, field=field, limits=limits)
+                finally:
+                    await response.aclose()
             raise _refuse(field, f"more than {MAX_REDIRECTS} redirects")
     except TimeoutError:
         raise _refuse(
@@ -270,6 +347,20 @@ async def fetch_image(
     finally:
         if own_client:
             await client.aclose()
+
+
+async def _read_image(response: httpx.Response, *, field: str, limits: ImageLimits) -> bytes:
+    if response.status_code != 200:
+        raise _refuse(field, f"fetching the image got HTTP {response.status_code}")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise _too_large(field, limits)
+    body = bytearray()
+    async for piece in response.aiter_bytes():
+        body += piece
+        if len(body) > limits.max_bytes:
+            raise _too_large(field, limits)
+    return bytes(body)
 
 
 async def load_image_reference(reference: str, *, field: str, settings: Settings) -> CheckedImage:

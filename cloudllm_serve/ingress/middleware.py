@@ -1,4 +1,4 @@
-"""A pure-ASGI middleware: arrival time, body-size limit and request counters.
+"""A pure-ASGI middleware: arrival time, body-size and body-time limits, request counters.
 
 A body may hold ``MAX_UPLOAD_BYTES``; on ``/vision`` and ``/multimodal`` it may hold
 ``MAX_IMAGES_PER_REQUEST`` images of that size each, base64-encoded (each image is then
@@ -6,10 +6,15 @@ held to ``MAX_UPLOAD_BYTES`` by :mod:`cloudllm_serve.ingress.images`).
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so it adds no task or copy per request and
 does not get in the way of streamed responses.
+
+The body must arrive within ``REQUEST_BODY_TIMEOUT_S`` of the request's start (its
+headers read): a client that stalls its body gets a 408 and the connection is closed.
+Neither Ray Serve nor uvicorn bounds that time (docs/deployment.md, "Timeouts").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -64,7 +69,11 @@ def _too_large_body(scope: Scope, message: str) -> dict[str, Any]:
 
 
 class RequestLimitsMiddleware:
-    """Stamps ``scope['state'][RECEIVED_AT]``, rejects bodies over ``max_body_bytes`` (413)."""
+    """Stamps ``scope['state'][RECEIVED_AT]`` and holds request bodies to their limits.
+
+    A body over ``max_body_bytes`` is a 413; one not in within ``body_timeout_s`` of the
+    request's start a 408 (``None``: no deadline).
+    """
 
     def __init__(
         self,
@@ -73,8 +82,10 @@ class RequestLimitsMiddleware:
         max_body_bytes: int,
         counters: IngressCounters,
         image_body_bytes: int | None = None,
+        body_timeout_s: float | None = None,
     ) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.image_body_bytes = image_body_bytes or max_body_bytes
         self.counters = counters
@@ -104,10 +115,11 @@ class RequestLimitsMiddleware:
             return
 
         received = 0
+        receive_in_time = self._deadline_receive(receive)
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            message = await receive_in_time()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -128,3 +140,36 @@ class RequestLimitsMiddleware:
         if status >= 400:
             counters.requests_failed += 1
             counters.errors_by_status[status] = counters.errors_by_status.get(status, 0) + 1
+
+    def _deadline_receive(self, receive: Receive) -> Receive:
+        """``receive`` that raises a 408 when the body is not in by the deadline.
+
+        Once the body is complete, later calls (waiting for a disconnect while a
+        response streams) have no deadline.
+        """
+        timeout_s = self.body_timeout_s
+        if timeout_s is None:
+            return receive
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        body_done = False
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Rendered by the app's handler, like the 413 above; the connection is
+                # closed after the answer (the rest of the body may never come).
+                raise HTTPException(
+                    408,
+                    detail="the request body did not arrive within REQUEST_BODY_TIMEOUT_S "
+                    f"({timeout_s:g} s)",
+                    headers={"Connection": "close"},
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return receive_in_time

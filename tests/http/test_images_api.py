@@ -47,8 +47,11 @@ def media() -> Iterator[MediaServer]:
 
 
 @pytest.fixture
-def vlm(redis_server: RedisServer) -> Iterator[tuple[App, str]]:
-    """The app with a fake vision-language engine; also the store's key prefix."""
+def vlm(redis_server: RedisServer, media: MediaServer) -> Iterator[tuple[App, str]]:
+    """The app with a fake vision-language engine; also the store's key prefix.
+
+    It may fetch from ``media`` (loopback, on its own port: both listed).
+    """
     app_settings = Settings(
         REDIS_URL=redis_server.url,
         MAX_TOKENS_CAP=32,
@@ -57,6 +60,8 @@ def vlm(redis_server: RedisServer) -> Iterator[tuple[App, str]]:
         MAX_IMAGE_PIXELS=200_000,
         MAX_IMAGES_PER_REQUEST=3,
         MEDIA_ALLOWED_DOMAINS=["127.0.0.1"],
+        MEDIA_ALLOWED_NETWORKS=["127.0.0.0/8"],
+        MEDIA_ALLOWED_PORTS=[media.port],
         MEDIA_FETCH_TIMEOUT_S=FETCH_TIMEOUT_S,
     )
     prefix = f"test-{uuid.uuid4().hex[:8]}:"

@@ -17,7 +17,8 @@ MEDIA_FETCH_TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="session")
 def media() -> Iterator[MediaServer]:
-    """A loopback HTTP server the stack may fetch images from (127.0.0.1 is allowlisted)."""
+    """A loopback HTTP server the stack may fetch images from (127.0.0.1, its network and
+    its port are allowlisted)."""
     server = MediaServer(
         image_bytes(96, 64, seed=11),
         slow_s=MEDIA_FETCH_TIMEOUT_S + 3,
@@ -29,7 +30,7 @@ def media() -> Iterator[MediaServer]:
 
 @pytest.fixture(scope="module")
 def vlm_stack(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, media: MediaServer
 ) -> Iterator[Stack]:
     """``make serve`` with ``LLM_MODEL=test-vlm`` (the tiny random-weight Qwen2.5-VL).
 
@@ -40,6 +41,8 @@ def vlm_stack(
         "MAX_IMAGE_SIDE": str(MAX_IMAGE_SIDE),
         "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "MEDIA_ALLOWED_DOMAINS": "127.0.0.1",
+        "MEDIA_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "MEDIA_ALLOWED_PORTS": str(media.port),
         "MEDIA_FETCH_TIMEOUT_S": str(MEDIA_FETCH_TIMEOUT_S),
     }
     with running_stack(redis_server, tmp_path_factory.mktemp("vlm"), overrides) as running:

@@ -70,12 +70,14 @@ Admitted = Annotated[RequestContext, Depends(admitted)]
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-async def health(service: Service) -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     """Liveness of the model and Redis: 200 when both answer, 503 naming what is wrong.
 
-    Public even with API keys on; ``active_conversations`` is then left out (null).
+    Public even with API keys on; ``active_conversations`` is then left out (null). The
+    answer is at most ``HEALTH_CACHE_S`` old and names problems without their detail.
     """
-    code, body = await status.health(service)
+    check: status.HealthCheck = request.app.state.health
+    code, body = await check.answer()
     return JSONResponse(body.model_dump(), status_code=code)
 
 

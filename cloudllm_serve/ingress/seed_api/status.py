@@ -1,8 +1,17 @@
-"""``/health`` and ``/status/detailed``: what the engines and Redis report right now."""
+"""``/health`` and ``/status/detailed``: what the engines and Redis report right now.
+
+``/health`` is public: its answer is computed at most once a second per ingress replica
+(callers in that second share it, and concurrent callers share one check), and its
+problems are summaries of our own ("redis unavailable", "no engine replica running"),
+never an address, a host, a port or an exception's text. ``/status/detailed`` (an admin
+key when keys are on) keeps the detail.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -13,9 +22,53 @@ from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
 
+#: How long one ingress replica reuses a ``/health`` answer (a public route that load
+#: balancers poll must not reach every engine replica and Redis on each call).
+HEALTH_CACHE_S = 1.0
+
+
+class HealthCheck:
+    """``GET /health``'s answer for one ingress replica, reused for ``ttl_s``.
+
+    Callers while a check runs await that check (one engine and one Redis call however
+    many callers); a caller that goes away does not cancel it for the others.
+    """
+
+    def __init__(
+        self,
+        service: CloudLLMService,
+        *,
+        ttl_s: float = HEALTH_CACHE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._service = service
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._answer: tuple[int, HealthResponse] | None = None
+        self._answered_at = 0.0
+        self._running: asyncio.Task[tuple[int, HealthResponse]] | None = None
+
+    async def answer(self) -> tuple[int, HealthResponse]:
+        """The status code and body; ``uptime`` is as of now, the rest at most ``ttl_s`` old."""
+        if self._answer is None or self._clock() - self._answered_at >= self._ttl_s:
+            if self._running is None:
+                self._running = asyncio.create_task(self._check())
+            await asyncio.shield(self._running)
+        assert self._answer is not None
+        code, body = self._answer
+        return code, body.model_copy(update={"uptime": round(self._service.uptime_s, 3)})
+
+    async def _check(self) -> tuple[int, HealthResponse]:
+        try:
+            answer = await health(self._service)
+            self._answer, self._answered_at = answer, self._clock()
+            return answer
+        finally:
+            self._running = None
+
 
 async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
-    """``GET /health``: 200 when the model is loaded and Redis answers, else 503.
+    """``GET /health`` computed now: 200 when the model is loaded and Redis answers, else 503.
 
     Pending and running requests are summed over every running engine replica.
     """
@@ -27,15 +80,15 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
     problems = []
     stats: list[EngineStats] = []
     if isinstance(fleet_result, BaseException):
-        problems.append(f"engine: {_message(fleet_result)}")
+        problems.append("engine: engine replicas unavailable")
     else:
         stats = fleet_result.running_stats
         if not stats:
-            problems.append(f"engine: {_no_replica_problem(fleet_result)}")
+            problems.append(f"engine: {_no_replica_summary(fleet_result)}")
     conversations: int | None = None
     redis_ok = not isinstance(count_result, BaseException)
     if isinstance(count_result, BaseException):
-        problems.append(f"redis: {_message(count_result)}")
+        problems.append("redis: redis unavailable")
     elif not service.registry.enabled:
         conversations = int(count_result)
     model_loaded = bool(stats) and all(s.engine_status == "running" for s in stats)
@@ -58,6 +111,18 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
         problems=problems,
     )
     return (200 if not problems else 503), body
+
+
+def _no_replica_summary(fleet: EngineFleet) -> str:
+    """Why no replica runs, for anyone: Serve's state words and our capacity check only.
+
+    Serve's messages and replicas' errors (exception text, node addresses) are left to
+    ``/status/detailed``.
+    """
+    summary = f"no engine replica running (deployment {fleet.status})"
+    if fleet.capacity_problem:
+        summary += f"; {fleet.capacity_problem}"
+    return summary
 
 
 def _no_replica_problem(fleet: EngineFleet) -> str:

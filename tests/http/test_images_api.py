@@ -281,6 +281,7 @@ def test_remote_images_only_from_allowlisted_hosts(
         (media.url("/image.png", host="localhost"), "not in MEDIA_ALLOWED_DOMAINS"),
         (media.url("/redirect?to=" + media.url("/image.png", "localhost")), "not in MEDIA"),
         (media.url("/slow"), "MEDIA_FETCH_TIMEOUT_S"),
+        ("http://127.0.0.1:9/image.png", "port 9 is not in MEDIA_ALLOWED_PORTS"),
         ("ftp://127.0.0.1/image.png", "only data: URLs"),
         (media.url("/missing"), "HTTP 404"),
     ]:

@@ -43,11 +43,14 @@ async def start(**settings: Any) -> EngineServer:
     return server
 
 
-def request(text: str, max_tokens: int, request_id: str) -> GenerationRequest:
+def request(
+    text: str, max_tokens: int, request_id: str, cache_salt: str | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         request_id=request_id,
         sampling=SamplingOptions(max_tokens=max_tokens),
         messages=[{"role": "user", "content": text}],
+        cache_salt=cache_salt,
     )
 
 
@@ -67,26 +70,35 @@ async def run(server: EngineServer, req: GenerationRequest) -> tuple[float, list
 
 @pytest.mark.usefixtures("sim_env")
 def test_time_to_first_token_follows_uncached_prompt_tokens() -> None:
-    """200 ms + 5 ms per uncached token: a repeated long prompt is served from the cache."""
+    """200 ms + 5 ms per uncached token: a repeated long prompt is served from the cache.
+
+    Only under the same ``cache_salt`` (a tenant's): the salt goes through vLLM's input
+    processing into the engine core's request, as on vLLM.
+    """
     long_text = " ".join(f"word{i}" for i in range(120))
 
-    async def scenario() -> tuple[float, float, list[GenerationChunk], Any]:
+    async def scenario() -> tuple[float, float, float, list[GenerationChunk], Any, Any]:
         server = await start(
             SIM_TTFT_MS=200, SIM_TTFT_MS_PER_TOKEN=5, SIM_STEP_MS=10, SIM_STEP_MS_PER_SEQ=0
         )
-        cold, chunks = await run(server, request(long_text, 8, "cold"))
-        warm, _ = await run(server, request(long_text, 8, "warm"))
+        cold, chunks = await run(server, request(long_text, 8, "cold", "tenant-a"))
+        warm, _ = await run(server, request(long_text, 8, "warm", "tenant-a"))
         stats = await server.record_routing_stats()
+        other, _ = await run(server, request(long_text, 8, "other", "tenant-b"))
+        after = await server.record_routing_stats()
         server._backend.shutdown()
-        return cold, warm, chunks, stats
+        return cold, warm, other, chunks, stats, after
 
-    cold, warm, chunks, stats = asyncio.run(scenario())
+    cold, warm, other, chunks, stats, after = asyncio.run(scenario())
     prompt_tokens = chunks[-1].prompt_tokens
     assert prompt_tokens > 200  # ~1 s of simulated prefill when nothing is cached
     assert cold >= (200 + 5 * prompt_tokens) / 1000 * 0.95
     # All but the last partial block was cached: at most 32 uncached tokens, 360 ms.
     assert warm < cold - 0.5, (cold, warm)
     assert stats["prefix_cache_hits"] >= prompt_tokens - 32
+    # Another salt: nothing cached, as slow as the first.
+    assert after["prefix_cache_hits"] == stats["prefix_cache_hits"]
+    assert other > warm + 0.5, (warm, other)
     assert sum(c.choices[0].token_count for c in chunks if c.choices) == 8
     assert chunks[-1].choices[0].finish_reason == "length"
 

@@ -160,6 +160,48 @@ def test_cross_tenant_access_is_an_unknown_id(tenant_stack: TenantStack) -> None
     assert cid in [c["conversation_id"] for c in a_listed["conversations"]]
 
 
+def _prefix_cache(ts: TenantStack) -> tuple[int, int]:
+    """Prompt tokens the engine replicas' prefix caches were asked for, and found (admin view)."""
+    status = ts.call("GET", "/status/detailed", "ops").json()
+    stats = [r["stats"] or {} for r in status["engine"]["replicas"]]
+    return (
+        sum(s.get("prefix_cache_queries", 0) for s in stats),
+        sum(s.get("prefix_cache_hits", 0) for s in stats),
+    )
+
+
+def test_another_tenants_prompt_is_not_a_prefix_cache_hit(tenant_stack: TenantStack) -> None:
+    """The timing channel: B's copy of A's long prompt is computed anew, A's repeat is not."""
+    ts = tenant_stack
+    codes = " ".join(uuid.uuid4().hex[:8] for _ in range(120))
+    message = f"Repeat the first code of this list: {codes}"
+
+    def send(tenant: str) -> tuple[int, int, float]:
+        """(cached prompt tokens, prompt tokens, TTFT in ms) of one /generate."""
+        queried, hits = _prefix_cache(ts)
+        response = ts.call(
+            "POST",
+            "/generate",
+            tenant,
+            json={"message": message, "max_tokens": 1, "temperature": 0},
+        )
+        assert response.status_code == 200, response.text
+        timings = response.json()["model_info"]["timings"]
+        prompt = timings["prompt_tokens"]
+        # The counters follow the engine's steps: wait until this prompt is counted.
+        wait_for(lambda: _prefix_cache(ts)[0] >= queried + prompt, 15, 0.1)
+        return _prefix_cache(ts)[1] - hits, prompt, timings["ttft_ms"]
+
+    first, other, again = send("tenant-a"), send("tenant-b"), send("tenant-a")
+    print(
+        "\n[cache salt] (cached tokens, prompt tokens, TTFT ms): "
+        f"A {first}, then B {other}, then A again {again}"
+    )
+    assert first[1] > 256
+    assert other[0] == 0
+    assert again[0] >= again[1] - 64  # all but the last (partial) blocks of 32 tokens
+
+
 def _seconds_left(response: Any) -> float:
     reset = response.headers["x-ratelimit-reset-requests"]
     if reset.endswith("ms"):

@@ -18,8 +18,10 @@ Steps, each printed as it happens:
    A replica failing in its constructor is printed by ``serve_run`` (its exception); when
    Serve gives up on the application, ``serve run`` exits 1 and so does the launcher.
 
-Ctrl-C or SIGTERM stops ``serve run`` (and its Ray cluster) and the Redis it started,
-and returns once ``LLM_PORT`` can be bound again (a stop followed by a start works).
+Ctrl-C, SIGTERM or SIGHUP stops ``serve run`` (and its Ray cluster) and the Redis it
+started, then whatever else it started that is still running (:class:`Shutdown`: a
+further signal only hurries the stop), and returns once ``LLM_PORT`` can be bound again
+(a stop followed by a start works).
 """
 
 from __future__ import annotations

@@ -110,7 +110,16 @@ def test_frozen_redis_costs_one_timeout_and_a_restart_none(own_redis: RedisServe
                 assert time.monotonic() - started < 1.8
         finally:
             own_redis.thaw()
-        assert (await store.get(conversation_id)).message_count == 0
+        # A thawed Redis first works off what it queued while stopped: on a loaded machine
+        # (make test's other chain) that once took longer than the 1 s timeout.
+        for attempt in range(10):
+            try:
+                assert (await store.get(conversation_id)).message_count == 0
+                break
+            except StoreUnavailableError:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.5)
         own_redis.kill()
         own_redis.start()
         assert await store.count() == 1

@@ -14,6 +14,7 @@ import requests
 
 from cloudllm_serve.models.prepare import default_model_dir
 from tests.conftest import Stack
+from tests.support import wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -177,7 +178,8 @@ def test_closing_a_stream_aborts_the_engine_request(stack: Stack) -> None:
         chunks += line.startswith(b"data: {")
         if chunks == 3:
             break
-    assert busy(stack) == 1  # the request is running while the stream is open
+    # The request is running while the stream is open (/health's stats are up to 1 s old).
+    wait_for(lambda: busy(stack) == 1, timeout_s=5, interval_s=0.2)
     response.close()
     drained_in = wait_idle(stack, 2)
     print(f"running back to 0 {drained_in:.2f} s after closing the stream")

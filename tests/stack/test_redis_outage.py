@@ -27,9 +27,13 @@ OUTAGE_ANSWER_WITHIN_S = 6.0
 
 
 def assert_outage_answers(stack: Stack, cid: str) -> None:
+    # /health answers from a result up to 1 s old: the outage shows within that second.
     started = time.monotonic()
     health = requests.get(f"{stack.base_url}/health", timeout=30)
-    assert time.monotonic() - started < OUTAGE_ANSWER_WITHIN_S
+    while health.status_code == 200 and time.monotonic() - started < 1.5:
+        time.sleep(0.1)
+        health = requests.get(f"{stack.base_url}/health", timeout=30)
+    assert time.monotonic() - started < OUTAGE_ANSWER_WITHIN_S + 1.5
     assert health.status_code == 503
     assert "redis" in health.json()["status"]
     assert health.json()["model_loaded"] is True

@@ -37,19 +37,6 @@ TEXT_PART_TYPES = frozenset(
 )
 #: vLLM's image part types that the ingress checks; rebuilt as ``image_url`` parts.
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image"})
-#: vLLM's other media part types: refused (no check of ours covers them).
-REFUSED_PART_TYPES = frozenset(
-    {
-        "image_pil",
-        "image_embeds",
-        "audio_embeds",
-        "video_embeds",
-        "prompt_embeds",
-        "audio_url",
-        "input_audio",
-        "video_url",
-    }
-)
 #: The keys vLLM looks for, in its order, in a part without a ``type`` or with a ``uuid``.
 UNTYPED_PART_KEYS = (
     "image_url",
@@ -65,6 +52,8 @@ UNTYPED_PART_KEYS = (
 )
 #: Keys that carry media, whatever the part's kind.
 MEDIA_KEYS = frozenset(UNTYPED_PART_KEYS) - {"tool_reference"}
+#: vLLM's other media part types: refused (no check of ours covers them).
+REFUSED_PART_TYPES = MEDIA_KEYS - IMAGE_PART_TYPES
 #: Chat body fields that set vLLM's media loading or processing per request.
 REFUSED_BODY_FIELDS = ("media_io_kwargs", "mm_processor_kwargs")
 

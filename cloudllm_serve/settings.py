@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,10 @@ from cloudllm_serve.models.prepare import (
 )
 
 MiB = 1024 * 1024
+#: Settings read from this file in the directory the app is started in (the environment wins).
+ENV_FILE = ".env"
+
+logger = logging.getLogger(__name__)
 
 # vLLM's CPU attention backend only accepts KV-cache blocks of a multiple of 32 tokens.
 CPU_BLOCK_SIZE_MULTIPLE = 32
@@ -500,12 +505,16 @@ def describe_validation_error(error: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
-def load_settings(defaults: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    defaults: Mapping[str, Any] | None = None, *, env_file: str | Path | None = ENV_FILE
+) -> Settings:
     """Read and validate the settings.
 
-    ``defaults`` (a serve config's ``args``) replace the built-in defaults; an
-    environment variable of the same name still wins over them, so an operator can
-    change any setting of a checked-in profile without editing it.
+    From lowest to highest precedence: the built-in defaults; ``defaults`` (a serve
+    config's ``args``); ``env_file`` (``.env`` in the directory the app is started in,
+    read as pydantic-settings reads it, when it exists); the environment. So an operator
+    can change any setting of a checked-in profile without editing it. The result
+    reaches every replica as the application's argument, not by re-reading the file.
 
     Raises :class:`SettingsError` with a message naming every bad variable.
     """
@@ -513,7 +522,27 @@ def load_settings(defaults: Mapping[str, Any] | None = None) -> Settings:
     unknown = sorted(set(defaults) - set(Settings.model_fields))
     if unknown:
         raise SettingsError(f"invalid settings: unknown setting(s) {', '.join(unknown)}")
+    in_file = env_file_settings(env_file)
+    overridden = set(os.environ) | in_file
+    kept = {k: v for k, v in defaults.items() if k not in overridden}
     try:
-        return Settings(**{k: v for k, v in defaults.items() if k not in os.environ})
+        return Settings(_env_file=env_file if in_file else None, **kept)
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
+
+
+def env_file_settings(env_file: str | Path | None) -> set[str]:
+    """The settings ``env_file`` sets (none when there is no such file).
+
+    Other names in it are left to whoever else reads the file, and logged once, so a
+    misspelt setting does not pass unnoticed.
+    """
+    if env_file is None or not Path(env_file).is_file():
+        return set()
+    from dotenv import dotenv_values
+
+    names = {name for name, value in dotenv_values(env_file).items() if value is not None}
+    others = sorted(names - set(Settings.model_fields))
+    if others:
+        logger.warning("%s: not settings, ignored here: %s", env_file, ", ".join(others))
+    return names & set(Settings.model_fields)

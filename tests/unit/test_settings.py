@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +130,34 @@ def test_launcher_stops_at_a_bad_variable() -> None:
     assert result.returncode == 2
     assert "VLLM_MAX_NUM_SEQS='sixteen'" in result.stderr
     assert "starting" not in result.stdout
+
+
+def test_a_dotenv_file_sets_settings_between_the_config_args_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "VLLM_MAX_NUM_SEQS=8\n"
+        "MAX_TOKENS_CAP=64\n"
+        "MEDIA_ALLOWED_PORTS=8080,8443\n"
+        "HF_TOKEN=someone-elses\n"
+        "VLLM_MAX_NUM_SEQ=3\n"
+    )
+    monkeypatch.delenv("VLLM_MAX_NUM_SEQS", raising=False)
+    monkeypatch.setenv("MAX_TOKENS_CAP", "32")
+    args = {"VLLM_MAX_NUM_SEQS": 4, "ENGINE_MAX_QUEUED_REQUESTS": 7}
+    with caplog.at_level(logging.WARNING):
+        settings = load_settings(args, env_file=env_file)
+    assert settings.VLLM_MAX_NUM_SEQS == 8  # the file beats the config's args
+    assert settings.MAX_TOKENS_CAP == 32  # the environment beats the file
+    assert settings.ENGINE_MAX_QUEUED_REQUESTS == 7  # args the file leaves alone still count
+    assert settings.MEDIA_ALLOWED_PORTS == [8080, 8443]  # read as from the environment
+    assert "HF_TOKEN, VLLM_MAX_NUM_SEQ" in caplog.text  # a misspelt setting is named
+
+
+def test_no_dotenv_file_and_a_bad_value_in_one(tmp_path: Path) -> None:
+    settings = load_settings({"VLLM_MAX_NUM_SEQS": 4}, env_file=tmp_path / ".env")
+    assert settings.VLLM_MAX_NUM_SEQS == 4
+    (tmp_path / ".env").write_text("VLLM_MAX_NUM_SEQS=many\n")
+    with pytest.raises(SettingsError, match="VLLM_MAX_NUM_SEQS"):
+        load_settings(env_file=tmp_path / ".env")

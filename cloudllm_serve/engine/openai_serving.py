@@ -7,7 +7,10 @@ replica's ``AsyncLLM``: whatever ``vllm serve`` accepts and answers, we accept a
 answer. What this module adds is what a server-side conversation needs: the stored
 history fitted into the context (oldest turns dropped first), and, after a stream,
 one :class:`~cloudllm_serve.engine.protocol.OpenAIStreamEnd` with the usage and the
-assistant's message, so the ingress never decodes a stateless stream.
+assistant's message, so the ingress never decodes a stateless stream; and for a
+resumable call, its progress (:class:`~cloudllm_serve.engine.protocol.OpenAIProgress`),
+recorded by :class:`ProgressingEngineClient`, the engine client the serving layer sees,
+which also turns a resumed call into a continuation (:mod:`cloudllm_serve.engine.resume`).
 
 Imports vLLM; only :mod:`cloudllm_serve.engine.vllm_engine` imports this module.
 """
@@ -15,6 +18,9 @@ Imports vLLM; only :mod:`cloudllm_serve.engine.vllm_engine` imports this module.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -30,10 +36,19 @@ from cloudllm_serve.engine.prompt import (
     kept_messages,
 )
 from cloudllm_serve.engine.protocol import (
+    PROGRESS_INTERVAL_S,
     ChatMessage,
     OpenAIAnswer,
     OpenAICall,
+    OpenAIReplicaItem,
     OpenAIStreamEnd,
+)
+from cloudllm_serve.engine.resume import (
+    RESUMED_TOKENS_ARG,
+    ContinuedStream,
+    ProgressRecorder,
+    continued_input,
+    continued_usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +68,69 @@ def parse_vllm_args(cli_args: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+class ProgressingEngineClient:
+    """The engine client vLLM's chat and completion serving objects call: ``AsyncLLM``'s.
+
+    A request with a :class:`ProgressRecorder` (registered under vLLM's request id) is
+    recorded as the serving layer takes its outputs and, when it resumes, continued
+    (:func:`continued_input`, ``max_tokens`` less the earlier tokens); a whole answer
+    asks vLLM for ``CUMULATIVE`` outputs instead of ``FINAL_ONLY`` so that its progress
+    is known, and hands the serving layer the last one only. Every other request and
+    attribute is the engine's own.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.recorders: dict[str, ProgressRecorder] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``AsyncLLM.generate``, recorded (and continued) for a registered request."""
+        recorder = self.recorders.get(request_id)
+        if recorder is None:
+            return self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        return self._recorded(recorder, prompt, sampling_params, request_id, *args, **kwargs)
+
+    async def _recorded(
+        self,
+        recorder: ProgressRecorder,
+        prompt: Any,
+        params: Any,
+        request_id: str,
+        *args: Any,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        resumed = recorder.resume_token_ids
+        whole = params.output_kind == RequestOutputKind.FINAL_ONLY
+        if resumed or whole:
+            params = copy.copy(params)
+        if resumed:
+            if params.max_tokens is not None and params.max_tokens <= len(resumed):
+                raise ValueError("a continuation with nothing left to generate")
+            prompt = continued_input(prompt, resumed)
+            if params.max_tokens is not None:
+                params.max_tokens -= len(resumed)
+            params.min_tokens = max(0, params.min_tokens - len(resumed))
+            params.extra_args = {**(params.extra_args or {}), RESUMED_TOKENS_ARG: len(resumed)}
+        if whole:
+            params.output_kind = RequestOutputKind.CUMULATIVE
+        async for output in self._engine.generate(prompt, params, request_id, *args, **kwargs):
+            completion = output.outputs[0]
+            if whole:
+                recorder.add_cumulative(completion.token_ids, completion.text)
+                if not output.finished:
+                    continue
+            else:
+                recorder.add(completion.token_ids, completion.text)
+            yield output
+
+
 class OpenAIServer:
     """vLLM's chat and completion serving classes over one ``AsyncLLM``."""
 
@@ -65,6 +143,7 @@ class OpenAIServer:
         images_per_prompt: int | None = None,
     ) -> None:
         self._engine = engine
+        self._client = ProgressingEngineClient(engine)
         self._args = args
         self._max_model_len = max_model_len
         self._images_per_prompt = images_per_prompt
@@ -80,10 +159,36 @@ class OpenAIServer:
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, self._args, supported_tasks=tasks)
+        for name in ("openai_serving_chat", "openai_serving_completion"):
+            serving = getattr(state, name, None)
+            if serving is not None:
+                serving.engine_client = self._client
         self._state = state
 
-    async def answer(self, call: OpenAICall) -> AsyncIterator[str | OpenAIAnswer | OpenAIStreamEnd]:
-        """Run one call: an :class:`OpenAIAnswer`, or a stream's SSE strings then its end."""
+    async def answer(self, call: OpenAICall) -> AsyncIterator[OpenAIReplicaItem]:
+        """Run one call: an :class:`OpenAIAnswer`, or a stream's SSE strings then its end.
+
+        A resumable call's progress comes with them (:class:`ProgressRecorder`).
+        """
+        if not call.resumable:
+            async for item in self._answer(call, None):
+                yield item
+            return
+        # vLLM's request id for this call (a single prompt: resumable calls have one).
+        prefix = "chatcmpl-" if call.kind == "chat" else "cmpl-"
+        suffix = "" if call.kind == "chat" else "-0"
+        engine_request_id = f"{prefix}{call.request_id}{suffix}"
+        recorder = ProgressRecorder(call.resume_token_ids)
+        self._client.recorders[engine_request_id] = recorder
+        try:
+            async for item in self._answer(call, recorder):
+                yield item
+        finally:
+            self._client.recorders.pop(engine_request_id, None)
+
+    async def _answer(
+        self, call: OpenAICall, recorder: ProgressRecorder | None
+    ) -> AsyncIterator[OpenAIReplicaItem]:
         from pydantic import ValidationError
 
         request_cls, serving = self._serving(call.kind)
@@ -124,16 +229,32 @@ class OpenAIServer:
             options = request.stream_options or StreamOptions()
             options.include_usage = True
             request.stream_options = options
+        if call.kind == "chat":
+            created = serving.create_chat_completion(request, raw_request=None)
+        else:
+            created = serving.create_completion(request, raw_request=None)
         try:
-            if call.kind == "chat":
-                result = await serving.create_chat_completion(request, raw_request=None)
+            if recorder is not None and not request.stream:
+                # A whole answer: its progress while it is generated.
+                task = asyncio.ensure_future(created)
+                try:
+                    while not (await asyncio.wait({task}, timeout=PROGRESS_INTERVAL_S))[0]:
+                        progress = recorder.take()
+                        if progress is not None:
+                            yield progress
+                finally:
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
+                result = task.result()
             else:
-                result = await serving.create_completion(request, raw_request=None)
+                result = await created
         except Exception as error:  # vLLM raises some client errors out of create_*
             yield self._error(serving, error)
             return
         if isinstance(result, AsyncIterator):
-            async for item in self._stream(result, call, client_wants_usage, dropped):
+            async for item in self._stream(result, call, client_wants_usage, dropped, recorder):
                 yield item
             return
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -141,7 +262,10 @@ class OpenAIServer:
         if isinstance(result, ErrorResponse):
             yield OpenAIAnswer(int(result.error.code), result.model_dump())
             return
-        yield OpenAIAnswer(200, result.model_dump(), dropped_messages=dropped)
+        body = result.model_dump()
+        if call.resume_token_ids and isinstance(body.get("usage"), dict):
+            body["usage"] = continued_usage(body["usage"], len(call.resume_token_ids))
+        yield OpenAIAnswer(200, body, dropped_messages=dropped)
 
     async def encode_chat(
         self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
@@ -190,19 +314,52 @@ class OpenAIServer:
         return CompletionRequest, getattr(self._state, "openai_serving_completion", None)
 
     async def _stream(
-        self, chunks: AsyncIterator[str], call: OpenAICall, client_wants_usage: bool, dropped: int
-    ) -> AsyncIterator[str | OpenAIStreamEnd]:
-        """The SSE strings as vLLM makes them; the usage chunk only if the client asked."""
+        self,
+        chunks: AsyncIterator[str],
+        call: OpenAICall,
+        client_wants_usage: bool,
+        dropped: int,
+        recorder: ProgressRecorder | None = None,
+    ) -> AsyncIterator[OpenAIReplicaItem]:
+        """The SSE strings as vLLM makes them; the usage chunk only if the client asked.
+
+        With a ``recorder``, each string comes after the progress it holds (a chat's
+        opening role chunk holds none); a continuation's strings are rewritten to follow
+        on from the first stream's (:class:`ContinuedStream`).
+        """
         usage: dict[str, Any] | None = None
         message = _MessageGatherer() if call.collect else None
+        continued = (
+            ContinuedStream(
+                chat=call.kind == "chat",
+                resumed=len(call.resume_token_ids),
+                created=call.resume_created,
+            )
+            if call.resume_token_ids or call.resume_created is not None
+            else None
+        )
+        opening = call.kind == "chat"
         async for chunk in chunks:
             if _USAGE_CHUNK_MARK in chunk and chunk.startswith("data: {"):
                 decoded = json.loads(chunk[6:])
                 if decoded.get("choices") == [] and "usage" in decoded:
+                    if continued is not None:
+                        chunk = continued.usage_chunk(decoded)
                     usage = decoded["usage"]
                     if client_wants_usage:
                         yield chunk
                     continue
+            if continued is not None:
+                rewritten = continued.rewrite(chunk)
+                if rewritten is None:
+                    opening = False
+                    continue
+                chunk = rewritten
+            if recorder is not None and not opening:
+                progress = recorder.take()
+                if progress is not None:
+                    yield progress
+            opening = False
             if message is not None:
                 message.add(chunk)
             yield chunk

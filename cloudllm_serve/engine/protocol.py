@@ -12,6 +12,14 @@ user message last) and yields :class:`GenerationChunk` values:
 Errors travel as values: a chunk whose ``error`` is set ends the stream, and nothing
 else in it is meaningful.
 
+A *resumable* request (``resumable``, set by the ingress) also reports the token ids it
+generated, out of band of the text: ``ChoiceDelta.token_ids`` on ``/generate``, an
+:class:`OpenAIProgress` item on ``/v1``; a non-streamed one sends its progress every
+:data:`PROGRESS_INTERVAL_S` as well. When its engine dies midway, the ingress sends it
+again with ``resume_token_ids`` (what its client got): the engine renders the prompt as
+before, appends those ids and generates the rest, a continuation
+(:mod:`cloudllm_serve.engine.resume`).
+
 Across the deployment handle a stream travels in batches: lists of these items, in
 order, each list one handle item (:mod:`cloudllm_serve.engine.stream_batching`), which
 the ingress writes to its client as one HTTP chunk. Every value here is a plain
@@ -20,7 +28,7 @@ dataclass so it crosses Ray cheaply and needs neither vLLM nor FastAPI to import
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -28,6 +36,9 @@ from typing import Any, Literal, Protocol
 #: as ``{"type": "image_url", "image_url": {"url": "data:..."}}``), maybe tool fields.
 ChatMessage = dict[str, Any]
 EngineErrorKind = Literal["prompt_too_long", "invalid_request", "engine_failure"]
+#: How often a resumable request that is not streamed reports its progress (seconds):
+#: an engine crash costs it at most the tokens of this interval, generated again.
+PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,11 @@ class GenerationRequest:
     #: vLLM's prefix-cache salt: the tenant's (:mod:`cloudllm_serve.ingress.cache_salt`),
     #: so one tenant's prompts are never a cache hit for another's.
     cache_salt: str | None = None
+    #: Report the token ids generated (``ChoiceDelta.token_ids``) so that the request can
+    #: continue on another replica if this one's engine dies (see the module docstring).
+    resumable: bool = False
+    #: A continuation: the token ids the client already got, generated after the prompt.
+    resume_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,12 @@ class OpenAICall:
     affinity_key: str | None = None
     preferred_replica: str | None = None
     avoid_replicas: tuple[str, ...] = ()
+    #: As on :class:`GenerationRequest`: report progress (:class:`OpenAIProgress`), and
+    #: the token ids a continuation follows.
+    resumable: bool = False
+    resume_token_ids: tuple[int, ...] = ()
+    #: A continued stream: the first stream's ``created``, which its chunks keep.
+    resume_created: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +143,23 @@ class OpenAIStreamEnd:
     replica_id: str = ""
 
 
-#: What an engine replica's ``openai`` method yields.
+@dataclass(frozen=True)
+class OpenAIProgress:
+    """Tokens a resumable ``/v1`` call generated (never forwarded to the client).
+
+    In a stream it comes right before the SSE string that holds ``text`` (the tokens'
+    text, as vLLM detokenized them), so the ids count as sent once that string is; a
+    call that is not streamed sends one every :data:`PROGRESS_INTERVAL_S`.
+    """
+
+    token_ids: Sequence[int]
+    text: str
+
+
+#: What the ingress's engine client yields for a ``/v1`` call (progress taken out).
 OpenAIItem = str | OpenAIAnswer | OpenAIStreamEnd
+#: What an engine replica's ``openai`` method yields: those, and a resumable call's progress.
+OpenAIReplicaItem = OpenAIItem | OpenAIProgress
 
 
 @dataclass(frozen=True)
@@ -147,11 +184,12 @@ class GenerationMetrics:
 
 
 class EngineDeadError(RuntimeError):
-    """An engine replica's vLLM engine is dead and this request got nothing from it.
+    """An engine replica's vLLM engine is dead: this request cannot go on there.
 
-    Raised by the replica instead of an error chunk, so the ingress can try the request
-    on another replica (``replica_id`` goes into its ``avoid_replicas``). Serve's health
-    check replaces the replica.
+    Raised by the replica instead of an error chunk, before or after items were sent,
+    so the ingress can try the request on another replica (``replica_id`` goes into its
+    ``avoid_replicas``), or continue it there if it is resumable. Serve's health check
+    replaces the replica.
     """
 
     def __init__(self, replica_id: str, message: str) -> None:
@@ -174,12 +212,16 @@ class EngineError:
 
 @dataclass(frozen=True)
 class ChoiceDelta:
-    """New output of one choice (``index`` < ``n``): text and how many tokens it holds."""
+    """New output of one choice (``index`` < ``n``): text and how many tokens it holds.
+
+    ``token_ids``: the tokens themselves, for a resumable request only.
+    """
 
     index: int
     text: str
     token_count: int
     finish_reason: str | None = None
+    token_ids: Sequence[int] = ()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from cloudllm_serve.engine.protocol import (
     GenerationRequest,
     OpenAIAnswer,
     OpenAICall,
-    OpenAIItem,
+    OpenAIProgress,
+    OpenAIReplicaItem,
     OpenAIStreamEnd,
 )
 from cloudllm_serve.engine.stream_batching import coalesce
@@ -70,7 +71,7 @@ class EngineBackend(Protocol):
         """Run one generation (see :mod:`cloudllm_serve.engine.protocol`)."""
         ...
 
-    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIReplicaItem]:
         """Run one ``/v1`` call through vLLM's OpenAI serving layer."""
         ...
 
@@ -132,22 +133,26 @@ class EngineServer:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Stream one generation's chunks back, in batches (the last chunk names us).
 
-        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
+        Raises :class:`EngineDeadError` when the engine is dead (the ingress tries again
+        elsewhere, or continues the request there).
         """
         async with aclosing(self._batched(self._generate(request))) as batches:
             async for batch in batches:
                 yield batch
 
-    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
+    async def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIReplicaItem]]:
         """Stream one ``/v1`` call's items back, in batches (its answer or end names us).
 
-        Raises :class:`EngineDeadError` when the engine is dead and nothing was sent yet.
+        Raises :class:`EngineDeadError` when the engine is dead (as ``generate``). A
+        progress item never goes alone: it leaves with the string that holds it.
         """
-        async with aclosing(self._batched(self._openai(call))) as batches:
+        async with aclosing(self._batched(self._openai(call), _is_progress)) as batches:
             async for batch in batches:
                 yield batch
 
-    def _batched(self, items: AsyncIterator[ItemT]) -> AsyncGenerator[list[ItemT], None]:
+    def _batched(
+        self, items: AsyncIterator[ItemT], attached: Callable[[ItemT], bool] | None = None
+    ) -> AsyncGenerator[list[ItemT], None]:
         """``items`` coalesced as ``STREAM_BATCH_INTERVAL_MS`` says.
 
         Each batch crosses the handle as one item and becomes one HTTP write.
@@ -156,30 +161,27 @@ class EngineServer:
             items,
             self._settings.STREAM_BATCH_INTERVAL_MS / 1000,
             self._settings.STREAM_BATCH_MAX_ITEMS,
+            attached=attached,
         )
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self._refuse_if_dead("")
-        sent = False
         async for chunk in self._backend.generate(request):
-            if chunk.error is not None and not sent:
+            if chunk.error is not None:
                 self._refuse_if_dead(chunk.error.message)
             if chunk.metrics is not None:
                 chunk = dataclasses.replace(
                     chunk, metrics=dataclasses.replace(chunk.metrics, replica_id=self._replica_id)
                 )
-            sent = True
             yield chunk
 
-    async def _openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+    async def _openai(self, call: OpenAICall) -> AsyncIterator[OpenAIReplicaItem]:
         self._refuse_if_dead("")
-        sent = False
         async for item in self._backend.openai(call):
-            if not sent and _is_error(item):
+            if _is_error(item):
                 self._refuse_if_dead(str(item)[:300])
             if isinstance(item, (OpenAIAnswer, OpenAIStreamEnd)):
                 item = dataclasses.replace(item, replica_id=self._replica_id)
-            sent = True
             yield item
 
     def _refuse_if_dead(self, error: str) -> None:
@@ -215,7 +217,11 @@ class EngineServer:
             backend.shutdown()
 
 
-def _is_error(item: OpenAIItem) -> bool:
+def _is_progress(item: OpenAIReplicaItem) -> bool:
+    return isinstance(item, OpenAIProgress)
+
+
+def _is_error(item: OpenAIReplicaItem) -> bool:
     """Whether a ``/v1`` item is an error: a 5xx answer or an SSE error event."""
     if isinstance(item, OpenAIAnswer):
         return item.status >= 500

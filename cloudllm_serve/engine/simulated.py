@@ -27,7 +27,9 @@ apart from the serving layer's.
 Generated tokens come from a fixed English text, so detokenized answers read as words,
 from a place set by the request's ``seed`` (the same seed, the same answer) or else by
 its id; answers run to ``max_tokens`` (finish reason ``length``) unless a stop string
-ends them.
+ends them. A continuation (``SamplingParams.extra_args`` of
+:data:`~cloudllm_serve.engine.resume.RESUMED_TOKENS_ARG`, with the same id or seed)
+starts that many tokens further on: it goes on with the text the first try had begun.
 Structured output is not simulated (a schema is accepted and ignored).
 
 Imports vLLM: only :mod:`cloudllm_serve.engine.vllm_engine` (and the Ray Serve LLM
@@ -61,6 +63,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.core_client import EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.stats import PrefillStats, PrefixCacheStats, SchedulerStats
+
+from cloudllm_serve.engine.resume import RESUMED_TOKENS_ARG
 
 if TYPE_CHECKING:
     from cloudllm_serve.settings import Settings
@@ -158,8 +162,11 @@ class _Sequence:
         # Where in the answer text this sequence starts: set by the seed when there is one
         # (the same answer again; choices of n get seed + index), else by the request id.
         seed = params.seed if params is not None else None
-        start = seed if seed is not None else zlib.crc32(request.request_id.encode())
-        self.position = start % answer_length
+        # The id the request was given (vLLM adds a random suffix to its own copy).
+        given_id = getattr(request, "external_req_id", None) or request.request_id
+        start = seed if seed is not None else zlib.crc32(given_id.encode())
+        extra = (params.extra_args if params is not None else None) or {}
+        self.position = (start + int(extra.get(RESUMED_TOKENS_ARG, 0))) % answer_length
         self.first_token_due = 0.0
         self.prefill: PrefillStats | None = None
         self.events = [EngineCoreEvent.new_event(EngineCoreEventType.QUEUED)]

@@ -12,31 +12,49 @@ of items into a stream of lists:
   comes after a quiet ``interval_s`` goes out at once.
 
 So a slow stream pays nothing and a fast one pays at most ``interval_s`` per item.
-Items are never merged or altered: the consumer gets each one, in order.
+Items are never merged or altered: the consumer gets each one, in order. An item that is
+``attached`` to the next one (a stream's progress report) never leaves alone when items go
+one per batch: it waits for the next item.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
 async def coalesce(
-    items: AsyncIterator[T], interval_s: float, max_items: int
+    items: AsyncIterator[T],
+    interval_s: float,
+    max_items: int,
+    *,
+    attached: Callable[[T], bool] | None = None,
 ) -> AsyncGenerator[list[T], None]:
     """``items`` as batches (see the module docstring); ``interval_s`` 0: one per batch.
 
-    An exception of ``items`` is raised after the items that came before it. Closing
-    the result (or cancelling its consumer) closes ``items``.
+    With ``interval_s`` 0, an item for which ``attached`` is true goes out with the
+    item after it (or at the end). An exception of ``items`` is raised after the items
+    that came before it. Closing the result (or cancelling its consumer) closes ``items``.
     """
     if interval_s <= 0:
+        held: list[T] = []
         try:
             async for item in items:
-                yield [item]
+                if attached is not None and attached(item):
+                    held.append(item)
+                    continue
+                if held:
+                    held.append(item)
+                    batch, held = held, []
+                    yield batch
+                else:
+                    yield [item]
+            if held:
+                yield held
         finally:
             await _close(items)
         return

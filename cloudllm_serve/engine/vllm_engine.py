@@ -23,6 +23,7 @@ from cloudllm_serve.engine.prompt import (
     fit_messages,
 )
 from cloudllm_serve.engine.protocol import (
+    PROGRESS_INTERVAL_S,
     ChatMessage,
     ChoiceDelta,
     EngineError,
@@ -32,8 +33,9 @@ from cloudllm_serve.engine.protocol import (
     GenerationMetrics,
     GenerationRequest,
     OpenAICall,
-    OpenAIItem,
+    OpenAIReplicaItem,
 )
+from cloudllm_serve.engine.resume import RESUMED_TOKENS_ARG, continued_input
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.heap import settle_heap
 from cloudllm_serve.settings import Settings
@@ -282,7 +284,7 @@ class VLLMEngine:
         settle_heap()
         vllm.envs.enable_envs_cache()
 
-    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIItem]:
+    def openai(self, call: OpenAICall) -> AsyncIterator[OpenAIReplicaItem]:
         """One ``/v1`` call through vLLM's own OpenAI serving layer."""
         return self._openai.answer(call)  # type: ignore[no-any-return]
 
@@ -341,9 +343,15 @@ class VLLMEngine:
             structured = StructuredOutputsParams(json=options.json_schema)
         elif options.json_object:
             structured = StructuredOutputsParams(json_object=True)
+        if request.stream:
+            kind = output_kind.DELTA
+        else:  # a resumable whole answer reports its progress: vLLM's outputs so far
+            kind = output_kind.CUMULATIVE if request.resumable else output_kind.FINAL_ONLY
+        resumed = len(request.resume_token_ids)
         return sampling_params_cls(
             n=options.n,
-            max_tokens=options.max_tokens,
+            max_tokens=options.max_tokens - resumed,
+            extra_args={RESUMED_TOKENS_ARG: resumed} if resumed else None,
             temperature=options.temperature,
             top_p=options.top_p,
             stop=list(options.stop) or None,
@@ -352,16 +360,22 @@ class VLLMEngine:
             frequency_penalty=options.frequency_penalty,
             ignore_eos=options.ignore_eos,
             structured_outputs=structured,
-            output_kind=output_kind.DELTA if request.stream else output_kind.FINAL_ONLY,
+            output_kind=kind,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Run one generation; yields chunks as the protocol describes."""
+        """Run one generation; yields chunks as the protocol describes.
+
+        A continuation (``resume_token_ids``) fits the prompt as the first try did, then
+        generates after those ids (:mod:`cloudllm_serve.engine.resume`).
+        """
         from vllm.inputs import TokensPrompt
 
         try:
             fitted = await self._prompt(request)
             params = self._sampling_params(request)
+            if request.resume_token_ids and params.max_tokens < 1:
+                raise ValueError("a continuation with nothing left to generate")
         except PromptDoesNotFitError as error:
             yield GenerationChunk(
                 finished=True,
@@ -386,19 +400,37 @@ class VLLMEngine:
         tokens = 0
         prompt_tokens, dropped = len(fitted.token_ids), fitted.dropped_messages
         prompt = fitted.engine_input or TokensPrompt(prompt_token_ids=fitted.token_ids)
+        if request.resume_token_ids:
+            prompt = continued_input(prompt, request.resume_token_ids)
         if request.cache_salt is not None:
             prompt = {**prompt, "cache_salt": request.cache_salt}
+        with_ids = request.resumable
+        # A resumable whole answer (CUMULATIVE outputs): what was reported, and when.
+        whole = with_ids and not request.stream
+        reported_ids = reported_chars = 0
+        reported_at = time.monotonic()
         try:
             async for output in self._engine.generate(prompt, params, request.request_id):
-                choices = tuple(
-                    ChoiceDelta(
-                        index=completion.index,
-                        text=completion.text,
-                        token_count=len(completion.token_ids),
-                        finish_reason=completion.finish_reason,
+                if whole:
+                    if not output.finished and time.monotonic() - reported_at < (
+                        PROGRESS_INTERVAL_S
+                    ):
+                        continue
+                    reported_at = time.monotonic()
+                    choices, reported_ids, reported_chars = _progress(
+                        output.outputs[0], reported_ids, reported_chars
                     )
-                    for completion in output.outputs
-                )
+                else:
+                    choices = tuple(
+                        ChoiceDelta(
+                            index=completion.index,
+                            text=completion.text,
+                            token_count=len(completion.token_ids),
+                            finish_reason=completion.finish_reason,
+                            token_ids=completion.token_ids if with_ids else (),
+                        )
+                        for completion in output.outputs
+                    )
                 step_tokens = sum(choice.token_count for choice in choices)
                 tokens += step_tokens
                 if first_token_at is None and step_tokens:
@@ -479,6 +511,25 @@ class VLLMEngine:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+def _progress(
+    completion: Any, reported_ids: int, reported_chars: int
+) -> tuple[tuple[ChoiceDelta, ...], int, int]:
+    """A whole answer's output so far (CUMULATIVE) less what was reported before.
+
+    Returns the new part as a choice, and how many ids and characters are reported now.
+    """
+    ids = list(completion.token_ids[reported_ids:])
+    text = completion.text[reported_chars:]
+    choice = ChoiceDelta(
+        index=completion.index,
+        text=text,
+        token_count=len(ids),
+        finish_reason=completion.finish_reason,
+        token_ids=ids,
+    )
+    return (choice,), reported_ids + len(ids), reported_chars + len(text)
 
 
 def _ttft_ms(output: Any, measured_s: float) -> float:

@@ -189,6 +189,15 @@ class IngressMetrics:
             (),
         )
         self.engine_retries.start_at_zero()
+        self.stream_resumes = metric(
+            "counter",
+            "cloudllm_stream_resumes",
+            "engine replicas that died under a request that had sent something, by outcome: "
+            "resumed (continued on another replica), not_resumable, exhausted (no try left)",
+            ("outcome",),
+        )
+        for outcome in ("resumed", "not_resumable", "exhausted"):
+            self.stream_resumes.start_at_zero(outcome=outcome)
         for reason in REFUSAL_REASONS:
             self.refusals.start_at_zero(reason=reason)
         for outcome in ("hit", "miss"):

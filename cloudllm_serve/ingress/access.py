@@ -27,7 +27,7 @@ from typing import Any
 
 from cloudllm_serve.errors import AuthenticationError
 from cloudllm_serve.ingress.audit import AuditLog
-from cloudllm_serve.ingress.context import SCOPE_KEY, RequestContext
+from cloudllm_serve.ingress.context import SCOPE_KEY, RequestContext, current_request
 from cloudllm_serve.ingress.errors import OPENAI_PREFIX, error_headers, openai_error, seed_error
 from cloudllm_serve.ingress.rate_limits import RateLimiter
 from cloudllm_serve.ingress.service import IngressCounters
@@ -107,6 +107,7 @@ class AccessMiddleware:
             request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         )
         scope.setdefault("state", {})[SCOPE_KEY] = context
+        current_request.set(context)
         status: list[int] = []
 
         streaming: list[bool] = []
@@ -220,6 +221,7 @@ class AccessMiddleware:
                 "conversation_id": context.conversation_id,
                 "prompt_tokens": context.prompt_tokens,
                 "completion_tokens": context.completion_tokens,
+                "resumes": context.resumes,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             }
         )

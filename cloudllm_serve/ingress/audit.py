@@ -6,7 +6,8 @@ server: vLLM's request id, and the concurrency slot's), ``tenant``, ``key_id``, 
 (address), ``method``, ``route`` (the route template, e.g.
 ``/conversations/{conversation_id}``), ``status``, ``decision`` (see
 :class:`~cloudllm_serve.ingress.context.RequestContext`), ``conversation_id``,
-``prompt_tokens``, ``completion_tokens`` and ``latency_ms``.
+``prompt_tokens``, ``completion_tokens``, ``resumes`` (how many times the generation moved
+to another engine replica after its engine died midway) and ``latency_ms``.
 
 ``AUDIT_LOG`` says where the lines go: a file appended to (one ``write`` per line, so
 the ingress replicas of one host can share a file; by default ``audit.jsonl`` in the run

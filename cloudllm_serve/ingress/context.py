@@ -9,6 +9,7 @@ charge and writes the audit line from it when the response is done.
 from __future__ import annotations
 
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,9 @@ class RequestContext:
     #: The admission's estimate: the prompt's part, and the most tokens it may generate.
     prompt_estimate: int = 0
     completion_estimate: int = 0
+    #: How many times the generation moved to another engine replica, continuing its
+    #: stream there after its engine died (:mod:`cloudllm_serve.ingress.stream_resume`).
+    resumes: int = 0
 
     @property
     def tenant_id(self) -> str | None:
@@ -101,6 +105,13 @@ class RequestContext:
                 f"this route needs an admin key; tenant '{self.principal.tenant_id}' is not an "
                 "admin (set admin: true in API_KEYS_FILE)"
             )
+
+
+#: The request being handled (set by the access middleware for the request's task), for
+#: code that has no scope at hand (the engine client counts a stream's moves into it).
+current_request: ContextVar[RequestContext | None] = ContextVar(
+    "cloudllm_current_request", default=None
+)
 
 
 def context_of(scope: dict[str, Any] | Any) -> RequestContext:

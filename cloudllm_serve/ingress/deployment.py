@@ -36,6 +36,7 @@ class Ingress:
         client = ServeEngineClient(engine, settings, app_name=context.app_name)
         self._service = CloudLLMService(settings, store, client)
         client.on_retry = lambda _replica: self._service.metrics.engine_retries.add()
+        client.on_resume = lambda outcome: self._service.metrics.stream_resumes.add(outcome=outcome)
         self._service.replica_id = context.replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -11,8 +11,10 @@ A request that got nothing from its replica because that replica's engine died
 tried again, at most :data:`ENGINE_RETRIES` times, with the dead replica in its
 ``avoid_replicas`` so the router sends it elsewhere (an actor that is gone is named in
 Ray's error; a retry whose replica could not be named waits :data:`RETRY_PAUSE_S` first,
-for Serve's router to drop it). Once anything has been relayed to the client, a failure
-ends the stream as before.
+for Serve's router to drop it). Once anything has been relayed to the client, a
+resumable request whose replica died goes on as a continuation on another replica, within
+the same bound (:mod:`cloudllm_serve.ingress.stream_resume`); any other failure ends the
+stream with an error.
 
 The fleet view asks Serve's controller for the engine deployment's status and
 replicas, then each running replica for its live stats. That call goes to the replica
@@ -43,6 +45,12 @@ from cloudllm_serve.engine.protocol import (
     ReplicaStatus,
 )
 from cloudllm_serve.errors import EngineOverloadedError, EngineUnavailableError
+from cloudllm_serve.ingress.context import current_request
+from cloudllm_serve.ingress.stream_resume import (
+    Continuation,
+    generation_blocker,
+    openai_blocker,
+)
 from cloudllm_serve.settings import Settings
 
 #: Serve's actor namespace (where replica actors are named).
@@ -60,8 +68,14 @@ logger = logging.getLogger(__name__)
 CallT = TypeVar("CallT", GenerationRequest, OpenAICall)
 
 
+#: Outcomes of ``cloudllm_stream_resumes_total``: a request that had sent its client
+#: something when its replica died went on elsewhere, could not (not resumable), or had
+#: no try left.
+RESUME_OUTCOMES = ("resumed", "not_resumable", "exhausted")
+
+
 class ReplicaLost(Exception):
-    """A try's replica died before it sent anything (``replica_id`` when known)."""
+    """A try's replica died (``replica_id`` when known)."""
 
     def __init__(self, replica_id: str, description: str) -> None:
         super().__init__(description)
@@ -92,40 +106,100 @@ class ServeEngineClient:
         self._actors: dict[str, Any] = {}
         #: Called with the dead replica's id each time a request is tried again.
         self.on_retry: Callable[[str], None] | None = None
+        #: Called with an outcome of :data:`RESUME_OUTCOMES` each time a replica dies
+        #: under a request that had sent its client something.
+        self.on_resume: Callable[[str], None] | None = None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Stream one generation from an engine replica, in the batches it sends."""
-        return self._retrying(request, self._stream_handle.generate.remote)
+        blocker = generation_blocker(request)
+        if blocker is None:
+            request = dataclasses.replace(request, resumable=True)
+        return self._retrying(request, self._stream_handle.generate.remote, blocker)
 
     def openai(self, call: OpenAICall) -> AsyncIterator[list[OpenAIItem]]:
         """Stream one ``/v1`` call's items from an engine replica, in the batches it sends."""
-        return self._retrying(call, self._stream_handle.openai.remote)
+        blocker = openai_blocker(call.kind, call.body)
+        if blocker is None:
+            call = dataclasses.replace(call, resumable=True)
+        return self._retrying(call, self._stream_handle.openai.remote, blocker)
 
-    async def _retrying(self, call: CallT, send: Callable[[CallT], Any]) -> AsyncIterator[Any]:
-        """``send(call)``'s stream; tried again elsewhere while its replica died unheard."""
+    async def _retrying(
+        self, call: CallT, send: Callable[[CallT], Any], blocker: str | None
+    ) -> AsyncIterator[Any]:
+        """``send(call)``'s stream; tried again elsewhere while its replica died unheard.
+
+        A resumable call (``blocker`` ``None``) whose replica died after it had sent
+        something goes on elsewhere as a continuation of what its client got.
+        """
+        continuation = None
+        if blocker is None:
+            streamed = (
+                call.stream
+                if isinstance(call, GenerationRequest)
+                else (call.body.get("stream") is True)
+            )
+            continuation = Continuation(streamed=streamed)
+        relayed = False
         for attempt in range(ENGINE_RETRIES + 1):
             try:
-                async for item in self._relay(send(call)):
-                    yield item
+                async for batch in self._relay(send(call)):
+                    if continuation is not None:
+                        if isinstance(call, GenerationRequest):
+                            continuation.generation_batch(batch)
+                        else:
+                            batch = continuation.openai_batch(batch)
+                            if not batch:
+                                continue
+                    relayed = True
+                    yield batch
                 return
-            except ReplicaLost as lost:  # raised only before anything was relayed
+            except ReplicaLost as lost:
+                started = continuation.started if continuation is not None else relayed
+                if started and continuation is None:
+                    self._resume_outcome("not_resumable")
+                    raise EngineUnavailableError(
+                        f"the engine died while generating ({lost.description}); this "
+                        f"request cannot continue on another replica ({blocker}): send it "
+                        "again"
+                    ) from None
                 if attempt == ENGINE_RETRIES:
+                    if started:
+                        self._resume_outcome("exhausted")
                     raise EngineUnavailableError(
                         f"engine unavailable: {lost.description} ({attempt + 1} tries)"
                     ) from None
-                logger.warning(
-                    "request %s: %s; trying another engine replica",
-                    call.request_id,
-                    lost.description,
-                )
-                if self.on_retry is not None:
-                    self.on_retry(lost.replica_id)
+                if started and continuation is not None:
+                    logger.warning(
+                        "request %s: %s after %d tokens; continuing on another engine replica",
+                        call.request_id,
+                        lost.description,
+                        len(continuation.token_ids),
+                    )
+                    call = continuation.resumed(call)
+                    self._resume_outcome("resumed")
+                else:
+                    logger.warning(
+                        "request %s: %s; trying another engine replica",
+                        call.request_id,
+                        lost.description,
+                    )
+                    if self.on_retry is not None:
+                        self.on_retry(lost.replica_id)
                 if lost.replica_id:
                     avoided = (*call.avoid_replicas, lost.replica_id)
                     call = dataclasses.replace(call, avoid_replicas=avoided)
                 else:
                     # Give Serve's router time to drop the replica it cannot be told to avoid.
                     await asyncio.sleep(RETRY_PAUSE_S)
+
+    def _resume_outcome(self, outcome: str) -> None:
+        """Count a replica's death under a request that had started (and audit a move)."""
+        if self.on_resume is not None:
+            self.on_resume(outcome)
+        context = current_request.get()
+        if outcome == "resumed" and context is not None:
+            context.resumes += 1
 
     async def _ask_once(self, method: str) -> Any:
         """An engine replica's answer to ``method`` (asked once, then remembered)."""
@@ -150,10 +224,8 @@ class ServeEngineClient:
         """A handle's stream, its failures turned into the project's errors."""
         from ray.serve.exceptions import BackPressureError
 
-        relayed = False
         try:
             async for item in items:
-                relayed = True
                 yield item
         except asyncio.CancelledError:
             raise
@@ -166,7 +238,7 @@ class ServeEngineClient:
                 retry_after_s=self._settings.OVERLOAD_RETRY_AFTER_S,
             ) from None
         except Exception as error:
-            lost = None if relayed else _lost_replica(error)
+            lost = _lost_replica(error)
             if lost is not None:
                 raise ReplicaLost(lost, _describe(error)) from None
             raise EngineUnavailableError(f"engine unavailable: {_describe(error)}") from None

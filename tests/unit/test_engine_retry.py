@@ -2,7 +2,9 @@
 
 The client is :class:`ServeEngineClient` as the ingress builds it, over a handle whose
 replicas are scripted: ``dead`` ones raise what an engine replica raises when its vLLM
-engine is gone (through Ray, as a ``RayTaskError`` of it), before or after a chunk.
+engine is gone (through Ray, as a ``RayTaskError`` of it), before or after a chunk. A
+resumable request that had sent something goes on elsewhere as a continuation; one that
+is not resumable ends with an error naming the crash.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from cloudllm_serve.engine.protocol import (
+    ChoiceDelta,
     EngineDeadError,
     GenerationChunk,
     GenerationRequest,
@@ -26,6 +29,8 @@ from cloudllm_serve.ingress.engine_client import ENGINE_RETRIES, ServeEngineClie
 from cloudllm_serve.settings import Settings
 
 CHUNK = GenerationChunk(finished=True)
+#: A chunk of a resumable request: one token, its id reported.
+TOKEN = GenerationChunk(choices=(ChoiceDelta(0, " a", 1, token_ids=[7]),))
 
 
 def through_ray(error: Exception) -> Exception:
@@ -45,18 +50,19 @@ class ScriptedMethod:
         self.script = script
         self.calls: list[GenerationRequest] = []
 
-    def remote(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def remote(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         self.calls.append(request)
         return self._play(self.script[len(self.calls) - 1], f"replica-{len(self.calls)}")
 
-    async def _play(self, step: str, replica: str) -> AsyncIterator[GenerationChunk]:
+    async def _play(self, step: str, replica: str) -> AsyncIterator[list[GenerationChunk]]:
         if step == "dead":
             raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
         if step == "actor-gone":
             raise ActorDiedError()
-        yield CHUNK
         if step == "dead-after-chunk":
+            yield [TOKEN]
             raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
+        yield [CHUNK]
 
 
 class ScriptedHandle:
@@ -69,35 +75,40 @@ class ScriptedHandle:
         return self
 
 
-def run(script: list[str]) -> tuple[list[Any], ScriptedMethod, list[str]]:
-    """Chunks (or the error) one generation gets, the calls made, and the retries seen."""
+def run(
+    script: list[str], sampling: SamplingOptions | None = None
+) -> tuple[list[Any], ScriptedMethod, list[str], list[str]]:
+    """Chunks (or the error) one generation gets, the calls made, the retries and the
+    outcomes of replicas dying after something was sent."""
     handle = ScriptedHandle(script)
     client = ServeEngineClient(handle, Settings(), app_name="test")
     retried: list[str] = []
+    resumed: list[str] = []
     client.on_retry = retried.append
-    request = GenerationRequest(request_id="r1", sampling=SamplingOptions(max_tokens=4))
+    client.on_resume = resumed.append
+    request = GenerationRequest(request_id="r1", sampling=sampling or SamplingOptions(max_tokens=4))
 
     async def collect() -> list[Any]:
         got: list[Any] = []
         try:
-            async for chunk in client.generate(request):
-                got.append(chunk)
+            async for batch in client.generate(request):
+                got += batch
         except EngineUnavailableError as error:
             got.append(error)
         return got
 
-    return asyncio.run(collect()), handle.generate, retried
+    return asyncio.run(collect()), handle.generate, retried, resumed
 
 
 def test_a_request_unheard_by_a_dead_engine_is_tried_elsewhere() -> None:
-    got, method, retried = run(["dead", "ok"])
+    got, method, retried, _ = run(["dead", "ok"])
     assert got == [CHUNK]
     assert retried == ["replica-1"]
     assert [call.avoid_replicas for call in method.calls] == [(), ("replica-1",)]
 
 
 def test_each_dead_replica_is_avoided_and_tries_are_bounded() -> None:
-    got, method, retried = run(["dead"] * (ENGINE_RETRIES + 1))
+    got, method, retried, _ = run(["dead"] * (ENGINE_RETRIES + 1))
     assert len(method.calls) == ENGINE_RETRIES + 1
     assert method.calls[-1].avoid_replicas == ("replica-1", "replica-2")
     assert isinstance(got[-1], EngineUnavailableError)
@@ -106,14 +117,37 @@ def test_each_dead_replica_is_avoided_and_tries_are_bounded() -> None:
 
 
 def test_a_replica_actor_gone_is_tried_again() -> None:
-    got, method, _ = run(["actor-gone", "ok"])
+    got, method, _, _ = run(["actor-gone", "ok"])
     assert got == [CHUNK] and len(method.calls) == 2
 
 
-def test_a_stream_that_had_sent_something_is_not_resent() -> None:
-    got, method, retried = run(["dead-after-chunk", "ok"])
-    assert got[0] == CHUNK and isinstance(got[1], EngineUnavailableError)
-    assert len(method.calls) == 1 and retried == []
+def test_a_stream_that_had_sent_tokens_continues_after_them_elsewhere() -> None:
+    got, method, retried, resumed = run(["dead-after-chunk", "ok"])
+    assert got == [TOKEN, CHUNK]
+    assert [(c.resume_token_ids, c.avoid_replicas) for c in method.calls] == [
+        ((), ()),
+        ((7,), ("replica-1",)),
+    ]
+    assert all(c.resumable for c in method.calls)
+    assert resumed == ["resumed"] and retried == []
+
+
+def test_continuations_are_bounded_with_the_retries() -> None:
+    got, method, _, resumed = run(["dead-after-chunk"] * (ENGINE_RETRIES + 1))
+    assert got[:-1] == [TOKEN] * (ENGINE_RETRIES + 1)
+    assert isinstance(got[-1], EngineUnavailableError)
+    assert method.calls[-1].resume_token_ids == (7,) * ENGINE_RETRIES
+    assert resumed == ["resumed"] * ENGINE_RETRIES + ["exhausted"]
+
+
+def test_a_stream_that_cannot_resume_ends_with_an_error_naming_the_crash() -> None:
+    schema = SamplingOptions(max_tokens=4, json_schema={"type": "object"})
+    got, method, retried, resumed = run(["dead-after-chunk", "ok"], schema)
+    assert got[0] == TOKEN and isinstance(got[1], EngineUnavailableError)
+    assert "the engine died while generating" in str(got[1])
+    assert "structured output" in str(got[1])
+    assert len(method.calls) == 1 and not method.calls[0].resumable
+    assert retried == [] and resumed == ["not_resumable"]
 
 
 @pytest.mark.parametrize("replica", ["abc123", ""])

@@ -166,6 +166,10 @@ class ServeEngineClient:
                 if attempt == ENGINE_RETRIES:
                     if started:
                         self._resume_outcome("exhausted")
+                        raise EngineUnavailableError(
+                            f"the engine died while generating ({lost.description}); no try "
+                            f"is left to continue it on another replica ({attempt + 1} tries)"
+                        ) from None
                     raise EngineUnavailableError(
                         f"engine unavailable: {lost.description} ({attempt + 1} tries)"
                     ) from None

@@ -3,7 +3,8 @@
 The simulated engine's times are set so that what the serving layer adds stands out: a
 first token 300 ms after a request is scheduled, then one every 40 ms. Stream batches
 are gathered for up to 1 s (``STREAM_BATCH_INTERVAL_MS=1000``), so a stream's later
-tokens arrive together while its first must still come at once.
+tokens arrive together while its first must still come at once. Two engine replicas, so
+that a stream whose replica dies can go on on the other (``test_stream_resume``, last).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from tests.support import RedisServer
 SIM_TTFT_MS = 300
 SIM_STEP_MS = 40
 STREAM_BATCH_INTERVAL_MS = 1000
+#: The audit log, beside the launcher's log (``Stack.log_path``).
+AUDIT_FILE = "audit.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -25,16 +28,20 @@ def sim_stack(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """The service as ``LLM_MODEL=sim make serve`` runs it, with the times above."""
+    folder = tmp_path_factory.mktemp("sim-stack")
     with running_stack(
         redis_server,
-        tmp_path_factory.mktemp("sim-stack"),
+        folder,
         {
+            "AUDIT_LOG": str(folder / AUDIT_FILE),
             "LLM_MODEL": "sim",
             "SIM_TTFT_MS": str(SIM_TTFT_MS),
             "SIM_TTFT_MS_PER_TOKEN": "0",
             "SIM_STEP_MS": str(SIM_STEP_MS),
             "SIM_STEP_MS_PER_SEQ": "0",
             "STREAM_BATCH_INTERVAL_MS": str(STREAM_BATCH_INTERVAL_MS),
+            "ENGINE_MIN_REPLICAS": "2",
+            "ENGINE_MAX_REPLICAS": "2",
         },
     ) as stack:
         yield stack

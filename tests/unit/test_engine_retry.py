@@ -136,6 +136,7 @@ def test_continuations_are_bounded_with_the_retries() -> None:
     got, method, _, resumed = run(["dead-after-chunk"] * (ENGINE_RETRIES + 1))
     assert got[:-1] == [TOKEN] * (ENGINE_RETRIES + 1)
     assert isinstance(got[-1], EngineUnavailableError)
+    assert "the engine died while generating" in str(got[-1]) and "no try" in str(got[-1])
     assert method.calls[-1].resume_token_ids == (7,) * ENGINE_RETRIES
     assert resumed == ["resumed"] * ENGINE_RETRIES + ["exhausted"]
 

@@ -61,6 +61,8 @@ DETAILS_TTL_S = 1.0
 ENGINE_RETRIES = 2
 #: Pause before a retry whose dead replica could not be named (so not avoided).
 RETRY_PAUSE_S = 0.5
+#: How often a continuation refused for a full queue waits RETRY_PAUSE_S and tries again.
+CONTINUATION_WAITS = 20
 #: A Serve replica's actor name in Ray's messages; group 1 is the replica's id.
 _REPLICA_ACTOR_NAME = re.compile(r"SERVE_REPLICA::[^\s#]+#[^\s#]+#(\w+)")
 
@@ -141,7 +143,8 @@ class ServeEngineClient:
             )
             continuation = Continuation(streamed=streamed)
         relayed = False
-        for attempt in range(ENGINE_RETRIES + 1):
+        attempt = waits = 0
+        while True:
             try:
                 async for batch in self._relay(send(call)):
                     if continuation is not None:
@@ -154,6 +157,15 @@ class ServeEngineClient:
                     relayed = True
                     yield batch
                 return
+            except EngineOverloadedError:
+                # A continuation is an answer under way: it waits for room a while.
+                if continuation is None or not continuation.started:
+                    raise
+                waits += 1
+                if waits > CONTINUATION_WAITS:
+                    raise
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
             except ReplicaLost as lost:
                 started = continuation.started if continuation is not None else relayed
                 if started and continuation is None:
@@ -196,6 +208,7 @@ class ServeEngineClient:
                 else:
                     # Give Serve's router time to drop the replica it cannot be told to avoid.
                     await asyncio.sleep(RETRY_PAUSE_S)
+                attempt += 1
 
     def _resume_outcome(self, outcome: str) -> None:
         """Count a replica's death under a request that had started (and audit a move)."""

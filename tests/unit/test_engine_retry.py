@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 
 from cloudllm_serve.engine.protocol import (
     ChoiceDelta,
@@ -24,7 +25,8 @@ from cloudllm_serve.engine.protocol import (
     GenerationRequest,
     SamplingOptions,
 )
-from cloudllm_serve.errors import EngineUnavailableError
+from cloudllm_serve.errors import EngineOverloadedError, EngineUnavailableError
+from cloudllm_serve.ingress import engine_client
 from cloudllm_serve.ingress.engine_client import ENGINE_RETRIES, ServeEngineClient
 from cloudllm_serve.settings import Settings
 
@@ -59,6 +61,8 @@ class ScriptedMethod:
             raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
         if step == "actor-gone":
             raise ActorDiedError()
+        if step == "busy":
+            raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
         if step == "dead-after-chunk":
             yield [TOKEN]
             raise through_ray(EngineDeadError(replica, "EngineDeadError: EngineCore died"))
@@ -93,7 +97,7 @@ def run(
         try:
             async for batch in client.generate(request):
                 got += batch
-        except EngineUnavailableError as error:
+        except (EngineUnavailableError, EngineOverloadedError) as error:
             got.append(error)
         return got
 
@@ -139,6 +143,17 @@ def test_continuations_are_bounded_with_the_retries() -> None:
     assert "the engine died while generating" in str(got[-1]) and "no try" in str(got[-1])
     assert method.calls[-1].resume_token_ids == (7,) * ENGINE_RETRIES
     assert resumed == ["resumed"] * ENGINE_RETRIES + ["exhausted"]
+
+
+def test_a_continuation_waits_for_room_where_a_new_request_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_client, "RETRY_PAUSE_S", 0.0)
+    got, method, _, resumed = run(["dead-after-chunk", "busy", "busy", "ok"])
+    assert got == [TOKEN, CHUNK] and len(method.calls) == 4
+    assert resumed == ["resumed"]
+    got, _, _, _ = run(["busy", "ok"])
+    assert len(got) == 1 and isinstance(got[0], EngineOverloadedError)
 
 
 def test_a_stream_that_cannot_resume_ends_with_an_error_naming_the_crash() -> None:

@@ -587,7 +587,9 @@ def _launch(
             "METRICS_EXPORT_PORT",
             port_wait_s,
         )
-    if start_redis_server:
+    if start_redis_server and (settings.REDIS_SENTINELS or settings.REDIS_CLUSTER):
+        say("--start-redis: not starting Redis (REDIS_SENTINELS or REDIS_CLUSTER name yours)")
+    elif start_redis_server:
         processes[1] = start_redis(settings.REDIS_URL, maxmemory=settings.REDIS_MAXMEMORY)
     for attempt in range(1, BIND_RESTARTS + 1):
         serve_process, started = start_serve(profile, settings)

@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import (
     Field,
@@ -27,6 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cloudllm_serve.conversations.redis_connect import parse_host_ports
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.models.prepare import (
     LOCAL_MODELS,
@@ -315,6 +317,31 @@ class Settings(BaseSettings):
     REDIS_TIMEOUT_S: float = Field(
         3.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
     )
+    REDIS_SENTINELS: str = Field(
+        "",
+        description="comma-separated host:port of Redis Sentinels; set with "
+        "REDIS_SENTINEL_MASTER, the store follows the primary they name (REDIS_URL then "
+        "gives only user, password and database)",
+    )
+    REDIS_SENTINEL_MASTER: str = Field(
+        "", description="the name the sentinels monitor the primary under"
+    )
+    REDIS_CLUSTER: bool = Field(
+        False, description="REDIS_URL is a seed node of a Redis Cluster (redis-py's cluster client)"
+    )
+    REDIS_MIN_REPLICAS_ACK: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="replicas that must hold a write (WAIT) before a turn is answered "
+        "(0: answer once the primary has it)",
+    )
+    REDIS_ACK_TIMEOUT_MS: int = Field(
+        1000,
+        ge=1,
+        le=60_000,
+        description="longest a write waits for REDIS_MIN_REPLICAS_ACK replicas (then 503)",
+    )
 
     # Keys, tenants, retention, audit (docs/security.md)
     API_KEYS_FILE: str | None = Field(
@@ -450,11 +477,40 @@ class Settings(BaseSettings):
                 f"MAX_IMAGES_PER_REQUEST ({self.MAX_IMAGES_PER_REQUEST}) must not exceed "
                 f"VLLM_LIMIT_IMAGES_PER_PROMPT ({self.VLLM_LIMIT_IMAGES_PER_PROMPT})"
             )
+        self._check_redis_topology()
         if self.API_KEYS is not None and not any(
             key.strip() for key in self.API_KEYS.get_secret_value().split(",")
         ):
             raise ValueError("API_KEYS is set but holds no key (comma-separated keys)")
         return self
+
+    def _check_redis_topology(self) -> None:
+        """The ``REDIS_*`` settings name one topology, each part well formed."""
+        if bool(self.REDIS_SENTINELS.strip()) != bool(self.REDIS_SENTINEL_MASTER.strip()):
+            raise ValueError(
+                "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both (Sentinel) "
+                "or neither (REDIS_URL names the Redis)"
+            )
+        if self.REDIS_SENTINELS.strip():
+            try:
+                parse_host_ports(self.REDIS_SENTINELS)
+            except ValueError as error:
+                raise ValueError(f"REDIS_SENTINELS={self.REDIS_SENTINELS!r}: {error}") from None
+            if self.REDIS_CLUSTER:
+                raise ValueError(
+                    "REDIS_CLUSTER=true and REDIS_SENTINELS are exclusive: a Redis Cluster "
+                    "fails over by itself"
+                )
+        if self.REDIS_CLUSTER and not self.REDIS_URL.startswith(("redis://", "rediss://")):
+            raise ValueError("REDIS_CLUSTER=true needs REDIS_URL=redis://host:port of a node")
+        if self.REDIS_CLUSTER and urlparse(self.REDIS_URL).path.strip("/") not in ("", "0"):
+            raise ValueError("REDIS_CLUSTER=true: a Redis Cluster has database 0 only")
+        if self.REDIS_MIN_REPLICAS_ACK and self.REDIS_ACK_TIMEOUT_MS >= self.REDIS_TIMEOUT_S * 1000:
+            raise ValueError(
+                f"REDIS_ACK_TIMEOUT_MS ({self.REDIS_ACK_TIMEOUT_MS}) must be below "
+                f"REDIS_TIMEOUT_S ({self.REDIS_TIMEOUT_S} s): the WAIT for replicas is read "
+                "within one Redis call's timeout"
+            )
 
     @property
     def auth_enabled(self) -> bool:

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -61,6 +61,7 @@ class RedisServer:
         *,
         appendfsync: str = "always",
         maxmemory: str = "0",
+        extra_args: list[str] | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -70,11 +71,18 @@ class RedisServer:
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
+        #: More ``redis-server`` arguments (replication, cluster mode).
+        self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that point the service at this Redis."""
+        return {"REDIS_URL": self.url}
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
@@ -89,7 +97,8 @@ class RedisServer:
                 self.data_dir,
                 appendfsync=self.appendfsync,
                 maxmemory=self.maxmemory,
-            ),
+            )
+            + self.extra_args,
             stdout=subprocess.DEVNULL,
         )
         wait_for(self._answers, 10)
@@ -117,6 +126,184 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
             self.process.terminate()
             self.process.wait(10)
+
+
+class SentinelGroup:
+    """Redis under Sentinel: a primary, a replica and three sentinels (``redis-server --sentinel``).
+
+    The sentinels declare the primary down after ``down_after_ms`` without an answer and
+    promote the replica (a quorum of two); a killed primary started again
+    (:meth:`RedisServer.start`) is made a replica of the new one by the sentinels.
+    """
+
+    MASTER = "cloudllm"
+
+    def __init__(
+        self, data_dir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 2000
+    ) -> None:
+        first = RedisServer(data_dir / "redis-0", appendfsync="everysec")
+        second = RedisServer(
+            data_dir / "redis-1",
+            appendfsync="everysec",
+            extra_args=["--replicaof", "127.0.0.1", str(first.port)],
+        )
+        self.servers = [first, second]
+        self.data_dir = data_dir
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def sentinels(self) -> str:
+        """``REDIS_SENTINELS`` for this group."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        for index, port in enumerate(self.sentinel_ports):
+            folder = self.data_dir / f"sentinel-{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "sentinel.conf"
+            primary = self.servers[0].port
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {primary} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER} {self.failover_timeout_ms}\n"
+            )
+            binary = self.servers[0].binary
+            self._sentinels.append(
+                subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+            )
+
+        def ready() -> bool:
+            try:
+                return all(
+                    int(info["num-other-sentinels"]) == 2 and int(info["num-slaves"]) == 1
+                    for info in (self._master_info(port) for port in self.sentinel_ports)
+                )
+            except (redis.RedisError, OSError):
+                return False
+
+        wait_for(ready, 30)
+
+    def _master_info(self, port: int) -> dict[str, str]:
+        sentinel = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+        try:
+            return dict(sentinel.sentinel_master(self.MASTER))
+        finally:
+            sentinel.close()
+
+    def primary(self) -> RedisServer:
+        """The server the sentinels name primary now."""
+        sentinel = redis.Redis(port=self.sentinel_ports[0], socket_timeout=2)
+        try:
+            _, port = sentinel.sentinel_get_master_addr_by_name(self.MASTER)
+        finally:
+            sentinel.close()
+        return next(server for server in self.servers if server.port == int(port))
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        """The other server."""
+        return next(server for server in self.servers if server is not primary)
+
+    def stop(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+        for process in self._sentinels:
+            process.wait(10)
+        for server in self.servers:
+            server.stop()
+
+
+def replicates(server: RedisServer, primary: RedisServer) -> bool:
+    """Whether ``server`` is a replica of ``primary`` with its link up."""
+    try:
+        info = server.client().info("replication")
+    except (redis.RedisError, OSError):
+        return False
+    return (
+        info.get("role") == "slave"
+        and int(info.get("master_port", 0)) == primary.port
+        and info.get("master_link_status") == "up"
+    )
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of ``primaries`` primaries, each with one replica, made by ``redis-cli``.
+
+    A primary that stops answering for ``node_timeout_ms`` is replaced by its replica.
+    """
+
+    def __init__(self, data_dir: Path, *, primaries: int = 3, node_timeout_ms: int = 1000) -> None:
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        args += ["--cluster-node-timeout", str(node_timeout_ms)]
+        self.servers = [
+            RedisServer(data_dir / f"node-{index}", appendfsync="everysec", extra_args=args)
+            for index in range(2 * primaries)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL`` for this cluster (a seed node; with ``REDIS_CLUSTER=true``)."""
+        return self.servers[0].url
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that point the service at this cluster."""
+        return {"REDIS_URL": self.url, "REDIS_CLUSTER": True}
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(
+            host="127.0.0.1", port=self.servers[0].port, socket_timeout=2, decode_responses=True
+        )
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (make test installs redis-server)")
+        subprocess.run(
+            [cli, "--cluster", "create"]
+            + [f"127.0.0.1:{server.port}" for server in self.servers]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(self.healthy, 30)
+
+    def healthy(self) -> bool:
+        """Every node answering says the cluster is ``ok`` and every replica's link is up."""
+        for server in self.servers:
+            if server.process is None or server.process.poll() is not None:
+                continue
+            try:
+                client = server.client()
+                if client.cluster("info")["cluster_state"] != "ok":
+                    return False
+                replication = client.info("replication")
+            except (redis.RedisError, OSError):
+                return False
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+        return True
+
+    def server_of(self, key: str, *, primary: bool = True) -> RedisServer:
+        """The primary holding ``key``'s slot now (or its replica)."""
+        client = self.client()
+        try:
+            node = client.get_node_from_key(key, replica=not primary)
+        finally:
+            client.close()
+        assert node is not None
+        return next(server for server in self.servers if server.port == int(node.port))
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def image_bytes(width: int, height: int, *, seed: int = 0, image_format: str = "PNG") -> bytes:

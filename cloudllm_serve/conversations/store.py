@@ -4,17 +4,28 @@ Layout (``{p}`` is the key prefix, ``cloudllm:`` by default; with API keys on, e
 tenant's conversations live under ``{p}t:{tenant}:`` instead, see :meth:`for_tenant`,
 so a lookup made for one tenant cannot reach another tenant's keys):
 
-* ``{p}conv:{id}``          hash: ``created_at``, ``updated_at`` (Unix seconds) and
+* ``{p}conv:{<id>}``          hash: ``created_at``, ``updated_at`` (Unix seconds) and
   ``engine_replica`` (the engine replica that answered the last turn: its prefix cache
   holds the conversation, see :mod:`cloudllm_serve.engine.routing`)
-* ``{p}conv:{id}:messages`` list of JSON messages, oldest first
-* ``{p}conv:{id}:images``   hash: SHA-256 of an image → the image as a data URL. Each
+* ``{p}conv:{<id>}:messages`` list of JSON messages, oldest first
+* ``{p}conv:{<id>}:images``   hash: SHA-256 of an image → the image as a data URL. Each
   image a conversation was shown is kept once, however many messages show it; a
   message names its images by digest (``images``)
-* ``{p}conversations``      sorted set of ids scored by ``updated_at`` (list, count)
-* ``{p}image_bytes``        hash: conversation id → bytes of the images it keeps (the
-  tenant's total, for the ``max_image_bytes`` quota; entries of conversations that
-  expired are dropped when the total is next needed)
+* ``{p}{<p>}:conversations``  sorted set of ids scored by ``updated_at`` (list, count)
+* ``{p}{<p>}:image_bytes``    hash: conversation id → bytes of the images it keeps (the
+  tenant's total, for the ``max_image_bytes`` quota; entries of conversations no
+  longer in the index are dropped when the total is next needed)
+
+The braces are Redis Cluster hash tags (``<p>`` is ``{p}`` without its last colon): a
+conversation's three keys share one hash slot, and a tenant's index and image totals
+another, so on a Redis Cluster (``REDIS_CLUSTER=true``) conversations spread over the
+primaries and every script touches one slot. On one Redis (or under Sentinel) a write is
+one script over both groups of keys, atomic as a whole. On a cluster it is two scripts,
+the tenant's index first (``create``, ``append``) or last (``delete``), so a crash in
+between leaves at most an index entry without its conversation: listings skip such an
+entry (and drop it after :data:`ORPHAN_GRACE_S`), but ``total`` and
+``active_conversations`` count it until then. Data written under the layout without
+hash tags is moved with ``python -m cloudllm_serve.conversations.migrate``.
 
 An id is ``[A-Za-z0-9_-]{1,128}`` (:func:`is_conversation_id`; those we make are 32 hex
 characters). Any other id a client names is unknown (:class:`ConversationNotFoundError`,
@@ -27,10 +38,19 @@ than that are dropped before the index is read, so a conversation without a new 
 for ``ttl_s`` is gone with everything it holds.
 
 Each method is one network round trip (a pipeline, a script or a single command),
-except :meth:`list_page` (three, four with a retention). A turn (the user message and
-the answer) is appended by one Lua script that also checks the conversation still
-exists, so concurrent turns on one conversation never overwrite each other and a
-deleted conversation is never brought back half-way.
+except :meth:`list_page` (three, four with a retention); on a cluster, writes take two
+(three for a turn with images).
+
+With ``REDIS_MIN_REPLICAS_ACK`` = n > 0, each write script is followed on its own
+connection by ``WAIT n REDIS_ACK_TIMEOUT_MS`` (sent with it, so no extra round trip, but
+the answer waits for the replicas): a write that fewer replicas acknowledged in time is
+a 503 (:class:`~cloudllm_serve.errors.StoreUnavailableError`; the turn may or may not
+be kept), so every turn answered 200 is on n replicas and survives a failover.
+
+A turn (the user message and the answer) is appended by one Lua script (on a cluster,
+the one of its conversation's slot) that also checks the conversation still exists, so
+concurrent turns on one conversation never overwrite each other and a deleted
+conversation is never brought back half-way.
 
 Storage quotas (:class:`StorageQuota`, per tenant) are checked by the same scripts that
 write, atomically: :meth:`create` refuses past ``conversations``, :meth:`append` past
@@ -48,6 +68,7 @@ that is :class:`~cloudllm_serve.errors.StoreFullError` (503).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -56,12 +77,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
+from cloudllm_serve.conversations.redis_connect import RedisClient, RedisTopology, redis_client
 from cloudllm_serve.errors import (
     ConversationNotFoundError,
     StorageQuotaError,
@@ -109,17 +129,36 @@ end
 return {1}
 """
 
+# The tenant's image bytes (KEYS: index, image_bytes) of conversations still in its index
+# (and within the retention), dropping the others' entries.
+_LIVE_IMAGE_BYTES = """
+local function live_image_bytes(index, totals, now, ttl)
+  local total = 0
+  local entries = redis.call('HGETALL', totals)
+  for i = 1, #entries, 2 do
+    local score = redis.call('ZSCORE', index, entries[i])
+    if score and (ttl == 0 or tonumber(score) >= now - ttl) then
+      total = total + tonumber(entries[i + 1])
+    else
+      redis.call('HDEL', totals, entries[i])
+    end
+  end
+  return total
+end
+"""
+
 # KEYS: meta, messages, index, images, image_bytes. ARGV: now, id, engine replica, ttl,
-# image count, max messages, max image bytes (0: unlimited), the meta keys' prefix, then
-# (digest, data URL) pairs, then the messages. Returns {1} when appended, {0} when the
-# conversation is gone, {-1, messages held} or {-2, image bytes held} when over a quota
-# (nothing written).
-_APPEND_SCRIPT = """
+# image count, max messages, max image bytes (0: unlimited), then (digest, data URL)
+# pairs, then the messages. Returns {1} when appended, {0} when the conversation is
+# gone, {-1, messages held} or {-2, image bytes held} when over a quota (nothing written).
+_APPEND_SCRIPT = (
+    _LIVE_IMAGE_BYTES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {0}
 end
 local images = tonumber(ARGV[5])
-local first = 9
+local first = 8
 local adding = #ARGV - (first - 1) - 2 * images
 local max_messages, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
 if max_messages > 0 then
@@ -135,15 +174,7 @@ for i = 0, images - 1 do
   end
 end
 if new_bytes > 0 and max_bytes > 0 then
-  local total = 0
-  local entries = redis.call('HGETALL', KEYS[5])
-  for i = 1, #entries, 2 do
-    if redis.call('EXISTS', ARGV[8] .. entries[i]) == 1 then
-      total = total + tonumber(entries[i + 1])
-    else
-      redis.call('HDEL', KEYS[5], entries[i])
-    end
-  end
+  local total = live_image_bytes(KEYS[3], KEYS[5], tonumber(ARGV[1]), tonumber(ARGV[4]))
   if total + new_bytes > max_bytes then
     return {-2, total}
   end
@@ -175,6 +206,7 @@ if new_bytes > 0 then
 end
 return {1}
 """
+)
 
 
 # Reads and deletes are scripts, not MULTI transactions: a Redis at its maxmemory refuses
@@ -206,6 +238,148 @@ return deleted
 """
 
 
+# A Redis Cluster's writes: one script per hash slot (see the module docstring).
+
+# KEYS: index. ARGV: now, id, ttl, max conversations. The index half of _CREATE_SCRIPT.
+_CLUSTER_INDEX_NEW_SCRIPT = """
+local ttl, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[1]) - ttl))
+end
+if limit > 0 then
+  local count = redis.call('ZCARD', KEYS[1])
+  if count >= limit then
+    return {0, count}
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+return {1}
+"""
+
+# KEYS: meta. ARGV: now, ttl. The conversation half of _CREATE_SCRIPT.
+_CLUSTER_META_NEW_SCRIPT = """
+redis.call('HSET', KEYS[1], 'created_at', ARGV[1], 'updated_at', ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return {1}
+"""
+
+# KEYS: meta, messages, images. ARGV: max messages, adding, then digests. Returns {1,
+# bytes of the images the conversation does not hold yet} (ARGV digest i's length is
+# ARGV[2 + images + i]), {0} when it is gone, {-1, messages held} when over the quota.
+_CLUSTER_TURN_CHECK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {0}
+end
+local max_messages, adding = tonumber(ARGV[1]), tonumber(ARGV[2])
+if max_messages > 0 then
+  local held = redis.call('LLEN', KEYS[2])
+  if held + adding > max_messages then
+    return {-1, held}
+  end
+end
+local images = (#ARGV - 2) / 2
+local new_bytes = 0
+for i = 1, images do
+  if redis.call('HEXISTS', KEYS[3], ARGV[2 + i]) == 0 then
+    new_bytes = new_bytes + tonumber(ARGV[2 + images + i])
+  end
+end
+return {1, new_bytes}
+"""
+
+# KEYS: index, image_bytes. ARGV: now, id, ttl, new image bytes, max image bytes.
+# The index half of _APPEND_SCRIPT: {1} done, {0} not in the index (deleted), {-2, image
+# bytes held} over the quota (nothing written).
+_CLUSTER_INDEX_TOUCH_SCRIPT = (
+    _LIVE_IMAGE_BYTES
+    + """
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[3])
+local new_bytes, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return {0}
+end
+if new_bytes > 0 and max_bytes > 0 then
+  local total = live_image_bytes(KEYS[1], KEYS[2], now, ttl)
+  if total + new_bytes > max_bytes then
+    return {-2, total}
+  end
+end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - ttl))
+end
+if new_bytes > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], new_bytes)
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+end
+return {1}
+"""
+)
+
+# KEYS: meta, messages, images. ARGV: now, engine replica, ttl, image count, max
+# messages, then (digest, data URL) pairs, then the messages. The conversation half of
+# _APPEND_SCRIPT: {1}, {0} gone, {-1, messages held} over the quota.
+_CLUSTER_TURN_WRITE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {0}
+end
+local images, first = tonumber(ARGV[4]), 6
+local max_messages = tonumber(ARGV[5])
+if max_messages > 0 then
+  local held = redis.call('LLEN', KEYS[2])
+  if held + #ARGV - (first - 1) - 2 * images > max_messages then
+    return {-1, held}
+  end
+end
+for i = 0, images - 1 do
+  redis.call('HSETNX', KEYS[3], ARGV[first + 2 * i], ARGV[first + 1 + 2 * i])
+end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, first + 2 * images))
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'engine_replica', ARGV[2])
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
+end
+return {1}
+"""
+
+# KEYS: meta, messages, images. Returns 1 if it existed. The conversation half of
+# _DELETE_SCRIPT.
+_CLUSTER_CONVERSATION_DELETE_SCRIPT = """
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return deleted
+"""
+
+# KEYS: index, image_bytes. ARGV: ids. The index half of _DELETE_SCRIPT (also drops
+# entries left without their conversation).
+_CLUSTER_UNINDEX_SCRIPT = """
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return 1
+"""
+
+#: An index entry older than this whose conversation does not exist is dropped by a
+#: listing (a cluster's create or delete that failed half-way); younger ones may be a
+#: create in progress.
+ORPHAN_GRACE_S = 60.0
+
+
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A hash as a Lua script returns it (field, value, ...) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -229,24 +403,6 @@ class StorageQuota:
     conversations: int = 0
     messages_per_conversation: int = 0
     image_bytes: int = 0
-
-
-def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
-    """A lazily connecting client with bounded timeouts and a single quick retry.
-
-    The retry is for a broken connection only (a pooled socket that Redis closed when it
-    restarted), never for a timeout: retrying a frozen Redis would double the time a
-    request waits before its 503 (redis-py retries timeouts too by default).
-    """
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=30,
-    )
-    return client
 
 
 @dataclass(frozen=True)
@@ -342,22 +498,40 @@ class ConversationStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         key_prefix: str = "cloudllm:",
         ttl_s: int = 0,
         stats: StoreStats | None = None,
         quota: StorageQuota | None = None,
+        min_replicas_ack: int = 0,
+        ack_timeout_ms: int = 1000,
     ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError(f"key prefix {key_prefix!r}: braces are Redis Cluster hash tags")
         self._redis = client
         self._root_prefix = key_prefix
         self._prefix = key_prefix
         self.ttl_s = ttl_s
         self.quota = quota or StorageQuota()
-        self._create = client.register_script(_CREATE_SCRIPT)
-        self._get = client.register_script(_GET_SCRIPT)
-        self._delete = client.register_script(_DELETE_SCRIPT)
-        self._append = client.register_script(_APPEND_SCRIPT)
+        #: Replicas that must acknowledge each write (``REDIS_MIN_REPLICAS_ACK``), and for
+        #: how long the write waits for them (``REDIS_ACK_TIMEOUT_MS``).
+        self.min_replicas_ack = min_replicas_ack
+        self.ack_timeout_ms = ack_timeout_ms
+        #: Whether the client is a Redis Cluster's: writes then go slot by slot.
+        self.cluster = isinstance(client, RedisCluster)
+        script = client.register_script
+        self._create = script(_CREATE_SCRIPT)
+        self._get = script(_GET_SCRIPT)
+        self._delete = script(_DELETE_SCRIPT)
+        self._append = script(_APPEND_SCRIPT)
+        self._index_new = script(_CLUSTER_INDEX_NEW_SCRIPT)
+        self._meta_new = script(_CLUSTER_META_NEW_SCRIPT)
+        self._turn_check = script(_CLUSTER_TURN_CHECK_SCRIPT)
+        self._index_touch = script(_CLUSTER_INDEX_TOUCH_SCRIPT)
+        self._turn_write = script(_CLUSTER_TURN_WRITE_SCRIPT)
+        self._conversation_delete = script(_CLUSTER_CONVERSATION_DELETE_SCRIPT)
+        self._unindex = script(_CLUSTER_UNINDEX_SCRIPT)
         self.stats = stats or StoreStats()
         #: Called after each operation with its name, seconds taken and whether it failed
         #: (the ingress's metrics); shared by every tenant's view.
@@ -367,11 +541,28 @@ class ConversationStore:
     def from_url(
         cls, url: str, *, timeout_s: float, key_prefix: str = "cloudllm:", ttl_s: int = 0
     ) -> ConversationStore:
-        """Connect lazily to ``url`` with bounded timeouts and a single quick retry."""
+        """Connect lazily to the one Redis at ``url`` with bounded timeouts and one quick retry."""
         return cls(redis_client(url, timeout_s=timeout_s), key_prefix=key_prefix, ttl_s=ttl_s)
 
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, key_prefix: str = "cloudllm:", ttl_s: int | None = None
+    ) -> ConversationStore:
+        """The store a :class:`~cloudllm_serve.settings.Settings` describes.
+
+        Its Redis topology (one Redis, Sentinel or a cluster), timeouts, replica
+        acknowledgements and retention (``ttl_s``, default ``CONVERSATION_TTL_S``).
+        """
+        return cls(
+            RedisTopology.from_settings(settings).client(),
+            key_prefix=key_prefix,
+            ttl_s=settings.CONVERSATION_TTL_S if ttl_s is None else ttl_s,
+            min_replicas_ack=settings.REDIS_MIN_REPLICAS_ACK,
+            ack_timeout_ms=settings.REDIS_ACK_TIMEOUT_MS,
+        )
+
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         """The Redis client (shared with the rate limiter: one connection pool)."""
         return self._redis
 
@@ -410,21 +601,88 @@ class ConversationStore:
         return self.stats.busy_s
 
     def _meta_key(self, conversation_id: str) -> str:
-        return f"{self._prefix}conv:{conversation_id}"
+        return f"{self._prefix}conv:{{{conversation_id}}}"
 
     def _messages_key(self, conversation_id: str) -> str:
-        return f"{self._prefix}conv:{conversation_id}:messages"
+        return f"{self._prefix}conv:{{{conversation_id}}}:messages"
 
     def _images_key(self, conversation_id: str) -> str:
-        return f"{self._prefix}conv:{conversation_id}:images"
+        return f"{self._prefix}conv:{{{conversation_id}}}:images"
 
     @property
     def _index_key(self) -> str:
-        return f"{self._prefix}conversations"
+        return f"{self._prefix}{{{self._prefix.rstrip(':')}}}:conversations"
 
     @property
     def _image_bytes_key(self) -> str:
-        return f"{self._prefix}image_bytes"
+        return f"{self._prefix}{{{self._prefix.rstrip(':')}}}:image_bytes"
+
+    async def _write(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Run a write script; with ``min_replicas_ack``, answer once replicas have it."""
+        if not self.min_replicas_ack:
+            return await script(keys=keys, args=args)
+        if not self.cluster:
+            assert not isinstance(self._redis, RedisCluster)
+            pool = self._redis.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                return await self._script_then_wait(connection, script, keys, args)
+            finally:
+                await pool.release(connection)
+        cluster = self._redis
+        assert isinstance(cluster, RedisCluster)
+        await cluster.initialize()
+        node = cluster.get_node_from_key(keys[0])
+        assert node is not None
+        connection = node.acquire_connection()
+        try:
+            await node.disconnect_if_needed(connection)
+            return await self._script_then_wait(connection, script, keys, args)
+        except (RedisError, OSError):
+            # The slot map may be stale (a failover): a command through the cluster
+            # client has it re-read, so the next write goes to the new primary.
+            with contextlib.suppress(RedisError, OSError):
+                await cluster.exists(keys[0])
+            raise
+        finally:
+            node.release(connection)
+
+    async def _script_then_wait(
+        self, connection: Any, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """The script, then ``WAIT`` on the same connection, both sent at once.
+
+        ``WAIT`` counts the replicas that have this connection's writes, so it must follow
+        the script on its connection. A failure leaves the connection closed (its replies
+        unread), never retried: the script may have run.
+        """
+        wait = ("WAIT", self.min_replicas_ack, self.ack_timeout_ms)
+        call: tuple[Any, ...] = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            for attempt in range(2):
+                await connection.send_packed_command(connection.pack_commands([call, wait]))
+                error: ResponseError | None = None
+                try:
+                    reply = await connection.read_response()
+                except ResponseError as raised:
+                    error = raised
+                acked = int(await connection.read_response())
+                if isinstance(error, NoScriptError) and attempt == 0:
+                    call = ("EVAL", script.script, len(keys), *keys, *args)
+                    continue
+                if error is not None:
+                    raise error
+                break
+        except BaseException:
+            await connection.disconnect()
+            raise
+        if acked < self.min_replicas_ack:
+            raise StoreUnavailableError(
+                f"Redis: {acked} of the {self.min_replicas_ack} replicas REDIS_MIN_REPLICAS_ACK "
+                f"asks for acknowledged the write within {self.ack_timeout_ms} ms; it may or "
+                "may not be kept"
+            )
+        return reply
 
     async def _call(
         self, name: str, operation: Callable[[], Awaitable[T]], round_trips: int = 1
@@ -433,6 +691,9 @@ class ConversationStore:
         failed = False
         try:
             return await operation()
+        except StoreUnavailableError:
+            failed = True
+            raise
         except (RedisError, OSError) as error:
             failed = True
             raise store_error(error) from None
@@ -449,10 +710,23 @@ class ConversationStore:
         Past the ``conversations`` quota: :class:`StorageQuotaError`, nothing created.
         """
         conversation_id = uuid.uuid4().hex
-        keys = [self._meta_key(conversation_id), self._index_key]
+        meta, index = self._meta_key(conversation_id), self._index_key
         limit = self.quota.conversations
-        args: list[Any] = [time.time(), conversation_id, self.ttl_s, limit]
-        reply = await self._call("create", lambda: self._create(keys=keys, args=args))
+        now = time.time()
+        args: list[Any] = [now, conversation_id, self.ttl_s, limit]
+
+        async def on_cluster() -> Any:
+            reply = await self._write(self._index_new, [index], args)
+            if int(reply[0]) == 1:
+                await self._write(self._meta_new, [meta], [now, self.ttl_s])
+            return reply
+
+        if self.cluster:
+            reply = await self._call("create", on_cluster, round_trips=2)
+        else:
+            reply = await self._call(
+                "create", lambda: self._write(self._create, [meta, index], args)
+            )
         if int(reply[0]) != 1:
             raise StorageQuotaError(
                 f"this tenant keeps {int(reply[1])} conversations, the most "
@@ -497,11 +771,19 @@ class ConversationStore:
             len(pairs) // 2,
             self.quota.messages_per_conversation,
             self.quota.image_bytes,
-            self._meta_key(""),
             *pairs,
             *(m.to_json() for m in messages),
         ]
-        reply = await self._call("append", lambda: self._append(keys=keys, args=args))
+        if self.cluster:
+            reply = await self._call(
+                "append",
+                lambda: self._append_on_cluster(
+                    conversation_id, messages, now, engine_replica, pairs
+                ),
+                round_trips=3 if pairs else 2,
+            )
+        else:
+            reply = await self._call("append", lambda: self._write(self._append, keys, args))
         outcome = int(reply[0])
         if outcome == 0:
             raise ConversationNotFoundError(conversation_id)
@@ -515,6 +797,56 @@ class ConversationStore:
                 "images to make room",
                 quota="max_image_bytes",
             )
+
+    async def _append_on_cluster(
+        self,
+        conversation_id: str,
+        messages: Sequence[StoredMessage],
+        now: float,
+        engine_replica: str | None,
+        pairs: list[str],
+    ) -> Any:
+        """:meth:`append` slot by slot: check, the tenant's index, then the conversation."""
+        conversation = [
+            self._meta_key(conversation_id),
+            self._messages_key(conversation_id),
+            self._images_key(conversation_id),
+        ]
+        new_bytes = 0
+        if pairs:
+            digests, urls = pairs[::2], pairs[1::2]
+            checked = await self._turn_check(
+                keys=conversation,
+                args=[
+                    self.quota.messages_per_conversation,
+                    len(messages),
+                    *digests,
+                    *(len(url) for url in urls),
+                ],
+            )
+            if int(checked[0]) != 1:
+                return checked
+            new_bytes = int(checked[1])
+        touched = await self._write(
+            self._index_touch,
+            [self._index_key, self._image_bytes_key],
+            [now, conversation_id, self.ttl_s, new_bytes, self.quota.image_bytes],
+        )
+        if int(touched[0]) != 1:
+            return touched
+        return await self._write(
+            self._turn_write,
+            conversation,
+            [
+                now,
+                engine_replica or "",
+                self.ttl_s,
+                len(pairs) // 2,
+                self.quota.messages_per_conversation,
+                *pairs,
+                *(m.to_json() for m in messages),
+            ],
+        )
 
     def messages_quota_error(
         self, conversation_id: str, held: int, adding: int
@@ -568,10 +900,10 @@ class ConversationStore:
             if self.ttl_s:
                 await self._drop_expired(self._redis, time.time())
             total = await self._redis.zcard(self._index_key)
-            ids = [
-                str(item)
-                for item in await self._redis.zrevrange(self._index_key, offset, offset + limit - 1)
-            ]
+            scored: list[Any] = await self._redis.zrevrange(
+                self._index_key, offset, offset + limit - 1, withscores=True
+            )
+            ids = [str(item) for item, _ in scored]
             if not ids:
                 return total, []
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -580,9 +912,12 @@ class ConversationStore:
                     pipe.llen(self._messages_key(conversation_id))
                 replies = await pipe.execute()
             page = []
+            orphans = []
             for index, conversation_id in enumerate(ids):
                 meta, count = replies[2 * index], replies[2 * index + 1]
-                if not meta:  # deleted between the two reads
+                if not meta:  # deleted between the two reads, or (cluster) half-written
+                    if float(scored[index][1]) < time.time() - ORPHAN_GRACE_S:
+                        orphans.append(conversation_id)
                     continue
                 page.append(
                     Conversation(
@@ -592,6 +927,8 @@ class ConversationStore:
                         message_count=int(count),
                     )
                 )
+            if orphans and self.cluster:
+                await self._write(self._unindex, [self._index_key, self._image_bytes_key], orphans)
             return total, page
 
         return await self._call("list", run, round_trips=4 if self.ttl_s else 3)
@@ -606,9 +943,18 @@ class ConversationStore:
             self._index_key,
             self._image_bytes_key,
         ]
-        deleted = await self._call(
-            "delete", lambda: self._delete(keys=keys, args=[conversation_id])
-        )
+
+        async def on_cluster() -> Any:
+            deleted = await self._write(self._conversation_delete, keys[:3], [])
+            await self._write(self._unindex, keys[3:], [conversation_id])
+            return deleted
+
+        if self.cluster:
+            deleted = await self._call("delete", on_cluster, round_trips=2)
+        else:
+            deleted = await self._call(
+                "delete", lambda: self._write(self._delete, keys, [conversation_id])
+            )
         if not deleted:
             raise ConversationNotFoundError(conversation_id)
 

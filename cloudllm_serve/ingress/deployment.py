@@ -27,11 +27,7 @@ class Ingress:
 
     def __init__(self, engine: Any, settings: Settings) -> None:
         lower_priority(os.getpid(), settings.SERVING_NICENESS)
-        store = ConversationStore.from_url(
-            settings.REDIS_URL,
-            timeout_s=settings.REDIS_TIMEOUT_S,
-            ttl_s=settings.CONVERSATION_TTL_S,
-        )
+        store = ConversationStore.from_settings(settings)
         context = serve.get_replica_context()
         client = ServeEngineClient(engine, settings, app_name=context.app_name)
         self._service = CloudLLMService(settings, store, client)

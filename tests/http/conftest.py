@@ -17,7 +17,10 @@ from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.launcher import REDIS_APPENDFSYNC
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
-from tests.support import RedisServer
+from tests.support import RedisClusterNodes, RedisServer
+
+#: Where a test's conversations are kept: one Redis or a Redis Cluster.
+StoreRedis = RedisServer | RedisClusterNodes
 
 
 @dataclass
@@ -28,7 +31,7 @@ class App:
 
 
 def build_app(
-    redis_server: RedisServer, engine: FakeEngine, **overrides: Any
+    redis_server: StoreRedis, engine: FakeEngine, **overrides: Any
 ) -> tuple[FastAPI, Settings]:
     """The real FastAPI app over ``redis_server`` (own key prefix) and ``engine``.
 
@@ -42,12 +45,8 @@ def build_app(
         # 503 to a request sent before Redis was frozen.
         "REDIS_TIMEOUT_S": 1.0,
     }
-    settings = Settings(REDIS_URL=redis_server.url, **{**defaults, **overrides})
-    store = ConversationStore.from_url(
-        settings.REDIS_URL,
-        timeout_s=settings.REDIS_TIMEOUT_S,
-        key_prefix=f"test-{uuid.uuid4().hex[:8]}:",
-    )
+    settings = Settings(**redis_server.settings, **{**defaults, **overrides})
+    store = ConversationStore.from_settings(settings, key_prefix=f"test-{uuid.uuid4().hex[:8]}:")
     engine.model = settings.model_name
     return create_app(CloudLLMService(settings, store, engine)), settings
 
@@ -66,6 +65,28 @@ def app(redis_server: RedisServer) -> Iterator[App]:
     """The real FastAPI app over the session's Redis (own key prefix) and the fake engine."""
     with running_app(redis_server) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A Redis Cluster of three primaries (each with a replica) that tests share.
+
+    Each test keeps to its own key prefix; none stops a node of it (the failover test
+    makes a cluster of its own).
+    """
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store_redis(request: pytest.FixtureRequest, redis_server: RedisServer) -> StoreRedis:
+    """The session's Redis, then the session's Redis Cluster: a test using it runs on both."""
+    if request.param == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        return cluster
+    return redis_server
 
 
 @pytest.fixture

@@ -214,7 +214,7 @@ def test_a_conversation_keeps_each_image_once_until_deleted(vlm: tuple[App, str]
     first = app.client.post("/multimodal", json={"message": "look", "images": [one, other, one]})
     assert first.status_code == 200, first.text
     cid = first.json()["conversation_id"]
-    images_key = f"{prefix}conv:{cid}:images"
+    images_key = f"{prefix}conv:{{{cid}}}:images"
     assert client.hlen(images_key) == 2
     second = app.client.post("/multimodal", json={"message": "again", "conversation_id": cid})
     assert second.status_code == 200
@@ -229,10 +229,10 @@ def test_a_conversation_keeps_each_image_once_until_deleted(vlm: tuple[App, str]
     assert client.hlen(images_key) == 2
     stored = app.client.get(f"/conversations/{cid}").json()["messages"]
     assert len(stored[0]["images"]) == 3 and len(stored[4]["images"]) == 1
-    keys_before = set(client.scan_iter(f"{prefix}conv:{cid}*"))
+    keys_before = set(client.scan_iter(f"{prefix}conv:{{{cid}}}*"))
     assert images_key.encode() in keys_before
     assert app.client.delete(f"/conversations/{cid}").status_code == 200
-    assert not set(client.scan_iter(f"{prefix}conv:{cid}*"))
+    assert not set(client.scan_iter(f"{prefix}conv:{{{cid}}}*"))
 
 
 def test_v1_image_parts_are_checked_and_stored(vlm: tuple[App, str]) -> None:

@@ -130,7 +130,7 @@ def test_messages_quota_refuses_before_generating(app: QuotaApp) -> None:
     assert_quota_refusal(refused, "max_messages_per_conversation", 4)
     assert refused.json()["param"] == "conversation_id"
     assert len(app.engine.requests) == requests
-    key = f"{app.prefix}t:four-messages:conv:{conversation_id}:messages"
+    key = f"{app.prefix}t:four-messages:conv:{{{conversation_id}}}:messages"
     assert app.redis.llen(key) == 4
 
 
@@ -190,7 +190,7 @@ def test_a_full_redis_is_a_503_that_says_so_and_keeps_the_conversation(
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             for index in range(1000):
                 app.redis.set(f"filler:{index}", filler)
-        key = f"{app.prefix}t:defaults:conv:{conversation_id}:messages"
+        key = f"{app.prefix}t:defaults:conv:{{{conversation_id}}}:messages"
         turn = {"message": "two", "conversation_id": conversation_id}
         for response in (
             app.post("defaults", "/generate", turn),

@@ -1,28 +1,41 @@
-"""The conversation store against a real Redis: order, atomic appends, deletes, outages."""
+"""The conversation store against a real Redis: order, atomic appends, deletes, outages.
+
+Tests taking ``store_redis`` run twice: on one Redis and on a Redis Cluster.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pytest
 
-from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
-from cloudllm_serve.errors import ConversationNotFoundError, StoreUnavailableError
-from tests.http.conftest import App
+from cloudllm_serve.conversations.redis_connect import RedisTopology
+from cloudllm_serve.conversations.store import ConversationStore, StorageQuota, StoredMessage
+from cloudllm_serve.errors import (
+    ConversationNotFoundError,
+    StorageQuotaError,
+    StoreUnavailableError,
+)
+from tests.http.conftest import App, StoreRedis
 from tests.support import RedisServer, free_port
 
 
-def make_store(url: str, timeout_s: float = 1.0) -> ConversationStore:
-    return ConversationStore.from_url(
-        url, timeout_s=timeout_s, key_prefix=f"t-{uuid.uuid4().hex[:8]}:"
-    )
+def make_store(
+    target: StoreRedis | str, timeout_s: float = 1.0, **options: Any
+) -> ConversationStore:
+    """A store of its own key prefix on ``target`` (a Redis URL, a Redis or a cluster)."""
+    url = target if isinstance(target, str) else target.url
+    cluster = not isinstance(target, str) and "REDIS_CLUSTER" in target.settings
+    client = RedisTopology(url, timeout_s, cluster=cluster).client()
+    return ConversationStore(client, key_prefix=f"t-{uuid.uuid4().hex[:8]}:", **options)
 
 
-def test_turns_are_kept_in_order(redis_server: RedisServer) -> None:
+def test_turns_are_kept_in_order(store_redis: StoreRedis) -> None:
     async def scenario() -> None:
-        store = make_store(redis_server.url)
+        store = make_store(store_redis)
         conversation_id = await store.create()
         for turn in range(5):
             await store.append(
@@ -42,9 +55,9 @@ def test_turns_are_kept_in_order(redis_server: RedisServer) -> None:
     asyncio.run(scenario())
 
 
-def test_concurrent_turns_on_one_conversation_lose_nothing(redis_server: RedisServer) -> None:
+def test_concurrent_turns_on_one_conversation_lose_nothing(store_redis: StoreRedis) -> None:
     async def scenario() -> None:
-        store = make_store(redis_server.url)
+        store = make_store(store_redis)
         conversation_id = await store.create()
 
         async def turn(index: int) -> None:
@@ -67,9 +80,9 @@ def test_concurrent_turns_on_one_conversation_lose_nothing(redis_server: RedisSe
     asyncio.run(scenario())
 
 
-def test_deleted_conversation_is_gone_and_not_revived(redis_server: RedisServer) -> None:
+def test_deleted_conversation_is_gone_and_not_revived(store_redis: StoreRedis) -> None:
     async def scenario() -> None:
-        store = make_store(redis_server.url)
+        store = make_store(store_redis)
         conversation_id = await store.create()
         await store.delete(conversation_id)
         with pytest.raises(ConversationNotFoundError):
@@ -99,7 +112,7 @@ def test_frozen_redis_costs_one_timeout_and_a_restart_none(own_redis: RedisServe
     restart the pooled socket Redis closed is replaced on the spot (one retry)."""
 
     async def scenario() -> None:
-        store = make_store(own_redis.url, timeout_s=1.0)
+        store = make_store(own_redis, timeout_s=1.0)
         conversation_id = await store.create()
         own_redis.freeze()
         try:
@@ -128,9 +141,9 @@ def test_frozen_redis_costs_one_timeout_and_a_restart_none(own_redis: RedisServe
     asyncio.run(scenario())
 
 
-def test_the_answering_engine_replica_is_recorded(redis_server: RedisServer) -> None:
+def test_the_answering_engine_replica_is_recorded(store_redis: StoreRedis) -> None:
     async def scenario() -> None:
-        store = make_store(redis_server.url)
+        store = make_store(store_redis)
         conversation_id = await store.create()
         assert (await store.get(conversation_id)).engine_replica is None
         turn = [StoredMessage("user", "q", 1.0), StoredMessage("assistant", "a", 1.0)]
@@ -151,3 +164,40 @@ def test_a_huge_offset_is_a_422_not_an_outage(app: App) -> None:
     assert response.status_code == 422
     assert response.json()["param"] == "query.offset"
     assert app.client.get("/conversations?offset=1000000000").status_code == 200
+
+
+def test_listing_images_and_quotas(store_redis: StoreRedis) -> None:
+    """Listing order and counts, images kept once and counted per tenant, quotas refused
+    with nothing written, and deletion freeing what a conversation held."""
+
+    async def scenario() -> None:
+        quota = StorageQuota(conversations=3, messages_per_conversation=4, image_bytes=100)
+        store = make_store(store_redis, quota=quota)
+        ids = [await store.create() for _ in range(3)]
+        with pytest.raises(StorageQuotaError):
+            await store.create()
+        image = {"d1": "x" * 60}
+        turn = [StoredMessage("user", "look", 1.0, images=["d1"])]
+        await store.append(ids[0], turn, images=image)
+        await store.append(ids[0], turn, images=image)  # the same image: kept once
+        conversation = await store.get(ids[0], with_images=True)
+        assert conversation.images == image and conversation.message_count == 2
+        with pytest.raises(StorageQuotaError):  # 60 + 60 new bytes > 100
+            await store.append(ids[1], turn, images={"d2": "y" * 60})
+        with pytest.raises(StorageQuotaError):  # 2 + 3 messages > 4
+            await store.append(ids[0], [turn[0]] * 3)
+        assert (await store.get(ids[1])).message_count == 0
+        await store.append(ids[2], [StoredMessage("user", "latest", 2.0)])
+        total, page = await store.list_page(limit=2)
+        assert total == 3
+        assert [c.conversation_id for c in page] == [ids[2], ids[0]]
+        assert [c.message_count for c in page] == [1, 2]
+        await store.delete(ids[0])  # frees a conversation and its image bytes
+        await store.append(ids[1], turn, images={"d2": "y" * 60})
+        await store.create()
+        total, page = await store.list_page(offset=0, limit=10)
+        assert total == 3 and ids[0] not in [c.conversation_id for c in page]
+        assert await store.count() == 3
+        await store.close()
+
+    asyncio.run(scenario())

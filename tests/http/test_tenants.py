@@ -225,11 +225,14 @@ def test_conversations_live_under_their_tenants_prefix(app: TenantApp) -> None:
         "/generate", json={"message": "hello"}, headers=app.keys.auth("tenant-b")
     ).json()
     client = app.redis.client()
-    keys = sorted(client.scan_iter(f"{app.prefix}*conv:{created['conversation_id']}*"))
+    cid = created["conversation_id"]
+    keys = sorted(client.scan_iter(f"{app.prefix}*conv:{{{cid}}}*"))
     assert keys == [
-        f"{app.prefix}t:tenant-b:conv:{created['conversation_id']}",
-        f"{app.prefix}t:tenant-b:conv:{created['conversation_id']}:messages",
+        f"{app.prefix}t:tenant-b:conv:{{{cid}}}",
+        f"{app.prefix}t:tenant-b:conv:{{{cid}}}:messages",
     ]
+    index = f"{app.prefix}t:tenant-b:{{{app.prefix}t:tenant-b}}:conversations"
+    assert client.zscore(index, cid) is not None
 
 
 def _ratelimit_headers(response: Any, kind: str) -> tuple[str, str, str]:
@@ -426,7 +429,7 @@ def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
         "conversation_id"
     ]
     client = ttl_app.redis.client()
-    assert 0 < client.pttl(f"{ttl_app.prefix}t:tenant-a:conv:{cid}:messages") <= RETENTION_S * 1000
+    assert 0 < client.pttl(f"{ttl_app.prefix}t:tenant-a:conv:{{{cid}}}:messages") <= RETENTION_S * 1000
     assert ttl_app.client.get("/conversations", headers=auth).json()["total"] == 1
     wait_for(
         lambda: ttl_app.client.get(f"/conversations/{cid}", headers=auth).status_code == 404,

@@ -224,15 +224,15 @@ def test_deleting_a_conversation_removes_its_images(vlm_stack: Stack) -> None:
     }
     again = requests.post(f"{vlm_stack.base_url}/v1/chat/completions", json=body, timeout=60)
     assert again.status_code == 200, again.text
-    keys = sorted(k.decode() for k in client.scan_iter(f"*conv:{cid}*"))
-    assert [k.rsplit(":", 1)[-1] for k in keys] == [cid, "images", "messages"], keys
+    keys = sorted(k.decode() for k in client.scan_iter(f"*conv:{{{cid}}}*"))
+    assert [k.rsplit(":", 1)[-1] for k in keys] == [f"{{{cid}}}", "images", "messages"], keys
     images_key = next(k for k in keys if k.endswith(":images"))
     assert client.hlen(images_key) == 2
     stored = requests.get(f"{vlm_stack.base_url}/conversations/{cid}", timeout=10).json()
     assert [len(m.get("images") or []) for m in stored["messages"]] == [2, 0, 1, 0]
     deleted = requests.delete(f"{vlm_stack.base_url}/conversations/{cid}", timeout=10)
     assert deleted.status_code == 200
-    assert not list(client.scan_iter(f"*conv:{cid}*"))
+    assert not list(client.scan_iter(f"*conv:{{{cid}}}*"))
 
 
 def test_oldest_turns_and_their_images_drop_first_when_the_context_is_full(

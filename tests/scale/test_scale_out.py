@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,21 +378,60 @@ def redis_timeout(body: str) -> bool:
     return json.loads(body).get("error_type") == "store_unavailable"
 
 
+#: Tokens of the crash test's ``/v1`` streams (greedy, ``ignore_eos``).
+RESUME_TOKENS = 48
+#: Seconds between those streams' requests: the queue in front of the engines holds 2 per
+#: ingress replica, and requests arriving together wait there for a moment.
+STAGGER_S = 0.3
+
+
+def greedy_chat(model: str, index: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Tell story number {index}."}],
+        "max_tokens": RESUME_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stack) -> None:
-    """SIGKILL of one replica's vLLM engine process while requests run: streams that had
-    tokens end with an error event, requests that had none are tried on the other replica
-    (the retry counter rises), new requests keep succeeding, and Serve replaces it."""
+    """SIGKILL of one replica's vLLM engine process (EngineCore, by PID) while streams run:
+    each stream goes on on the other replica and completes (greedy ``/v1`` chat streams are
+    compared with uninterrupted runs of the same requests: printed, identical where vLLM's
+    batching allows), requests that had nothing yet are tried there (the retry counter
+    rises), new requests keep succeeding, and Serve replaces the replica."""
+    from tests.sim.test_stream_resume import v1_answer
+
     engine_replicas(scale_stack, 2)
+    model = model_name(scale_stack)
     replicas = detailed(scale_stack)["engine"]["replicas"]
     victim = replicas[0]
     engine_core = engine_core_process(int(victim["pid"]))
-    retries_before = metric_total(
-        scrape_metrics(scale_stack.metrics_url), "ray_cloudllm_engine_retries_total"
-    )
-    with ThreadPoolExecutor(BATCH + 2) as pool:
+    samples = scrape_metrics(scale_stack.metrics_url)
+    retries_before = metric_total(samples, "ray_cloudllm_engine_retries_total")
+    resumed_before = metric_total(samples, "ray_cloudllm_stream_resumes_total", outcome="resumed")
+
+    def chat_streams(pool: ThreadPoolExecutor) -> list[Future[tuple[float, dict[str, Any]]]]:
+        def timed(index: int) -> tuple[float, dict[str, Any]]:
+            started = time.monotonic()
+            answer = v1_answer(scale_stack.base_url, greedy_chat(model, index))
+            return time.monotonic() - started, answer
+
+        futures = []
+        for index in range(BATCH // 2):
+            futures.append(pool.submit(timed, index))
+            time.sleep(STAGGER_S)
+        return futures
+
+    with ThreadPoolExecutor(3 * BATCH) as pool:
+        uninterrupted = [future.result()[1] for future in chat_streams(pool)]
+        chats = chat_streams(pool)
         streams = [
             pool.submit(stream_generate, scale_stack, f"Crash {i}: tell a story.")
-            for i in range(BATCH)
+            for i in range(BATCH // 2)
         ]
         time.sleep(2)  # the streams are generating (and some still prefilling)
         engine_core.kill()
@@ -405,11 +444,12 @@ def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stac
             )
         )
         outcomes = [future.result() for future in streams]
+        chat_outcomes = [future.result()[1] for future in chats]
     answered_after = time.monotonic() - killed
     kinds = [[e["type"] for e in events] for _, events in outcomes]
     print(
         f"[engine crash] killed EngineCore pid {engine_core.pid} of replica "
-        f"{victim['replica_id']}; streams: "
+        f"{victim['replica_id']}; /generate streams: "
         f"{[(status, Counter(k)) for (status, _), k in zip(outcomes, kinds, strict=True)]}; "
         f"new requests {Counter(r.status_code for r in after)} within {answered_after:.1f} s"
     )
@@ -423,15 +463,37 @@ def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stac
         if status != 200:
             assert redis_timeout(events[0]["body"]), events
             continue
-        if types[-1] == "error":
-            # Ended mid-answer by the crash (or the turn's store timing out, as above): only
-            # after tokens were sent, as a 503 event.
-            assert "delta" in types, events
-            assert events[-1]["status"] == 503
-            detail = events[-1]["detail"]
-            assert "the engine died while generating" in detail or "Redis" in detail, events
-        else:
-            assert types[-1] == "final", events
+        if types[-1] == "error":  # only the turn's store timing out, as above
+            assert "Redis" in events[-1]["detail"], events
+            continue
+        assert types[-1] == "final", events
+        # Whole: all 64 tokens, or fewer up to the model's own end (no ignore_eos here).
+        final = events[-1]["response"]
+        tokens = final["model_info"]["timings"]["tokens_generated"]
+        assert tokens == 64 or (final["finish_reason"] == "stop" and tokens < 64), final
+    for index, (expected, got) in enumerate(zip(uninterrupted, chat_outcomes, strict=True)):
+        # Complete, one id and "created", usage counting each token once.
+        assert got["usage"]["completion_tokens"] == RESUME_TOKENS, (index, got["usage"])
+        assert got["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"], index
+        assert len(got["ids"]) == 1 and len(got["created"]) == 1 and got["roles"] == 1, got
+        same = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(got["text"], expected["text"], strict=False))
+                if a != b
+            ),
+            None,
+        )
+        print(
+            f"[engine crash] /v1 stream {index}: "
+            + (
+                "identical to its uninterrupted run"
+                if got["text"] == expected["text"]
+                else f"differs from its uninterrupted run from character {same}: "
+                f"{expected['text'][max(0, (same or 0) - 20) : (same or 0) + 30]!r} vs "
+                f"{got['text'][max(0, (same or 0) - 20) : (same or 0) + 30]!r}"
+            )
+        )
     retried = wait_for(
         lambda: (
             (
@@ -447,6 +509,16 @@ def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stac
         interval_s=1,
     )
     print(f"[engine crash] ray_cloudllm_engine_retries_total rose by {retried}")
+    resumed = settled(
+        lambda: metric_total(
+            scrape_metrics(scale_stack.metrics_url),
+            "ray_cloudllm_stream_resumes_total",
+            outcome="resumed",
+        ),
+        interval_s=3,
+        timeout_s=30,
+    )
+    print(f"[engine crash] {resumed - resumed_before:.0f} streams continued on the other replica")
 
     def replaced() -> bool:
         now = detailed(scale_stack)["engine"]["replicas"]

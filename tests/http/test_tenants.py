@@ -1,7 +1,8 @@
 """API keys, tenant isolation, rate limits, retention and the audit log (HTTP layer).
 
-The real app over a real Redis; the fake engine counts the requests that reach it.
-``tests/tenants`` proves the same on the real stack with two ingress replicas.
+The real app over a real Redis, and again over a Redis Cluster (``store_redis``); the
+fake engine counts the requests that reach it. ``tests/tenants`` proves the same on the
+real stack with two ingress replicas.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
+from tests.http.conftest import StoreRedis
 from tests.support import RedisServer, wait_for
 from tests.tenants_support import TenantKeys, redis_dump, write_key_file
 
@@ -36,17 +38,17 @@ class TenantApp:
     keys: TenantKeys
     prefix: str
     audit_path: Path
-    redis: RedisServer
+    redis: StoreRedis
 
     def audit_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
 
 
-def make_app(redis_server: RedisServer, tmp_path: Path, **settings: Any) -> Iterator[TenantApp]:
+def make_app(redis_server: StoreRedis, tmp_path: Path, **settings: Any) -> Iterator[TenantApp]:
     keys = write_key_file(tmp_path / "keys.yaml")
     audit_path = tmp_path / "audit.jsonl"
     config = Settings(
-        REDIS_URL=redis_server.url,
+        **redis_server.settings,
         MAX_TOKENS_CAP=32,
         REDIS_TIMEOUT_S=1.0,
         API_KEYS_FILE=str(tmp_path / "keys.yaml"),
@@ -54,12 +56,7 @@ def make_app(redis_server: RedisServer, tmp_path: Path, **settings: Any) -> Iter
         **settings,
     )
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    store = ConversationStore.from_url(
-        config.REDIS_URL,
-        timeout_s=config.REDIS_TIMEOUT_S,
-        key_prefix=prefix,
-        ttl_s=config.CONVERSATION_TTL_S,
-    )
+    store = ConversationStore.from_settings(config, key_prefix=prefix)
     engine = FakeEngine()
     service = CloudLLMService(config, store, engine)
     with TestClient(create_app(service)) as client:
@@ -67,8 +64,8 @@ def make_app(redis_server: RedisServer, tmp_path: Path, **settings: Any) -> Iter
 
 
 @pytest.fixture
-def app(redis_server: RedisServer, tmp_path: Path) -> Iterator[TenantApp]:
-    yield from make_app(redis_server, tmp_path)
+def app(store_redis: StoreRedis, tmp_path: Path) -> Iterator[TenantApp]:
+    yield from make_app(store_redis, tmp_path)
 
 
 UNKNOWN = "0" * 32
@@ -419,8 +416,8 @@ RETENTION_S = 2
 
 
 @pytest.fixture
-def ttl_app(redis_server: RedisServer, tmp_path: Path) -> Iterator[TenantApp]:
-    yield from make_app(redis_server, tmp_path, CONVERSATION_TTL_S=RETENTION_S)
+def ttl_app(store_redis: StoreRedis, tmp_path: Path) -> Iterator[TenantApp]:
+    yield from make_app(store_redis, tmp_path, CONVERSATION_TTL_S=RETENTION_S)
 
 
 def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
@@ -429,7 +426,9 @@ def test_retention_deletes_untouched_conversations(ttl_app: TenantApp) -> None:
         "conversation_id"
     ]
     client = ttl_app.redis.client()
-    assert 0 < client.pttl(f"{ttl_app.prefix}t:tenant-a:conv:{{{cid}}}:messages") <= RETENTION_S * 1000
+    assert (
+        0 < client.pttl(f"{ttl_app.prefix}t:tenant-a:conv:{{{cid}}}:messages") <= RETENTION_S * 1000
+    )
     assert ttl_app.client.get("/conversations", headers=auth).json()["total"] == 1
     wait_for(
         lambda: ttl_app.client.get(f"/conversations/{cid}", headers=auth).status_code == 404,

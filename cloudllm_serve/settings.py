@@ -582,7 +582,7 @@ def load_settings(
     overridden = set(os.environ) | in_file
     kept = {k: v for k, v in defaults.items() if k not in overridden}
     try:
-        return Settings(_env_file=env_file if in_file else None, **kept)
+        return Settings(_env_file=env_file if in_file else None, **kept)  # type: ignore[call-arg]
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
 

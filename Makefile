@@ -17,7 +17,7 @@ REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y
 	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity bench-ceiling clean
+.PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity bench-ceiling bench-scale cluster-demo cluster-demo-status cluster-demo-down clean
 
 help:
 	@echo "make serve   install what is missing, prepare the model, start Redis + the app on :$${LLM_PORT:-8001}"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench-guard   fails when our throughput at 2x the batch size is under 0.85x raw vLLM's"
 	@echo "make bench-affinity   2 engine replicas, conversation-affinity routing on vs off"
 	@echo "make bench-ceiling    the serving layer's ceiling on the simulated engine: us, Ray Serve LLM, a plain ASGI floor"
+	@echo "make bench-scale      16 simulated engine replicas: autoscaling under a load ramp, routing at scale"
+	@echo "make cluster-demo     two Ray nodes on this machine (head: ingress, worker: engines); -status, -down"
 
 $(INSTALLED): pyproject.toml
 	@echo "[make] installing the virtual environment in $(VENV) (engine: $(ENGINE))"
@@ -90,6 +92,21 @@ bench-affinity: install redis-server model
 # The simulated engine (LLM_MODEL=sim) needs the default model's tokenizer only.
 bench-ceiling: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.ceiling $(BENCH_ARGS)
+
+bench-scale: $(BENCH_INSTALLED) redis-server model
+	@$(PY) -m benchmarks.scale $(BENCH_ARGS)
+
+# A head and a worker node on this machine, the app deployed with serve deploy
+# (cloudllm_serve/cluster_demo.py; docs/deployment.md, "Several machines").
+CLUSTER_DIR ?= /tmp/cloudllm-cluster
+cluster-demo: install redis-server model
+	@$(PY) -m cloudllm_serve.cluster_demo up --dir $(CLUSTER_DIR)
+
+cluster-demo-status:
+	@$(PY) -m cloudllm_serve.cluster_demo status --dir $(CLUSTER_DIR)
+
+cluster-demo-down:
+	@$(PY) -m cloudllm_serve.cluster_demo down --dir $(CLUSTER_DIR)
 
 lint: install
 	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks

@@ -19,6 +19,7 @@ from cloudllm_serve.engine.placement import (
     ENGINE_DEPLOYMENT,
     cluster_capacity_problem,
     engine_deployment_options,
+    node_resources,
 )
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
@@ -51,7 +52,10 @@ def build_application(settings: Settings) -> Application:
         # A stopping ingress replica waits for the generations it is streaming, as long
         # as the engine replicas let theirs finish.
         graceful_shutdown_timeout_s=settings.ENGINE_GRACEFUL_SHUTDOWN_S,
-        ray_actor_options={"num_cpus": 0.25},
+        ray_actor_options={
+            "num_cpus": 0.25,
+            "resources": node_resources(settings.INGRESS_NODE_RESOURCE),
+        },
     )(Ingress)
     application: Application = ingress.bind(engine, settings)
     return application

@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         ge=0,
         description="simulated engine: a replica's engine dies after this many tokens (0: never)",
     )
+    SIM_REPLICA_CPUS: float = Field(
+        0.5,
+        gt=0.0,
+        le=64.0,
+        description="simulated engine: the CPU an engine replica reserves in Ray (bookkeeping; "
+        "0.1 lets 16 replicas be placed on 2 cores)",
+    )
 
     # Streams between engine replica and ingress (docs/performance.md)
     STREAM_BATCH_INTERVAL_MS: float = Field(
@@ -203,6 +210,19 @@ class Settings(BaseSettings):
     )
     ENGINE_PLACEMENT_STRATEGY: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="placement group strategy of a tensor-parallel replica"
+    )
+    ENGINE_NODE_RESOURCE: str = Field(
+        "",
+        max_length=128,
+        description="a custom Ray resource (e.g. cloudllm_engine) each engine replica asks one "
+        "unit of, so replicas run only on nodes started with it (ray start --resources); "
+        "empty: none",
+    )
+    INGRESS_NODE_RESOURCE: str = Field(
+        "",
+        max_length=128,
+        description="a custom Ray resource (e.g. cloudllm_ingress) each ingress replica asks "
+        "one unit of, so ingress replicas run only on nodes started with it; empty: none",
     )
     ENGINE_GRACEFUL_SHUTDOWN_S: float = Field(
         60.0, ge=0.0, description="how long a stopping engine/ingress replica lets requests finish"

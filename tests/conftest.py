@@ -41,6 +41,8 @@ FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
     "vision": ("stack", "vision", "vllm", "redis"),
     "placement": ("ray",),
     "sim": ("stack", "sim", "redis"),
+    # Two Ray nodes of their own (cloudllm_serve/cluster_demo.py); in the scale-out group.
+    "cluster": ("stack", "scale", "cluster", "redis"),
 }
 
 

@@ -2,12 +2,15 @@
 
 Resources:
 
-* ``ENGINE_DEVICE=cpu``: half a CPU (see ``CPU_REPLICA_CPUS``), no GPU.
+* ``ENGINE_DEVICE=cpu``: half a CPU (see ``CPU_REPLICA_CPUS``), no GPU; the simulated
+  engine (``LLM_MODEL=sim``) ``SIM_REPLICA_CPUS``.
 * GPU, tensor parallel 1: the replica itself holds the GPU.
 * GPU, tensor parallel N > 1: a placement group with one ``{GPU: 1}`` bundle per rank
   and the replica's CPU in bundle 0 (``ENGINE_PLACEMENT_STRATEGY``, ``STRICT_PACK`` by
   default). vLLM's Ray executor finds the replica's placement group and puts one
   worker on each bundle, so the replica itself reserves no GPU.
+* ``ENGINE_NODE_RESOURCE``: one unit of that custom resource too (in bundle 0 with a
+  placement group), so replicas run only on the nodes started with it.
 
 Scaling: a replica is full at ``VLLM_MAX_NUM_SEQS`` sequences, so that is the
 autoscaler's target of ongoing requests (queued ones included) per replica.
@@ -70,8 +73,15 @@ def placement_bundles(tensor_parallel_size: int) -> list[dict[str, float]]:
 def expected_bundles(settings: Settings) -> list[dict[str, float]] | None:
     """The placement group an engine replica must run in (``None``: no group)."""
     if settings.ENGINE_DEVICE == "gpu" and settings.VLLM_TENSOR_PARALLEL_SIZE > 1:
-        return placement_bundles(settings.VLLM_TENSOR_PARALLEL_SIZE)
+        bundles = placement_bundles(settings.VLLM_TENSOR_PARALLEL_SIZE)
+        bundles[0].update(node_resources(settings.ENGINE_NODE_RESOURCE))
+        return bundles
     return None
+
+
+def node_resources(name: str) -> dict[str, float]:
+    """One unit of the custom resource ``name`` (none when empty): where a replica may run."""
+    return {name: 1.0} if name else {}
 
 
 def max_ongoing_requests(settings: Settings) -> int:
@@ -111,9 +121,15 @@ def resource_options(settings: Settings) -> dict[str, Any]:
             "placement_group_bundles": bundles,
             "placement_group_strategy": settings.ENGINE_PLACEMENT_STRATEGY,
         }
+    custom = node_resources(settings.ENGINE_NODE_RESOURCE)
     if settings.ENGINE_DEVICE == "cpu":
-        return {"ray_actor_options": {"num_cpus": CPU_REPLICA_CPUS, "num_gpus": 0}}
-    return {"ray_actor_options": {"num_cpus": REPLICA_CPUS, "num_gpus": 1}}
+        cpus = settings.SIM_REPLICA_CPUS if settings.simulated else CPU_REPLICA_CPUS
+        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 0}
+    else:
+        options = {"num_cpus": REPLICA_CPUS, "num_gpus": 1}
+    if custom:
+        options["resources"] = custom
+    return {"ray_actor_options": options}
 
 
 def engine_deployment_options(settings: Settings) -> dict[str, Any]:
@@ -172,8 +188,17 @@ def capacity_problem(settings: Settings, nodes: Iterable[Mapping[str, float]]) -
     """Why no engine replica can be placed on nodes with these resources, or ``None``.
 
     With ``STRICT_PACK`` (and for tensor parallel 1) all of a replica's GPUs must be
-    on one node; with the other strategies they may be spread.
+    on one node; with the other strategies they may be spread. With
+    ``ENGINE_NODE_RESOURCE``, a live node must offer that resource.
     """
+    nodes = list(nodes)
+    resource = settings.ENGINE_NODE_RESOURCE
+    if resource and not any(node.get(resource, 0) >= 1 for node in nodes):
+        return (
+            f"an engine replica needs the custom resource {resource} "
+            f"(ENGINE_NODE_RESOURCE), which no live node offers; replicas wait until a node "
+            f"started with it (ray start --resources '{{\"{resource}\": N}}') joins"
+        )
     if settings.ENGINE_DEVICE != "gpu":
         return None
     needed = settings.VLLM_TENSOR_PARALLEL_SIZE

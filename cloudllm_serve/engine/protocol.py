@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from cloudllm_serve.cluster_nodes import ClusterNode
+
 #: An OpenAI-style chat message: ``role``, ``content`` (a string, or a list of parts such
 #: as ``{"type": "image_url", "image_url": {"url": "data:..."}}``), maybe tool fields.
 ChatMessage = dict[str, Any]
@@ -295,6 +297,9 @@ class ReplicaStatus:
     started_at: float | None = None
     stats: EngineStats | None = None
     error: str | None = None
+    #: Ray's node id and the node's name (nodes of one machine share ``node_ip``).
+    node_id: str | None = None
+    node_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,8 @@ class EngineFleet:
     capacity_problem: str | None = None
     #: What last changed the status (``AUTOSCALING``, ``CONFIG_UPDATE_STARTED``, ...).
     status_trigger: str = ""
+    #: Nodes Ray lost (dead, not stopped on purpose, no live node of the same name).
+    lost_nodes: list[ClusterNode] = field(default_factory=list)
 
     @property
     def running_stats(self) -> list[EngineStats]:

@@ -19,7 +19,10 @@ stream with an error.
 The fleet view asks Serve's controller for the engine deployment's status and
 replicas, then each running replica for its live stats. That call goes to the replica
 actor's ``record_routing_stats`` method directly, beside the request queue, so a
-replica with a full batch still answers ``/health`` at once.
+replica with a full batch still answers ``/health`` at once. Replicas are named by their
+Ray node's name, and nodes Ray lost are listed (:mod:`cloudllm_serve.cluster_nodes`).
+A request whose first item is slow while no replica runs at all is refused
+(:mod:`cloudllm_serve.ingress.unserved`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from cloudllm_serve.engine.placement import cluster_capacity_problem
+from cloudllm_serve.cluster_nodes import ClusterNode, lost_nodes, node_names, read_nodes
+from cloudllm_serve.engine.placement import capacity_problem
 from cloudllm_serve.engine.protocol import (
     EngineDeadError,
     EngineFleet,
@@ -51,6 +55,7 @@ from cloudllm_serve.ingress.stream_resume import (
     generation_blocker,
     openai_blocker,
 )
+from cloudllm_serve.ingress.unserved import ENDED, first_item
 from cloudllm_serve.settings import Settings
 
 #: Serve's actor namespace (where replica actors are named).
@@ -105,6 +110,7 @@ class ServeEngineClient:
         self._settings = settings
         self._stats_timeout_s = stats_timeout_s
         self._details: tuple[float, dict[str, Any]] | None = None
+        self._nodes: tuple[float, list[ClusterNode]] | None = None
         self._actors: dict[str, Any] = {}
         #: Called with the dead replica's id each time a request is tried again.
         self.on_retry: Callable[[str], None] | None = None
@@ -242,6 +248,10 @@ class ServeEngineClient:
         from ray.serve.exceptions import BackPressureError
 
         try:
+            first = await first_item(items, self._unserved)
+            if first is ENDED:
+                return
+            yield first
             async for item in items:
                 yield item
         except asyncio.CancelledError:
@@ -254,6 +264,8 @@ class ServeEngineClient:
                 status_code=self._settings.OVERLOAD_STATUS_CODE,
                 retry_after_s=self._settings.OVERLOAD_RETRY_AFTER_S,
             ) from None
+        except EngineUnavailableError:
+            raise
         except Exception as error:
             lost = _lost_replica(error)
             if lost is not None:
@@ -272,17 +284,59 @@ class ServeEngineClient:
         listed = deployment.get("replicas", [])
         current = {str(r.get("actor_name")) for r in listed}
         self._actors = {name: a for name, a in self._actors.items() if name in current}
-        replicas = await asyncio.gather(*(self._replica_status(r) for r in listed))
+        replicas, nodes = await asyncio.gather(
+            asyncio.gather(*(self._replica_status(r) for r in listed)), self._cluster_nodes()
+        )
+        names = node_names(nodes)
+        replicas = [dataclasses.replace(r, node_name=names.get(r.node_id or "")) for r in replicas]
         running = any(r.state == "RUNNING" for r in replicas)
+        live = [node.resources for node in nodes if node.alive]
         return EngineFleet(
             status=_name(deployment.get("status", "UNKNOWN")),
             message=str(deployment.get("message", "")),
             target_replicas=deployment.get("target_num_replicas"),
             replicas=sorted(replicas, key=lambda r: (r.state != "RUNNING", r.replica_id)),
             capacity_problem=None
-            if running
-            else await asyncio.to_thread(cluster_capacity_problem, self._settings),
+            if running or not nodes
+            else capacity_problem(self._settings, live),
             status_trigger=_name(deployment.get("status_trigger", "")),
+            lost_nodes=lost_nodes(nodes),
+        )
+
+    async def _cluster_nodes(self) -> list[ClusterNode]:
+        """Ray's node table (reused for ``DETAILS_TTL_S``; empty when it cannot be read)."""
+        now = time.monotonic()
+        if self._nodes is not None and now - self._nodes[0] < DETAILS_TTL_S:
+            return self._nodes[1]
+        try:
+            nodes = await asyncio.wait_for(asyncio.to_thread(read_nodes), self._stats_timeout_s)
+        except Exception as error:
+            logger.warning("Ray's node table could not be read: %s", _describe(error))
+            nodes = []
+        self._nodes = (now, nodes)
+        return nodes
+
+    async def _unserved(self) -> str | None:
+        """Why no engine replica can take a request now, or ``None`` when one runs.
+
+        Serve's controller is asked (its answer shared for ``DETAILS_TTL_S``); when it
+        cannot be asked, the request keeps waiting.
+        """
+        try:
+            details = await asyncio.wait_for(self._serve_details(), self._stats_timeout_s)
+            deployment = details["applications"][self._app_name]["deployments"][self._deployment]
+        except Exception:
+            return None
+        replicas = deployment.get("replicas", [])
+        if any(_name(r.get("state")) == "RUNNING" for r in replicas):
+            return None
+        states = ", ".join(sorted({_name(r.get("state")) for r in replicas})) or "none"
+        lost = ", ".join(node.public_name for node in lost_nodes(await self._cluster_nodes()))
+        return (
+            "engine unavailable: no engine replica is running (deployment "
+            f"{_name(deployment.get('status', 'UNKNOWN'))}; replicas: {states}"
+            + (f"; node lost: {lost}" if lost else "")
+            + "); retry later"
         )
 
     async def _serve_details(self) -> dict[str, Any]:
@@ -304,6 +358,7 @@ class ServeEngineClient:
             replica_id=str(replica.get("replica_id", "")),
             state=_name(replica.get("state", "UNKNOWN")),
             node_ip=replica.get("node_ip"),
+            node_id=replica.get("node_id"),
             pid=replica.get("pid"),
             started_at=replica.get("start_time_s"),
         )

@@ -189,6 +189,11 @@ class HealthResponse(BaseModel):
     uptime: float = Field(description="seconds since this ingress replica started")
     redis_ok: bool
     problems: list[str] = Field(default_factory=list)
+    lost_nodes: list[str] = Field(
+        default_factory=list,
+        description="Ray nodes lost (not stopped on purpose) that have not come back, by name "
+        "(or 'node <id prefix>' where the name is an address)",
+    )
 
 
 class MessageOut(BaseModel):

@@ -109,6 +109,9 @@ async def health(service: CloudLLMService) -> tuple[int, HealthResponse]:
         uptime=round(service.uptime_s, 3),
         redis_ok=redis_ok,
         problems=problems,
+        lost_nodes=[]
+        if isinstance(fleet_result, BaseException)
+        else [node.public_name for node in fleet_result.lost_nodes],
     )
     return (200 if not problems else 503), body
 
@@ -120,6 +123,8 @@ def _no_replica_summary(fleet: EngineFleet) -> str:
     ``/status/detailed``.
     """
     summary = f"no engine replica running (deployment {fleet.status})"
+    if fleet.lost_nodes:
+        summary += "; node lost: " + ", ".join(node.public_name for node in fleet.lost_nodes)
     if fleet.capacity_problem:
         summary += f"; {fleet.capacity_problem}"
     return summary
@@ -128,6 +133,9 @@ def _no_replica_summary(fleet: EngineFleet) -> str:
 def _no_replica_problem(fleet: EngineFleet) -> str:
     states = ", ".join(f"{r.replica_id} {r.state}" for r in fleet.replicas) or "none"
     parts = [f"no engine replica is running (deployment {fleet.status}; replicas: {states})"]
+    if fleet.lost_nodes:
+        lost = ", ".join(f"{node.name} ({node.node_id})" for node in fleet.lost_nodes)
+        parts.append(f"node lost: {lost}")
     if fleet.capacity_problem:
         parts.append(fleet.capacity_problem)
     if fleet.message:
@@ -165,6 +173,8 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
                 "capacity_problem": fleet.capacity_problem if fleet else None,
             },
             "replicas": replicas,
+            # Ray nodes lost (dead, not stopped on purpose, none of that name back).
+            "lost_nodes": [asdict(node) for node in fleet.lost_nodes] if fleet else [],
             "error": engine_error,
         },
         "gpu": [

@@ -147,16 +147,27 @@ class EngineUnavailableError(ServiceUnavailableError):
 class EngineOverloadedError(ServiceUnavailableError):
     """Every engine replica is full and the queue in front of them is too (503 or 429).
 
-    The status is ``OVERLOAD_STATUS_CODE`` and ``Retry-After`` is
-    ``OVERLOAD_RETRY_AFTER_S``: the request was refused at once, nothing ran.
+    The status is ``OVERLOAD_STATUS_CODE``: the request was refused at once, nothing ran.
+    ``reason`` says why: ``queue_full`` (Serve's queue bound; ``Retry-After`` is
+    ``OVERLOAD_RETRY_AFTER_S``), ``deadline`` (it would not finish within
+    ``REQUEST_TIMEOUT_S``) or ``tenant_share`` (its tenant holds its share of a full
+    fleet); the last two compute ``Retry-After`` from the admission's estimate.
     """
 
     code = "engine_overloaded"
 
-    def __init__(self, message: str, *, status_code: int = 503, retry_after_s: int = 2) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 503,
+        retry_after_s: int = 2,
+        reason: str = "queue_full",
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class RequestTimeoutError(CloudLLMError):

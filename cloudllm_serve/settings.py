@@ -271,6 +271,13 @@ class Settings(BaseSettings):
     REQUEST_TIMEOUT_S: float = Field(
         300.0, gt=0.0, description="longest a generation may take, queueing included"
     )
+    ADMISSION_POLL_INTERVAL_S: float = Field(
+        1.0,
+        ge=0.0,
+        le=60.0,
+        description="how often each ingress replica reads the engines' stats to refuse "
+        "requests that would not finish within REQUEST_TIMEOUT_S (0: no such refusals)",
+    )
     REQUEST_BODY_TIMEOUT_S: float = Field(
         60.0,
         gt=0.0,

@@ -195,6 +195,8 @@ class AccessMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
     def _finish(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
+        if context.ticket is not None:
+            context.ticket.release()
         admission = context.admission
         if admission is not None:
             used = context.settled_tokens(admission.charged_tokens)

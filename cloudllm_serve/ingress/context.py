@@ -16,6 +16,7 @@ from typing import Any, Literal
 from fastapi import Request
 
 from cloudllm_serve.errors import PermissionDeniedError
+from cloudllm_serve.ingress.admission import AdmissionTicket
 from cloudllm_serve.ingress.rate_limits import Admission
 from cloudllm_serve.keys import Principal
 
@@ -46,7 +47,7 @@ class RequestContext:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     #: What access control decided: public, open (no keys configured), allowed,
-    #: unauthenticated, forbidden, rate_limited:<reason>.
+    #: unauthenticated, forbidden, rate_limited:<reason>, overloaded:<reason>.
     decision: str = "open"
     #: How the token counts above are known; see :meth:`settled_tokens`.
     metering: Metering = "none"
@@ -56,6 +57,8 @@ class RequestContext:
     #: How many times the generation moved to another engine replica, continuing its
     #: stream there after its engine died (:mod:`cloudllm_serve.ingress.stream_resume`).
     resumes: int = 0
+    #: This request's place in the deadline admission, released when it is answered.
+    ticket: AdmissionTicket | None = None
 
     @property
     def tenant_id(self) -> str | None:

@@ -191,7 +191,7 @@ def refusal_reason(error: CloudLLMError) -> str | None:
     Timeouts are counted where they happen (some end a stream that already started).
     """
     if isinstance(error, EngineOverloadedError):
-        return "queue_full"
+        return error.reason
     if isinstance(error, RateLimitError):
         return "rate_limit"
     if isinstance(error, (AuthenticationError, PermissionDeniedError)):

@@ -30,12 +30,14 @@ from cloudllm_serve.engine.protocol import (
 )
 from cloudllm_serve.errors import (
     CloudLLMError,
+    EngineOverloadedError,
     EngineUnavailableError,
     FeatureNotImplementedError,
     InvalidRequestError,
     PromptTooLongError,
     RequestTimeoutError,
 )
+from cloudllm_serve.ingress.admission import DeadlineAdmission
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
@@ -234,6 +236,8 @@ class CloudLLMService:
             export=settings.METRICS_ENABLED, tenant_labels=settings.METRICS_TENANT_LABELS
         )
         store.observer = self._observe_store
+        #: Refuses at once what the engines cannot finish within REQUEST_TIMEOUT_S.
+        self.admission = DeadlineAdmission(settings)
         #: Serve's id of the ingress replica running this service ("" outside Serve).
         self.replica_id = ""
         self._started_at = time.monotonic()
@@ -283,12 +287,21 @@ class CloudLLMService:
     async def admit(
         self, context: RequestContext, *, prompt_chars: int, max_tokens: int, stateless: bool
     ) -> None:
-        """Charge a generation to the caller's tenant, or refuse it (429).
+        """Admit a generation (or refuse it: 503/429), then charge it to the tenant (429).
 
-        The charge is an estimate (``prompt_chars`` / 4 plus ``max_tokens``, the most
-        the request may generate), settled when the answer is done (:mod:`.access`, with
-        :meth:`RequestContext.settled_tokens`). No-op without keys.
+        First the deadline admission (:mod:`.admission`, in memory): a request the
+        engines would not finish within ``REQUEST_TIMEOUT_S``, or one over its tenant's
+        share of a full fleet, is refused before anything else runs; its ticket is
+        released when the answer is done (:mod:`.access`). Then, with keys, the charge:
+        an estimate (``prompt_chars`` / 4 plus ``max_tokens``, the most the request may
+        generate), settled when the answer is done (:meth:`RequestContext.settled_tokens`).
         """
+        self.admission.start(self.engine.fleet)
+        try:
+            context.ticket = self.admission.admit(context.tenant_id, max_tokens)
+        except EngineOverloadedError as refusal:
+            context.decision = f"overloaded:{refusal.reason}"
+            raise
         if context.principal is None:
             return
         context.prompt_estimate = -(-prompt_chars // CHARS_PER_TOKEN)

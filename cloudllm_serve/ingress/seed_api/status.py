@@ -192,6 +192,8 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
             "request_timeout_s": settings.REQUEST_TIMEOUT_S,
             "ingress_replicas": settings.INGRESS_REPLICAS,
         },
+        # Deadline-aware admission on this ingress replica (ingress/admission.py).
+        "admission": service.admission.view(),
         "config": {
             "model": settings.engine_model,
             "device": settings.ENGINE_DEVICE,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import redis
 
 from cloudllm_serve.launcher import redis_answers, redis_server_command
-from cloudllm_serve.ports import reserved_free_port
+from cloudllm_serve.ports import can_listen, reserved_free_port
 
 
 def free_port() -> int:
@@ -128,6 +128,10 @@ class RedisServer:
             self.process.wait(10)
 
 
+#: A replica's full sync starts at once (Redis waits 5 s for more replicas by default).
+QUICK_SYNC = ["--repl-diskless-sync-delay", "0"]
+
+
 class SentinelGroup:
     """Redis under Sentinel: a primary, a replica and three sentinels (``redis-server --sentinel``).
 
@@ -141,11 +145,11 @@ class SentinelGroup:
     def __init__(
         self, data_dir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 2000
     ) -> None:
-        first = RedisServer(data_dir / "redis-0", appendfsync="everysec")
+        first = RedisServer(data_dir / "redis-0", appendfsync="everysec", extra_args=QUICK_SYNC)
         second = RedisServer(
             data_dir / "redis-1",
             appendfsync="everysec",
-            extra_args=["--replicaof", "127.0.0.1", str(first.port)],
+            extra_args=[*QUICK_SYNC, "--replicaof", "127.0.0.1", str(first.port)],
         )
         self.servers = [first, second]
         self.data_dir = data_dir
@@ -158,6 +162,15 @@ class SentinelGroup:
     def sentinels(self) -> str:
         """``REDIS_SENTINELS`` for this group."""
         return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that point the service at this group (``REDIS_URL``: database 0)."""
+        return {
+            "REDIS_URL": "redis://sentinel-named-primary/0",
+            "REDIS_SENTINELS": self.sentinels,
+            "REDIS_SENTINEL_MASTER": self.MASTER,
+        }
 
     def start(self) -> None:
         for server in self.servers:
@@ -188,6 +201,7 @@ class SentinelGroup:
                 return False
 
         wait_for(ready, 30)
+        wait_for(lambda: replicates(self.servers[1], self.servers[0]), 30)
 
     def _master_info(self, port: int) -> dict[str, str]:
         sentinel = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
@@ -204,6 +218,17 @@ class SentinelGroup:
         finally:
             sentinel.close()
         return next(server for server in self.servers if server.port == int(port))
+
+    def restart_as_replica(self, server: RedisServer) -> None:
+        """Start a stopped server as a replica of the primary the sentinels name now.
+
+        What a supervisor that asks the sentinels at start does (e.g. the usual Helm
+        charts); a server started as a primary is turned into a replica by the sentinels
+        too, but only after ~10 s (they first wait for its configuration to settle).
+        """
+        primary = self.primary()
+        server.extra_args = [*QUICK_SYNC, "--replicaof", "127.0.0.1", str(primary.port)]
+        server.start()
 
     def replica_of(self, primary: RedisServer) -> RedisServer:
         """The other server."""
@@ -231,6 +256,14 @@ def replicates(server: RedisServer, primary: RedisServer) -> bool:
     )
 
 
+def cluster_node_port() -> int:
+    """A free port for a cluster node whose bus port (the port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and can_listen("127.0.0.1", port + 10000):
+            return port
+
+
 class RedisClusterNodes:
     """A Redis Cluster of ``primaries`` primaries, each with one replica, made by ``redis-cli``.
 
@@ -238,10 +271,15 @@ class RedisClusterNodes:
     """
 
     def __init__(self, data_dir: Path, *, primaries: int = 3, node_timeout_ms: int = 1000) -> None:
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        args = [*QUICK_SYNC, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", str(node_timeout_ms)]
         self.servers = [
-            RedisServer(data_dir / f"node-{index}", appendfsync="everysec", extra_args=args)
+            RedisServer(
+                data_dir / f"node-{index}",
+                cluster_node_port(),
+                appendfsync="everysec",
+                extra_args=args,
+            )
             for index in range(2 * primaries)
         ]
 

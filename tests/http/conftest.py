@@ -17,10 +17,10 @@ from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.launcher import REDIS_APPENDFSYNC
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
-from tests.support import RedisClusterNodes, RedisServer
+from tests.support import RedisClusterNodes, RedisServer, SentinelGroup
 
-#: Where a test's conversations are kept: one Redis or a Redis Cluster.
-StoreRedis = RedisServer | RedisClusterNodes
+#: Where a test's conversations are kept: one Redis, a Redis Cluster, or Sentinel's primary.
+StoreRedis = RedisServer | RedisClusterNodes | SentinelGroup
 
 
 @dataclass

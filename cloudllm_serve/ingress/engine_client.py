@@ -343,8 +343,12 @@ class ServeEngineClient:
         now = time.monotonic()
         if self._details is not None and now - self._details[0] < DETAILS_TTL_S:
             return self._details[1]
+        import ray
         from ray.serve.context import _get_global_client
 
+        if not ray.is_initialized():
+            # Serve's client would start a local Ray instance here, blocking the loop.
+            raise EngineUnavailableError("not connected to Serve")
         client = _get_global_client()
         if client is None:
             raise EngineUnavailableError("not connected to Serve")

@@ -201,3 +201,33 @@ def test_listing_images_and_quotas(store_redis: StoreRedis) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_old_layout_is_migrated(store_redis: StoreRedis, redis_server: RedisServer) -> None:
+    """Keys without hash tags, moved by the migration command, are read by the store."""
+    from cloudllm_serve.conversations.migrate import migrate
+
+    root = f"m-{uuid.uuid4().hex[:8]}:"
+    old = redis_server.client()
+    tenant = f"{root}t:tenant-a:"
+    old.hset(f"{tenant}conv:abc", mapping={"created_at": 1.0, "updated_at": 2.0})
+    old.rpush(f"{tenant}conv:abc:messages", StoredMessage("user", "hi", 1.0).to_json())
+    old.zadd(f"{tenant}conversations", {"abc": 2.0})
+    old.hset(f"{tenant}image_bytes", "abc", 0)
+    target = store_redis.client()
+    assert migrate(old, target, root) == 4
+    assert migrate(old, target, root) == 0
+    assert not list(old.scan_iter(f"{root}*")) or store_redis is redis_server
+
+    async def scenario() -> None:
+        cluster = "REDIS_CLUSTER" in store_redis.settings
+        client = RedisTopology(store_redis.url, 1.0, cluster=cluster).client()
+        store = ConversationStore(client, key_prefix=root)
+        view = store.for_tenant("tenant-a")
+        total, page = await view.list_page()
+        assert total == 1 and [c.conversation_id for c in page] == ["abc"]
+        assert [m.content for m in (await view.get("abc")).messages or []] == ["hi"]
+        await view.delete("abc")
+        await store.close()
+
+    asyncio.run(scenario())

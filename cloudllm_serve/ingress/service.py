@@ -285,23 +285,30 @@ class CloudLLMService:
         return StorageQuota(conversations, messages, image_bytes)
 
     async def admit(
-        self, context: RequestContext, *, prompt_chars: int, max_tokens: int, stateless: bool
+        self,
+        context: RequestContext,
+        *,
+        prompt_chars: int,
+        max_tokens: int,
+        stateless: bool,
+        generation: bool = True,
     ) -> None:
         """Admit a generation (or refuse it: 503/429), then charge it to the tenant (429).
 
-        First the deadline admission (:mod:`.admission`, in memory): a request the
+        First, for a ``generation``, the deadline admission (:mod:`.admission`): one the
         engines would not finish within ``REQUEST_TIMEOUT_S``, or one over its tenant's
         share of a full fleet, is refused before anything else runs; its ticket is
         released when the answer is done (:mod:`.access`). Then, with keys, the charge:
         an estimate (``prompt_chars`` / 4 plus ``max_tokens``, the most the request may
         generate), settled when the answer is done (:meth:`RequestContext.settled_tokens`).
         """
-        self.admission.start(self.engine.fleet)
-        try:
-            context.ticket = self.admission.admit(context.tenant_id, max_tokens)
-        except EngineOverloadedError as refusal:
-            context.decision = f"overloaded:{refusal.reason}"
-            raise
+        if generation:
+            self.admission.start(self.engine.fleet)
+            try:
+                context.ticket = self.admission.admit(context.tenant_id, max_tokens)
+            except EngineOverloadedError as refusal:
+                context.decision = f"overloaded:{refusal.reason}"
+                raise
         if context.principal is None:
             return
         context.prompt_estimate = -(-prompt_chars // CHARS_PER_TOKEN)

@@ -81,6 +81,8 @@ def test_refusals_by_reason(full: TestClient) -> None:
     metrics = metrics_of(full)
     assert set(metrics.refusals.totals) == {
         ("queue_full",),
+        ("deadline",),
+        ("tenant_share",),
         ("timeout",),
         ("rate_limit",),
         ("auth",),

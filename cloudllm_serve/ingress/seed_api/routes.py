@@ -53,7 +53,7 @@ Context = Annotated[RequestContext, Depends(request_context)]
 
 async def charge_request(service: CloudLLMService, context: RequestContext) -> None:
     """Count a request that generates nothing against the tenant's limits."""
-    await service.admit(context, prompt_chars=0, max_tokens=0, stateless=True)
+    await service.admit(context, prompt_chars=0, max_tokens=0, stateless=True, generation=False)
 
 
 async def admitted(request: Request, service: Service) -> RequestContext:

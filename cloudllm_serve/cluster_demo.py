@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,8 +269,6 @@ def _run(command: list[str], state: ClusterState, timeout_s: float = 120) -> str
 
 def start_redis(state: ClusterState) -> None:
     """A ``redis-server`` on the state's port (data in ``<folder>/redis``)."""
-    import shutil
-
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (make serve installs it)")
@@ -381,7 +380,7 @@ def stop_node(state: ClusterState, node: str) -> int | None:
 
 
 def down(state: ClusterState) -> None:
-    """Stop the whole cluster: its Ray processes (never ``ray stop``) and its Redis."""
+    """Stop the whole cluster: its Ray processes (never ``ray stop``), its Redis, Ray's files."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _kill(cluster_processes(state), sig)
         deadline = time.monotonic() + 10
@@ -389,6 +388,8 @@ def down(state: ClusterState) -> None:
             time.sleep(0.2)
     if state.redis_pid:
         _kill([state.redis_pid])
+    if not cluster_processes(state):
+        shutil.rmtree(state.ray_dir, ignore_errors=True)
 
 
 def status(state: ClusterState) -> dict[str, Any]:

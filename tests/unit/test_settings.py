@@ -93,6 +93,46 @@ def test_cap_must_leave_room_for_the_prompt(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"REDIS_SENTINELS": "127.0.0.1:26379"}, "REDIS_SENTINELS and REDIS_SENTINEL_MASTER"),
+        ({"REDIS_SENTINEL_MASTER": "cloudllm"}, "REDIS_SENTINELS and REDIS_SENTINEL_MASTER"),
+        (
+            {"REDIS_SENTINELS": "a:1,b", "REDIS_SENTINEL_MASTER": "m"},
+            "REDIS_SENTINELS='a:1,b': 'b' is not host:port",
+        ),
+        (
+            {"REDIS_SENTINELS": "a:1", "REDIS_SENTINEL_MASTER": "m", "REDIS_CLUSTER": "true"},
+            "exclusive",
+        ),
+        ({"REDIS_CLUSTER": "true", "REDIS_URL": "redis://h:7000/2"}, "database 0 only"),
+        ({"REDIS_MIN_REPLICAS_ACK": "1", "REDIS_ACK_TIMEOUT_MS": "3000"}, "REDIS_ACK_TIMEOUT_MS"),
+        ({"REDIS_MIN_REPLICAS_ACK": "-1"}, "REDIS_MIN_REPLICAS_ACK"),
+    ],
+)
+def test_redis_topology_is_checked_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], message: str
+) -> None:
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert message in caught.value.message
+
+
+def test_redis_topologies_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.1:26379, 10.0.0.2:26379")
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", "cloudllm")
+    monkeypatch.setenv("REDIS_MIN_REPLICAS_ACK", "1")
+    assert load_settings().REDIS_MIN_REPLICAS_ACK == 1
+    monkeypatch.delenv("REDIS_SENTINELS")
+    monkeypatch.delenv("REDIS_SENTINEL_MASTER")
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    monkeypatch.setenv("REDIS_URL", "redis://redis-0:7000")
+    assert load_settings().REDIS_CLUSTER
+
+
 def test_cpu_needs_block_size_multiple_of_32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENGINE_DEVICE", "cpu")
     with pytest.raises(SettingsError, match="VLLM_BLOCK_SIZE"):

@@ -13,7 +13,8 @@ estimate left out goes to the current one) and frees the slot (a second round tr
 the request's path, made only when the tenant has a token or concurrency limit).
 
 Keys: ``{p}rl:{<tenant>}`` (hash: window, requests, tokens) and
-``{p}rl:{<tenant>}:inflight`` (sorted set); the braces are a Redis Cluster hash tag.
+``{p}rl:{<tenant>}:inflight`` (sorted set); the braces are a Redis Cluster hash tag, so
+both keys of a tenant share a slot and each script touches one (``REDIS_CLUSTER``).
 
 While Redis is down, stateless requests are limited in this replica's memory with
 each limit divided by the number of ingress replicas, and those decisions are counted
@@ -28,9 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
+from cloudllm_serve.conversations.redis_connect import RedisClient
 from cloudllm_serve.conversations.store import store_error
 from cloudllm_serve.errors import RateLimitError
 from cloudllm_serve.keys import Principal, Tenant
@@ -204,7 +205,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         key_prefix: str,
         lease_s: float,

@@ -42,8 +42,9 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# redis-cli (package redis-tools, a dependency) makes the tests' Redis Clusters.
 redis-server:
-	@command -v redis-server >/dev/null || { echo "[make] installing redis-server (apt-get)"; \
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "[make] installing redis-server (apt-get)"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
 # The metrics tests run every dashboard expression through a real Prometheus.

@@ -171,6 +171,9 @@ class FakeEngine:
         if not isinstance(body.get("temperature", 1.0), (int, float)):
             yield _error(400, "Bad Request", "temperature: Input should be a valid number")
             return
+        if call.kind == "responses":
+            yield _response(call)
+            return
         chat = call.kind == "chat"
         if chat:
             fitted = self._fits(call)
@@ -269,6 +272,29 @@ class FakeEngine:
             target_replicas=1,
             replicas=[ReplicaStatus("fake-1", "RUNNING", stats=stats)],
         )
+
+
+def _response(call: OpenAICall) -> OpenAIAnswer:
+    """A ``/v1/responses`` answer: it counts the input items it was given (not streamed)."""
+    items = call.body["input"]
+    text = f"{len(items)} input items"
+    output = {
+        "type": "message",
+        "id": f"msg_{call.request_id}",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    usage = {"input_tokens": len(items), "output_tokens": 3, "total_tokens": len(items) + 3}
+    body = {
+        "id": call.request_id,
+        "object": "response",
+        "status": "completed",
+        "output": [output],
+        "usage": usage,
+        "previous_response_id": call.body.get("previous_response_id"),
+    }
+    return OpenAIAnswer(200, body, replica_id="fake-1")
 
 
 def _error(status: int, kind: str, message: str) -> OpenAIAnswer:

@@ -159,7 +159,11 @@ class OpenAIServer:
         state = State()
         tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, self._args, supported_tasks=tasks)
-        for name in ("openai_serving_chat", "openai_serving_completion"):
+        for name in (
+            "openai_serving_chat",
+            "openai_serving_completion",
+            "openai_serving_responses",
+        ):
             serving = getattr(state, name, None)
             if serving is not None:
                 serving.engine_client = self._client
@@ -191,6 +195,10 @@ class OpenAIServer:
     ) -> AsyncIterator[OpenAIReplicaItem]:
         from pydantic import ValidationError
 
+        if call.kind == "responses":
+            async for item in self._answer_responses(call):
+                yield item
+            return
         request_cls, serving = self._serving(call.kind)
         body = call.body
         dropped = 0
@@ -266,6 +274,59 @@ class OpenAIServer:
         if call.resume_token_ids and isinstance(body.get("usage"), dict):
             body["usage"] = continued_usage(body["usage"], len(call.resume_token_ids))
         yield OpenAIAnswer(200, body, dropped_messages=dropped)
+
+    async def _answer_responses(self, call: OpenAICall) -> AsyncIterator[OpenAIReplicaItem]:
+        """``/v1/responses`` by vLLM's ``OpenAIServingResponses``, its own store off.
+
+        The ingress keeps responses (and has put a previous response's items into
+        ``input``); a stream's events are vLLM's SSE strings, then one
+        :class:`OpenAIStreamEnd` with the final response as ``message`` and its usage.
+        """
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        serving = getattr(self._state, "openai_serving_responses", None)
+        if serving is None:
+            yield _error_answer(
+                HTTPStatus.NOT_IMPLEMENTED, "The model does not support the Responses API"
+            )
+            return
+        try:
+            request = ResponsesRequest.model_validate(call.body)
+        except ValidationError as error:
+            yield await self._validation_error(error)
+            return
+        except Exception as error:  # a validator's VLLMValidationError (no ValueError)
+            yield self._error(serving, error)
+            return
+        request.request_id = call.request_id  # the response id, made by the ingress
+        # The ingress keeps responses and has put the previous ones' items into ``input``:
+        # vLLM's own store is not asked; the response still names its predecessor.
+        previous, request.previous_response_id = request.previous_response_id, None
+        request.store = False
+        try:
+            result = await serving.create_responses(request, raw_request=None)
+        except Exception as error:
+            yield self._error(serving, error)
+            return
+        request.previous_response_id = previous  # read as a stream's events are made
+        if isinstance(result, ResponsesResponse):
+            result.previous_response_id = previous
+        if isinstance(result, ErrorResponse):
+            yield OpenAIAnswer(int(result.error.code), result.model_dump())
+            return
+        if isinstance(result, ResponsesResponse):
+            yield OpenAIAnswer(200, result.model_dump(mode="json", by_alias=True))
+            return
+        final: dict[str, Any] | None = None
+        async for event in result:
+            event_type = getattr(event, "type", "unknown")
+            data = event.model_dump_json(indent=None, by_alias=True)
+            if event_type in ("response.completed", "response.incomplete", "response.failed"):
+                final = json.loads(data)["response"]
+            yield f"event: {event_type}\ndata: {data}\n\n"
+        yield OpenAIStreamEnd(usage=_responses_usage(final), message=final)
 
     async def encode_chat(
         self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
@@ -426,6 +487,18 @@ class OpenAIServer:
         if response.error.code >= 500:
             logger.exception("vLLM's serving layer failed", exc_info=error)
         return OpenAIAnswer(int(response.error.code), response.model_dump())
+
+
+def _responses_usage(response: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A response's usage in chat's names (what the ingress meters)."""
+    usage = response.get("usage") if response else None
+    if not isinstance(usage, dict):
+        return None
+    return {
+        "prompt_tokens": usage.get("input_tokens", 0),
+        "completion_tokens": usage.get("output_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+    }
 
 
 def _error_answer(status: HTTPStatus, message: str, param: str | None = None) -> OpenAIAnswer:

@@ -94,7 +94,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class OpenAICall:
-    """One ``/v1`` chat or text completion for vLLM's own OpenAI serving layer.
+    """One ``/v1`` chat or text completion, or a response, for vLLM's own OpenAI serving layer.
 
     ``body`` is the client's JSON (our own fields removed, a stored conversation's
     history put in front of ``messages``, ``cache_salt`` the tenant's); vLLM's request
@@ -103,7 +103,8 @@ class OpenAICall:
     not fit the context.
     """
 
-    kind: Literal["chat", "completion"]
+    #: ``responses``: ``/v1/responses`` (the ingress keeps responses; vLLM's store is off).
+    kind: Literal["chat", "completion", "responses"]
     body: dict[str, Any]
     request_id: str
     droppable_messages: int = 0

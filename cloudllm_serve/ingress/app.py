@@ -11,6 +11,7 @@ from cloudllm_serve.ingress.docs import install_offline_docs
 from cloudllm_serve.ingress.errors import install_error_handlers
 from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware, image_body_limit
 from cloudllm_serve.ingress.openai_api.routes import router as openai_router
+from cloudllm_serve.ingress.responses_api.routes import router as responses_router
 from cloudllm_serve.ingress.seed_api.routes import router as seed_router
 from cloudllm_serve.ingress.seed_api.status import HealthCheck
 from cloudllm_serve.ingress.service import CloudLLMService
@@ -30,6 +31,7 @@ def create_app(service: CloudLLMService) -> FastAPI:
     app.state.health = HealthCheck(service)
     app.include_router(seed_router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     install_error_handlers(app)
     app.add_middleware(
         RequestLimitsMiddleware,

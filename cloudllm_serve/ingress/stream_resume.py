@@ -60,12 +60,16 @@ _SHOWING_KEYS = (
 )
 
 
-def openai_blocker(kind: Literal["chat", "completion"], body: dict[str, Any]) -> str | None:
+def openai_blocker(
+    kind: Literal["chat", "completion", "responses"], body: dict[str, Any]
+) -> str | None:
     """Why a ``/v1`` call cannot continue on another replica (``None``: it can).
 
     Reads a few keys of the body (as vLLM will validate it; an invalid value is refused
     there anyway).
     """
+    if kind == "responses":
+        return "a response (its events are not rewritten for a continuation)"
     get = body.get
     if _number(get("n"), 1) > 1 or _number(get("best_of"), 1) > 1 or get("use_beam_search"):
         return "n > 1"

@@ -83,6 +83,10 @@ ROUTE_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/models/x", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     ("POST", "/v1/completions", {"prompt": "hi"}),
+    ("POST", "/v1/responses", {"input": "hi"}),
+    ("GET", f"/v1/responses/resp_{UNKNOWN}", None),
+    ("DELETE", f"/v1/responses/resp_{UNKNOWN}", None),
+    ("GET", f"/v1/responses/resp_{UNKNOWN}/input_items", None),
 ]
 BAD_HEADERS: dict[str, dict[str, str]] = {
     "no header": {},
@@ -96,6 +100,7 @@ def test_every_route_is_covered_by_the_matrix(app: TenantApp) -> None:
     """Deny by default: each route is either public or in ROUTE_CALLS (so tested below)."""
     templated = {path.replace(UNKNOWN, "{conversation_id}") for _, path, _ in ROUTE_CALLS}
     templated |= {"/v1/models/{model_id:path}"}
+    templated |= {p.replace(f"resp_{{conversation_id}}", "{response_id}") for p in templated}
     for route in app.client.app.routes:  # type: ignore[attr-defined]
         if route.path in PUBLIC_PATHS or f"{route.path}/" == PUBLIC_PREFIX:
             continue

@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: vLLM answers, we keep the responses (Redis, per tenant)."""

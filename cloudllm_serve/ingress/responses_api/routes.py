@@ -1,0 +1,101 @@
+"""OpenAI's Responses API (``/v1/responses``) over :class:`CloudLLMService`.
+
+Creating a response is vLLM's (:mod:`.serving`); keeping, reading, listing the input
+items of and deleting one is ours, in Redis, per tenant: another tenant's id is an
+unknown id (404, the same body).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from cloudllm_serve.ingress.openai_api.routes import OPENAI_ERRORS, STREAM_DOC
+from cloudllm_serve.ingress.openai_api.serving import BadBody, bad_body_response, read_json_body
+from cloudllm_serve.ingress.responses_api.serving import (
+    ResponseCall,
+    ResponseNotFoundError,
+    response_store,
+)
+from cloudllm_serve.ingress.seed_api.routes import Admitted, Context, Service
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/responses", responses={**OPENAI_ERRORS, **STREAM_DOC})
+async def create_response(request: Request, service: Service, context: Context) -> Response:
+    """Create a model response, answered by vLLM's own Responses serving layer.
+
+    ``store`` (default true) keeps it in Redis for ``CONVERSATION_TTL_S``;
+    ``previous_response_id`` continues a kept response on any replica.
+    """
+    try:
+        body = await read_json_body(request)
+    except BadBody as error:
+        return bad_body_response(error)
+    call = await ResponseCall.prepare(service, body, context)
+    return await call.respond()
+
+
+@router.get("/responses/{response_id}", responses=OPENAI_ERRORS)
+async def get_response(response_id: str, service: Service, context: Admitted) -> JSONResponse:
+    """A kept response, as it was answered."""
+    stored = await response_store(service, context).get(response_id)
+    if stored is None:
+        raise ResponseNotFoundError(response_id)
+    return JSONResponse(stored.response)
+
+
+@router.delete("/responses/{response_id}", responses=OPENAI_ERRORS)
+async def delete_response(response_id: str, service: Service, context: Admitted) -> JSONResponse:
+    """Delete a kept response (a chain that went through it starts after it)."""
+    if not await response_store(service, context).delete(response_id):
+        raise ResponseNotFoundError(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+@router.get("/responses/{response_id}/input_items", responses=OPENAI_ERRORS)
+async def list_input_items(
+    response_id: str,
+    service: Service,
+    context: Admitted,
+    limit: int = Query(20, ge=1, le=100),
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    """The input items a kept response was asked with, in OpenAI's list shape."""
+    stored = await response_store(service, context).get(response_id)
+    if stored is None:
+        raise ResponseNotFoundError(response_id)
+    items = [_listed(item) for item in stored.input]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise ResponseNotFoundError(after, param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0].get("id") if page else None,
+            "last_id": page[-1].get("id") if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+def _listed(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as OpenAI lists it: a message's text content as ``input_text`` parts."""
+    if item.get("type", "message") != "message" or not isinstance(item.get("content"), str):
+        return item
+    return {
+        **item,
+        "type": "message",
+        "status": item.get("status", "completed"),
+        "content": [{"type": "input_text", "text": item["content"]}],
+    }

@@ -86,12 +86,13 @@ def test_another_tenants_response_is_an_unknown_one(app: TenantApp) -> None:
     made = _create(app, "tenant-a", input="secret")
     never = "resp_" + "0" * 32
     other = app.keys.auth("tenant-b")
-    for path in (f"/v1/responses/{{}}", f"/v1/responses/{{}}/input_items"):
+    for path in ("/v1/responses/{}", "/v1/responses/{}/input_items"):
         foreign = app.client.get(path.format(made["id"]), headers=other)
         unknown = app.client.get(path.format(never), headers=other)
         assert foreign.status_code == unknown.status_code == 404
-        assert foreign.json()["error"]["message"].replace(made["id"], never) == (
-            unknown.json()["error"]["message"]
+        assert (
+            foreign.json()["error"]["message"].replace(made["id"], never)
+            == (unknown.json()["error"]["message"])
         )
         assert foreign.json()["error"]["type"] == unknown.json()["error"]["type"]
     assert app.client.delete(f"/v1/responses/{made['id']}", headers=other).status_code == 404

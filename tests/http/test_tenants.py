@@ -100,7 +100,7 @@ def test_every_route_is_covered_by_the_matrix(app: TenantApp) -> None:
     """Deny by default: each route is either public or in ROUTE_CALLS (so tested below)."""
     templated = {path.replace(UNKNOWN, "{conversation_id}") for _, path, _ in ROUTE_CALLS}
     templated |= {"/v1/models/{model_id:path}"}
-    templated |= {p.replace(f"resp_{{conversation_id}}", "{response_id}") for p in templated}
+    templated |= {p.replace("resp_{conversation_id}", "{response_id}") for p in templated}
     for route in app.client.app.routes:  # type: ignore[attr-defined]
         if route.path in PUBLIC_PATHS or f"{route.path}/" == PUBLIC_PREFIX:
             continue

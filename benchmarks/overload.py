@@ -53,6 +53,12 @@ async def fire(
         return await asyncio.gather(*(one(i) for i in range(count)))
 
 
+def engine_tokens(detailed: dict[str, Any]) -> int:
+    """Tokens generated so far, summed over the running engine replicas."""
+    replicas = detailed["engine"]["replicas"]
+    return sum(int(r["stats"]["tokens_generated"]) for r in replicas if r.get("stats"))
+
+
 def status(url: str) -> dict[str, Any]:
     """``/status/detailed``."""
     answer: dict[str, Any] = httpx.get(f"{url}/status/detailed", timeout=30).json()
@@ -76,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm-up: {warm} concurrent requests ...", flush=True)
         results = asyncio.run(fire(args.url, warm, args.max_tokens, timeout_s * 2))
         print(f"warm-up: {Counter(r[0] for r in results)}")
-    tokens_before = int(status(args.url)["engine"]["summary"]["tokens_generated"])
+    tokens_before = engine_tokens(status(args.url))
     started = time.perf_counter()
     print(f"flood: {args.requests} concurrent /generate, max_tokens {args.max_tokens} ...")
     results = asyncio.run(fire(args.url, args.requests, args.max_tokens, timeout_s * 2))
     elapsed = time.perf_counter() - started
     after = status(args.url)
-    tokens = int(after["engine"]["summary"]["tokens_generated"]) - tokens_before
+    tokens = engine_tokens(after) - tokens_before
     tokens_per_s = tokens / elapsed
 
     statuses = Counter(r[0] for r in results)

@@ -1,0 +1,81 @@
+"""``/v1/responses`` on the stack (simulated engine) through the official OpenAI SDK.
+
+vLLM's ``OpenAIServingResponses`` answers in the engine replica; responses are kept in
+Redis by the ingress, and ``previous_response_id`` chains are expanded there.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseCreatedEvent,
+    ResponseIncompleteEvent,
+    ResponseTextDeltaEvent,
+)
+
+from tests.conftest import Stack
+
+
+def _client(stack: Stack) -> OpenAI:
+    return OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_a_chain_of_three_responses_is_kept_read_listed_and_deleted(sim_stack: Stack) -> None:
+    client = _client(sim_stack)
+    first = client.responses.create(
+        model="sim",
+        input="Hello there",
+        instructions="Answer briefly.",
+        max_output_tokens=6,
+        temperature=0,
+        store=True,
+    )
+    # "incomplete": the answer reached max_output_tokens (OpenAI's status for it).
+    assert first.status == "incomplete" and first.output_text
+    second = client.responses.create(
+        model="sim", input="Tell me more", previous_response_id=first.id, max_output_tokens=6
+    )
+    third = client.responses.create(
+        model="sim",
+        input=[{"role": "user", "content": "And the end?"}],
+        previous_response_id=second.id,
+        max_output_tokens=6,
+    )
+    assert third.previous_response_id == second.id
+    assert first.usage is not None and second.usage is not None and third.usage is not None
+    # The history reached the model: each turn's prompt holds the ones before it.
+    assert first.usage.input_tokens < second.usage.input_tokens < third.usage.input_tokens
+    assert third.usage.output_tokens == 6
+
+    got = client.responses.retrieve(second.id)
+    assert got.id == second.id and got.output_text == second.output_text
+    items = client.responses.input_items.list(third.id)
+    assert [item.type for item in items.data] == ["message"]
+    assert items.data[0].content[0].text == "And the end?"  # type: ignore[union-attr]
+
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_a_streamed_response_parses_with_the_sdk_types_and_is_kept(sim_stack: Stack) -> None:
+    client = _client(sim_stack)
+    events = list(
+        client.responses.create(model="sim", input="Stream it", max_output_tokens=5, stream=True)
+    )
+    assert isinstance(events[0], ResponseCreatedEvent)
+    deltas = [e.delta for e in events if isinstance(e, ResponseTextDeltaEvent)]
+    assert deltas
+    completed = events[-1]  # max_output_tokens reached: response.incomplete
+    assert isinstance(completed, (ResponseCompletedEvent, ResponseIncompleteEvent))
+    assert completed.response.output_text == "".join(deltas)
+    kept = client.responses.retrieve(completed.response.id)
+    assert kept.output_text == completed.response.output_text
+    chained = client.responses.create(
+        model="sim", input="Again", previous_response_id=kept.id, max_output_tokens=3
+    )
+    assert chained.usage is not None and completed.response.usage is not None
+    assert chained.usage.input_tokens > completed.response.usage.input_tokens

@@ -54,7 +54,7 @@ def test_a_chain_of_three_responses_is_kept_read_listed_and_deleted(sim_stack: S
     assert got.id == second.id and got.output_text == second.output_text
     items = client.responses.input_items.list(third.id)
     assert [item.type for item in items.data] == ["message"]
-    assert items.data[0].content[0].text == "And the end?"  # type: ignore[union-attr]
+    assert items.data[0].content[0].text == "And the end?"  # type: ignore[index,union-attr]
 
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):

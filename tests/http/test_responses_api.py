@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from cloudllm_serve.conversations.store import ConversationStore
+from cloudllm_serve.ingress.app import create_app
+from cloudllm_serve.ingress.service import CloudLLMService
+from tests.fakes import FakeEngine
 from tests.http.test_tenants import TenantApp, make_app
 from tests.support import RedisServer
 
@@ -128,3 +133,19 @@ def test_bad_requests_name_the_problem(
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
     assert app.engine.calls == []
+
+
+def test_a_chain_goes_on_in_a_new_ingress_over_the_same_redis(app: TenantApp) -> None:
+    """Another ingress replica, or this one restarted: the chain is read from Redis."""
+    first = _create(app, input="one")
+    settings = app.service.settings
+    store = ConversationStore.from_settings(settings, key_prefix=app.prefix)  # its own client
+    again = CloudLLMService(settings, store, FakeEngine())
+    with TestClient(create_app(again)) as other:
+        response = other.post(
+            "/v1/responses",
+            json={"input": "two", "previous_response_id": first["id"]},
+            headers=app.keys.auth("tenant-a"),
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_tokens"] == 3

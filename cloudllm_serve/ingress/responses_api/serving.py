@@ -189,8 +189,9 @@ class ResponseCall:
                         await self._keep(item.message, item.replica_id)
                 batch = await anext(batches, None)
         except CloudLLMError as error:
-            body = openai_error(error)
-            yield f"event: error\ndata: {json.dumps({'type': 'error', **body})}\n\n".encode()
+            # OpenAI's error event: the error's fields beside ``type``.
+            event = {"type": "error", **openai_error(error)["error"]}
+            yield f"event: error\ndata: {json.dumps(event)}\n\n".encode()
         finally:
             await close_stream(batches)
 

@@ -19,6 +19,7 @@ from tests.support import RedisServer
 SIM_TTFT_MS = 300
 SIM_STEP_MS = 40
 STREAM_BATCH_INTERVAL_MS = 1000
+REQUEST_TIMEOUT_S = 20
 #: The audit log, beside the launcher's log (``Stack.log_path``).
 AUDIT_FILE = "audit.jsonl"
 
@@ -42,6 +43,10 @@ def sim_stack(
             "STREAM_BATCH_INTERVAL_MS": str(STREAM_BATCH_INTERVAL_MS),
             "ENGINE_MIN_REPLICAS": "2",
             "ENGINE_MAX_REPLICAS": "2",
+            # The overload test (test_overload.py): a short deadline, and a count bound
+            # high enough that its refusals are the deadline admission's.
+            "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "ENGINE_MAX_QUEUED_REQUESTS": "2000",
         },
     ) as stack:
         yield stack

@@ -52,6 +52,9 @@ class _SchedulerSnapshot:
         self.kv_cache_usage = 0.0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        #: Every request of the engine, whichever path sent it (/generate, /v1, responses).
+        self.tokens_generated = 0
+        self.requests_finished = 0
 
 
 def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
@@ -70,6 +73,9 @@ def _make_stat_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
             mm_cache_stats: Any = None,
             engine_idx: int = 0,
         ) -> None:
+            if iteration_stats is not None:
+                self._snapshot.tokens_generated += iteration_stats.num_generation_tokens
+                self._snapshot.requests_finished += len(iteration_stats.finished_requests)
             if scheduler_stats is None:
                 return
             self._snapshot.running = scheduler_stats.num_running_reqs
@@ -232,8 +238,6 @@ class VLLMEngine:
         self._snapshot = _SchedulerSnapshot()
         self._gpus = GpuMonitor()
         self._started_at = time.monotonic()
-        self._requests_finished = 0
-        self._tokens_generated = 0
         self._sampling: Any = None
         self._openai: Any = None
 
@@ -441,8 +445,6 @@ class VLLMEngine:
                     )
                     continue
                 finished_at = time.perf_counter()
-                self._requests_finished += 1
-                self._tokens_generated += tokens
                 yield GenerationChunk(
                     choices=choices,
                     finished=True,
@@ -484,8 +486,8 @@ class VLLMEngine:
             prefix_cache_hit_rate=(self._snapshot.prefix_hits / queries) if queries else None,
             prefix_cache_queries=queries,
             prefix_cache_hits=self._snapshot.prefix_hits,
-            requests_finished=self._requests_finished,
-            tokens_generated=self._tokens_generated,
+            requests_finished=self._snapshot.requests_finished,
+            tokens_generated=self._snapshot.tokens_generated,
             max_model_len=settings.VLLM_MAX_MODEL_LEN,
             max_num_seqs=settings.VLLM_MAX_NUM_SEQS,
             block_size=settings.VLLM_BLOCK_SIZE,

@@ -154,3 +154,26 @@ def test_the_first_token_is_not_held_for_the_batch(sim_stack: Stack) -> None:
     assert later == tokens - 1
     assert len(reads) <= 3, [len(events) for _, events in reads]
     assert reads[-1][0] - first_at >= (tokens - 2) * SIM_STEP_MS / 1000 * 0.9
+
+
+def engine_tokens(stack: Stack) -> int:
+    """Tokens the engine replicas report having generated, all together."""
+    status = requests.get(f"{stack.base_url}/status/detailed", timeout=30).json()
+    return sum(
+        (replica.get("stats") or {}).get("tokens_generated", 0)
+        for replica in status["engine"]["replicas"]
+    )
+
+
+def test_the_engines_count_the_tokens_of_v1_calls_too(sim_stack: Stack) -> None:
+    """The deadline admission measures the engines from these counts: a ``/v1``-only load
+    must move them as ``/generate`` does (they once counted ``/generate`` only)."""
+    before = engine_tokens(sim_stack)
+    model = requests.get(f"{sim_stack.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "Count these.", "max_tokens": 12, "ignore_eos": True}
+    response = requests.post(f"{sim_stack.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 15
+    while engine_tokens(sim_stack) - before < 12:  # /status/detailed may be 1 s old
+        assert time.monotonic() < deadline, (before, engine_tokens(sim_stack))
+        time.sleep(0.5)

@@ -74,12 +74,19 @@ def test_a_slow_first_item_is_awaited_while_a_replica_runs() -> None:
 
 async def _slow_first_item() -> None:
     asked: list[float] = []
+    released = asyncio.Event()
 
     async def unserved() -> str | None:
         asked.append(1.0)
+        if len(asked) == 2:  # the item comes only after two checks: no race with the clock
+            released.set()
         return None
 
-    first = await first_item(_slow(0.35, ["a"]), unserved, check_after_s=0.1)
+    async def after_two_checks() -> AsyncIterator[str]:
+        await released.wait()
+        yield "a"
+
+    first = await first_item(after_two_checks(), unserved, check_after_s=0.05)
     assert first == "a" and len(asked) >= 2
     assert await first_item(_slow(0, []), unserved, check_after_s=0.1) is ENDED
 

@@ -317,10 +317,14 @@ class ServeEngineClient:
         return nodes
 
     async def _unserved(self) -> str | None:
-        """Why no engine replica can take a request now, or ``None`` when one runs.
+        """Why no engine replica can take a request now, or ``None`` when one will soon.
 
-        Serve's controller is asked (its answer shared for ``DETAILS_TTL_S``); when it
-        cannot be asked, the request keeps waiting.
+        ``None`` while a replica runs, and while one starts and no node is lost (a
+        redeploy, a replica replaced on live nodes): the request keeps its place. With a
+        node lost and no replica running, a starting replica may be waiting for that
+        node's resources, which may never come back: refused. Serve's controller is asked
+        (its answer shared for ``DETAILS_TTL_S``); when it cannot be asked, the request
+        waits.
         """
         try:
             details = await asyncio.wait_for(self._serve_details(), self._stats_timeout_s)
@@ -328,13 +332,16 @@ class ServeEngineClient:
         except Exception:
             return None
         replicas = deployment.get("replicas", [])
-        if any(_name(r.get("state")) == "RUNNING" for r in replicas):
+        states = {_name(r.get("state")) for r in replicas}
+        if "RUNNING" in states:
             return None
-        states = ", ".join(sorted({_name(r.get("state")) for r in replicas})) or "none"
         lost = ", ".join(node.public_name for node in lost_nodes(await self._cluster_nodes()))
+        if "STARTING" in states and not lost:
+            return None
         return (
             "engine unavailable: no engine replica is running (deployment "
-            f"{_name(deployment.get('status', 'UNKNOWN'))}; replicas: {states}"
+            f"{_name(deployment.get('status', 'UNKNOWN'))}; replicas: "
+            f"{', '.join(sorted(states)) or 'none'}"
             + (f"; node lost: {lost}" if lost else "")
             + "); retry later"
         )

@@ -4,8 +4,9 @@ Serve's router keeps a request until a replica of the deployment runs, however l
 that takes (a worker node lost, its replicas waiting for a node with their resources).
 :func:`first_item` waits for a stream's first item as before, and only when it has not
 come for :data:`CHECK_AFTER_S` asks whether any replica runs at all (Serve's controller,
-an answer shared by the ingress replica's requests for a second): if none does, the
-request is cancelled and refused with :class:`~cloudllm_serve.errors.EngineUnavailableError`
+an answer shared by the ingress replica's requests for a second; a replica starting while
+no node is lost counts, so a redeploy's requests wait for it): if none does, the request is
+cancelled and refused with :class:`~cloudllm_serve.errors.EngineUnavailableError`
 (503, ``Retry-After``). A request queued behind busy replicas keeps its place.
 """
 

@@ -125,8 +125,13 @@ def engine_nodes(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def test_engines_run_on_the_worker_and_survive_its_loss(cluster: ClusterState) -> None:
-    # Engine replicas on the worker node, named; the answer names its replica.
-    status = detailed(cluster)
+    # Engine replicas on the worker node, named; the answer names its replica. /health is
+    # 200 with one running; the second may still start (slowly beside make test's stacks).
+    def both_running() -> dict[str, Any] | None:
+        found = detailed(cluster)
+        return found if len(engine_nodes(found)) >= 2 else None
+
+    status = wait_for(both_running, timeout_s=180, interval_s=1)
     before = engine_nodes(status)
     assert len(before) == 2 and {name for _, name in before.values()} == {WORKER_NODE}
     answer = generate(cluster)

@@ -27,6 +27,12 @@ import httpx
 REFUSAL_WITHIN_S = 5.0
 
 
+def answer_token_count(body: dict[str, Any]) -> int:
+    """Tokens of one ``/generate`` answer (its ``model_info.timings``)."""
+    timings = body.get("model_info", {}).get("timings") or body.get("timings") or {}
+    return int(timings.get("tokens_generated", 0))
+
+
 async def fire(
     url: str, count: int, max_tokens: int, timeout_s: float
 ) -> list[tuple[int, float, dict[str, str], dict[str, Any] | None]]:
@@ -95,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] in (429, 503)]
     answer_tokens = (
-        statistics.mean(r[3]["timings"]["tokens_generated"] for r in ok if r[3])
-        if ok
-        else args.max_tokens
+        statistics.mean(answer_token_count(r[3]) for r in ok if r[3]) if ok else args.max_tokens
     )
     in_time = tokens_per_s * timeout_s / answer_tokens
     print(f"statuses: {dict(statuses)} in {elapsed:.1f} s")

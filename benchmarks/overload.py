@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     answer_tokens = (
         statistics.mean(answer_token_count(r[3]) for r in ok if r[3]) if ok else args.max_tokens
     )
-    in_time = tokens_per_s * timeout_s / answer_tokens
+    # What the engines could finish in the timeout, and no more than were sent.
+    in_time = min(tokens_per_s * timeout_s / answer_tokens, float(args.requests))
     print(f"statuses: {dict(statuses)} in {elapsed:.1f} s")
     if refused:
         waits = sorted(r[1] for r in refused)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"engine: {tokens_per_s:.1f} tokens/s over the flood x {timeout_s:g} s / "
-        f"{answer_tokens:.0f} tokens = {in_time:.1f} answers fit; {len(ok)} given "
+        f"{answer_tokens:.0f} tokens: {in_time:.1f} answers fit (at most those sent); "
+        f"{len(ok)} given "
         f"({len(ok) / in_time:.0%})"
         if in_time
         else "engine: no tokens measured"

@@ -344,6 +344,13 @@ class Settings(BaseSettings):
     REDIS_TIMEOUT_S: float = Field(
         3.0, gt=0.0, le=60.0, description="connect/read timeout of one Redis call"
     )
+    REDIS_MAX_CONNECTIONS: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="most connections one process opens to one Redis node; a call beyond "
+        "waits up to REDIS_TIMEOUT_S for a free one (Redis Cluster: refused, a 503)",
+    )
     REDIS_SENTINELS: str = Field(
         "",
         description="comma-separated host:port of Redis Sentinels; set with "

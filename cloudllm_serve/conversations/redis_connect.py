@@ -11,7 +11,11 @@
   learns the other nodes and follows slot moves and failovers itself.
 
 Every client connects lazily, with the same bounded timeouts, so building one never
-waits for Redis and a dead Redis costs a request at most ``REDIS_TIMEOUT_S``.
+waits for Redis and a dead Redis costs a request at most ``REDIS_TIMEOUT_S``. One Redis
+and Sentinel use redis-py's blocking pool: past ``REDIS_MAX_CONNECTIONS`` a call waits
+for a free connection (redis-py's default pool refuses it, "Too many connections", which
+a flood of a few hundred requests reaches). redis-py's cluster client has no blocking
+pool: there ``REDIS_MAX_CONNECTIONS`` per node is a hard cap.
 """
 
 from __future__ import annotations
@@ -22,13 +26,21 @@ from urllib.parse import unquote, urlparse
 
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 #: The client of any topology: both have the same commands and ``register_script``.
 RedisClient = aioredis.Redis | RedisCluster
+
+#: redis-py's own default pool size.
+DEFAULT_MAX_CONNECTIONS = 100
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (finds the primary) that waits for a free connection when full."""
 
 
 def _retry_once() -> Retry:
@@ -40,16 +52,21 @@ def _retry_once() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
-def redis_client(url: str, *, timeout_s: float) -> aioredis.Redis:
+def redis_client(
+    url: str, *, timeout_s: float, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> aioredis.Redis:
     """A lazily connecting client of one Redis with bounded timeouts and one quick retry."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=_retry_once(),
         health_check_interval=30,
     )
+    client: aioredis.Redis = aioredis.Redis.from_pool(pool)
     return client
 
 
@@ -70,7 +87,12 @@ def parse_host_ports(value: str) -> list[tuple[str, int]]:
 
 
 def sentinel_client(
-    sentinels: list[tuple[str, int]], master: str, url: str, *, timeout_s: float
+    sentinels: list[tuple[str, int]],
+    master: str,
+    url: str,
+    *,
+    timeout_s: float,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> aioredis.Redis:
     """A client of the primary that ``sentinels`` name ``master`` (see the module docstring)."""
     parsed = urlparse(url)
@@ -88,6 +110,9 @@ def sentinel_client(
     )
     client: aioredis.Redis = sentinel.master_for(
         master,
+        connection_pool_class=BlockingSentinelConnectionPool,
+        max_connections=max_connections,
+        timeout=timeout_s,
         db=int(database) if database.isdigit() else 0,
         decode_responses=True,
         socket_timeout=timeout_s,
@@ -99,13 +124,16 @@ def sentinel_client(
     return client
 
 
-def cluster_client(url: str, *, timeout_s: float) -> RedisCluster:
+def cluster_client(
+    url: str, *, timeout_s: float, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> RedisCluster:
     """A client of the Redis Cluster that ``url`` (one node) belongs to."""
     # Cluster-level retries follow a failover: the client re-reads the slot map and
     # sends again (a write script may then run twice: REDIS_MIN_REPLICAS_ACK's path
     # sends its writes itself, once).
     return RedisCluster.from_url(
         url,
+        max_connections=max_connections,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -119,6 +147,7 @@ class RedisTopology:
 
     url: str
     timeout_s: float
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     sentinels: str = ""
     sentinel_master: str = ""
     cluster: bool = False
@@ -142,7 +171,12 @@ class RedisTopology:
                 self.sentinel_master,
                 self.url,
                 timeout_s=self.timeout_s,
+                max_connections=self.max_connections,
             )
         if self.cluster:
-            return cluster_client(self.url, timeout_s=self.timeout_s)
-        return redis_client(self.url, timeout_s=self.timeout_s)
+            return cluster_client(
+                self.url, timeout_s=self.timeout_s, max_connections=self.max_connections
+            )
+        return redis_client(
+            self.url, timeout_s=self.timeout_s, max_connections=self.max_connections
+        )

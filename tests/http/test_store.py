@@ -141,6 +141,21 @@ def test_frozen_redis_costs_one_timeout_and_a_restart_none(own_redis: RedisServe
     asyncio.run(scenario())
 
 
+def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
+    # redis-py's default pool refuses a call past its size ("Too many connections"): a
+    # flood of a few hundred requests on one ingress replica reached it. Ours waits.
+    async def scenario() -> None:
+        client = RedisTopology(redis_server.url, 3.0, max_connections=4).client()
+        store = ConversationStore(client, key_prefix=f"t-{uuid.uuid4().hex[:8]}:")
+        ids = await asyncio.gather(*(store.create() for _ in range(200)))
+        assert len(set(ids)) == 200 and await store.count() == 200
+        pool = client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_answering_engine_replica_is_recorded(store_redis: StoreRedis) -> None:
     async def scenario() -> None:
         store = make_store(store_redis)

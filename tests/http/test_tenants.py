@@ -455,6 +455,9 @@ def test_redis_down_limits_stateless_requests_in_memory(own_redis_app: TenantApp
     app = own_redis_app
     limited = app.keys.auth("rpm-3")
     body = {"prompt": "x"}
+    # Mid-window, so that the frozen calls (a timeout each) cannot cross into the next one.
+    mid_window = (time.time() // 60) * 60 + 30
+    app.service.limiter.clock = lambda: mid_window
     app.redis.freeze()
     try:
         statuses = [

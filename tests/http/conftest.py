@@ -80,7 +80,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.stop()
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.redis_ha)])
 def store_redis(request: pytest.FixtureRequest, redis_server: RedisServer) -> StoreRedis:
     """The session's Redis, then the session's Redis Cluster: a test using it runs on both."""
     if request.param == "cluster":

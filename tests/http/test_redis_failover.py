@@ -24,6 +24,9 @@ from tests.fakes import FakeEngine
 from tests.http.conftest import build_app
 from tests.support import RedisClusterNodes, SentinelGroup, replicates, wait_for
 
+#: Sentinel and Redis Cluster failovers: in make test, not in make test-fast.
+pytestmark = pytest.mark.redis_ha
+
 CLIENTS = 8
 ROUNDS = 3
 #: Sentinel's down-after-milliseconds: the failover starts this long after the kill.

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def slow_app(redis_server: RedisServer, tmp_path: Path) -> Iterator[TenantApp]:
     """Words come every 0.1 s; a generation is stopped after 1 s (REQUEST_TIMEOUT_S)."""
     for made in make_app(redis_server, tmp_path, REQUEST_TIMEOUT_S=1.0):
         made.engine.delay_s = 0.1
+        # Mid-window, so that settling cannot land in the next minute's window.
+        mid_window = (time.time() // 60) * 60 + 30
+        made.service.limiter.clock = lambda at=mid_window: at
         yield made
 
 

@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from cloudllm_serve.engine.placement import (
     ENGINE_DEPLOYMENT,
+    INGRESS_DEPLOYMENT,
     cluster_capacity_problem,
     engine_deployment_options,
     node_resources,
@@ -28,8 +29,6 @@ from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings, load_settings
 
 logger = logging.getLogger("ray.serve")
-
-INGRESS_DEPLOYMENT = "Ingress"
 
 
 def build_application(settings: Settings) -> Application:
@@ -47,7 +46,15 @@ def build_application(settings: Settings) -> Application:
     ).bind(settings)
     ingress = serve.deployment(
         name=INGRESS_DEPLOYMENT,
-        num_replicas=settings.INGRESS_REPLICAS,
+        # A fixed number of replicas, given as autoscaling bounds: only a deployment with
+        # an autoscaling config reports custom metrics, and the ingress reports the demand
+        # it refused, which scales the engines (cloudllm_serve.autoscaling).
+        autoscaling_config={
+            "min_replicas": settings.INGRESS_REPLICAS,
+            "max_replicas": settings.INGRESS_REPLICAS,
+            "metrics_interval_s": 2.0,
+            "look_back_period_s": 10.0,
+        },
         max_ongoing_requests=settings.INGRESS_MAX_ONGOING_REQUESTS,
         # A stopping ingress replica waits for the generations it is streaming, as long
         # as the engine replicas let theirs finish.

@@ -31,6 +31,8 @@ from cloudllm_serve.settings import Settings
 
 #: The engine deployment's name in the application (configs' ``deployments`` entries).
 ENGINE_DEPLOYMENT = "EngineServer"
+#: The ingress deployment's name.
+INGRESS_DEPLOYMENT = "Ingress"
 
 REPLICA_CPUS = 1.0
 #: On CPU the reservation is bookkeeping only (vLLM binds its own threads to the

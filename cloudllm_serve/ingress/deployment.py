@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
+from cloudllm_serve.autoscaling import REFUSED_DEMAND_METRIC
 from cloudllm_serve.conversations.store import ConversationStore
 from cloudllm_serve.cpu_priority import lower_priority
 from cloudllm_serve.heap import settle_heap
@@ -34,6 +35,14 @@ class Ingress:
         client.on_retry = lambda _replica: self._service.metrics.engine_retries.add()
         client.on_resume = lambda outcome: self._service.metrics.stream_resumes.add(outcome=outcome)
         self._service.replica_id = context.replica_id.unique_id
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the requests refused here lately.
+
+        :func:`cloudllm_serve.autoscaling.scale_on_demand` adds them to the engines'
+        demand, so a flood that deadline admission refuses still adds engine replicas.
+        """
+        return {REFUSED_DEMAND_METRIC: float(self._service.admission.refused_demand())}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self._service)

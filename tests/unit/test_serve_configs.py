@@ -9,6 +9,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cloudllm_serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
+from cloudllm_serve.autoscaling import POLICY_PATH
 from cloudllm_serve.engine.placement import refused_overrides
 from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.launcher import profile_settings
@@ -37,6 +38,8 @@ def test_config_is_valid(path: Path) -> None:
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
     assert app.import_path == "cloudllm_serve.app:build_app"
+    # Refused demand scales the engines only where the config names the policy.
+    assert (app.autoscaling_policy or {}).get("policy_function") == POLICY_PATH
     assert {d.name for d in app.deployments} <= {ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT}
     profile_settings(raw)  # valid settings, and no engine option the settings derive
     for deployment in app.deployments:

@@ -259,6 +259,11 @@ class DeadlineAdmission:
         running = min(in_engines, self.slots)
         own_answer = self.own_max_tokens / self.own if self.own else float(max_tokens)
         answer = self.meter.tokens_per_answer or own_answer
+        if self.own >= self.engine_requests:
+            # The engines hold (about) only this replica's requests, whose max_tokens bound
+            # their answers. The measured mean overstates answers at a burst's start: its
+            # window then holds the tokens of many answers and the ends of few.
+            answer = min(answer, own_answer)
         work = (
             running * answer / 2
             + (in_engines - running) * answer

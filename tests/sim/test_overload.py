@@ -80,8 +80,8 @@ def test_a_flood_is_refused_at_once_by_the_deadline(sim_stack: Stack) -> None:
     assert len(others) <= len(answers) // 50, others
     # 500 connections opened at once on 2 cores: the first refusals wait for the accepts.
     assert statistics.median(waits) < REQUEST_TIMEOUT_S / 4 and waits[-1] < REQUEST_TIMEOUT_S / 2
-    # Issue 31 asks for 80 %; measured here 67-88 % (the estimate is made from the warm-up,
-    # on a loaded 2-core machine), so this guards against a regression, not the target.
-    assert statuses[200] >= 0.6 * in_time
+    # At least 80 % of what the engines finished per second in this run, times the timeout
+    # (measured here: 89 %, from 67 % before answers were bounded by their max_tokens).
+    assert statuses[200] >= 0.8 * in_time
     metrics = requests.get(f"{sim_stack.base_url}/status/detailed", timeout=30).json()
     assert metrics["admission"]["seconds_per_token_full_batch"] is not None

@@ -260,6 +260,13 @@ class Settings(BaseSettings):
     ROUTING_AFFINITY: bool = Field(
         True, description="send a conversation's turns to the engine replica that has its prefix"
     )
+    ROUTING_LOAD_BOUND: float = Field(
+        2.0,
+        ge=1.0,
+        le=100.0,
+        description="a conversation's replica keeps it while its ongoing requests stay under "
+        "this many times the mean (then the next replica in the key's order takes it)",
+    )
 
     # Overload and time limits
     OVERLOAD_STATUS_CODE: int = Field(

@@ -147,6 +147,7 @@ def engine_deployment_options(settings: Settings) -> dict[str, Any]:
         "request_router_kwargs": {
             "affinity": settings.ROUTING_AFFINITY,
             "batch_size": settings.VLLM_MAX_NUM_SEQS,
+            "load_bound": settings.ROUTING_LOAD_BOUND,
         },
         "request_routing_stats_period_s": CONTROLLER_STATS_PERIOD_S,
     }

@@ -13,6 +13,13 @@ conversation id, or a hash of the chat's opening) by rendezvous hashing (highest
 random weight), which needs no shared state and moves only a 1/N share of keys when
 replicas come or go.
 
+A conversation much hotter than the rest would pile onto its replica, so the preferred
+replica's load is bounded (consistent hashing with bounded loads, Mirrokni, Thorup and
+Zadeh 2018): when it carries at least ``ROUTING_LOAD_BOUND`` times the mean ongoing
+requests (this one counted), the request goes to the next replica in the key's
+rendezvous order that does not; that replica answers, is recorded, and keeps the
+conversation from then on.
+
 The preferred replica is the first rank, and all the others the second, while the
 replica has a free batch slot: fewer ongoing requests than ``batch_size``
 (``VLLM_MAX_NUM_SEQS``). Once its batch is full, all replicas form one rank with the
@@ -21,7 +28,8 @@ replica's vLLM queue only when no other replica is less busy. "Full" is never ju
 from Serve's queue-length cache alone: with several ingress replicas, each cache counts
 only its own requests since its last look, so it can overstate a replica's load (an
 early version of this router sent turns away from an idle replica that way). A cached
-"full" is checked with one probe of the replica before the request goes elsewhere.
+"full" (or over the load bound) is checked with one probe of the replica before the
+request goes elsewhere.
 Requests without a key, and all requests when ``affinity`` is off, use
 power-of-two-choices like Serve's default router. A request retried because an engine
 died under it (``avoid_replicas``) passes over that replica while another one is there.
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +56,10 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 if TYPE_CHECKING:
     from ray.serve._private.common import RequestMetadata
+
+#: A preferred replica keeps its requests while its load stays under this many times the
+#: mean (``ROUTING_LOAD_BOUND``).
+LOAD_BOUND = 2.0
 
 #: How long the router waits for a replica's answer to "how many requests do you have?"
 #: (Serve's own first deadline for the same probe).
@@ -131,15 +144,21 @@ class ConversationAffinityRouter(FIFOMixin, RequestRouter):
         self._remove_pending_request_from_indices(chosen)
 
     def initialize_state(
-        self, affinity: bool = True, batch_size: int | None = None, **_: Any
+        self,
+        affinity: bool = True,
+        batch_size: int | None = None,
+        load_bound: float = LOAD_BOUND,
+        **_: Any,
     ) -> None:
         """Router settings (``request_router_kwargs``).
 
         ``batch_size``: ongoing requests at which a replica's batch is full (``None``:
-        never treat the preferred replica as full before Serve does).
+        never treat the preferred replica as full before Serve does). ``load_bound``: see
+        :meth:`within_load_bound`.
         """
         self._affinity = affinity
         self._batch_size = batch_size
+        self._load_bound = load_bound
 
     async def choose_replicas(
         self,
@@ -156,6 +175,7 @@ class ConversationAffinityRouter(FIFOMixin, RequestRouter):
         preferred = self.preferred(candidate_replicas, pending_request)
         if preferred is None:
             return [_two_random(candidate_replicas)]
+        preferred = await self.within_load_bound(preferred, candidate_replicas, pending_request)
         others = [r for r in candidate_replicas if r is not preferred]
         if not others:
             return [[preferred]]
@@ -178,6 +198,41 @@ class ConversationAffinityRouter(FIFOMixin, RequestRouter):
             return None
         return max(candidates, key=lambda r: affinity_rank(key, r.replica_id.unique_id))
 
+    async def within_load_bound(
+        self,
+        preferred: RunningReplica,
+        candidates: list[RunningReplica],
+        pending_request: PendingRequest | None,
+    ) -> RunningReplica:
+        """``preferred``, or the next replica in the key's order if it is over the bound.
+
+        Loads are the cached ongoing counts (unknown: 0); the preferred replica's count is
+        probed before it is passed over, as in :meth:`batch_is_full`.
+        """
+        if len(candidates) < 2:
+            return preferred
+        cache = self.replica_queue_len_cache
+        loads = {r.replica_id: cache.get(r.replica_id) or 0 for r in candidates}
+        bound = math.ceil(self._load_bound * (sum(loads.values()) + 1) / len(candidates))
+        if loads[preferred.replica_id] < bound or await self.probe(preferred) < bound:
+            return preferred
+        key = request_affinity_key(pending_request) or preferred.replica_id.unique_id
+        order = sorted(
+            candidates, key=lambda r: affinity_rank(key, r.replica_id.unique_id), reverse=True
+        )
+        return next((r for r in order if loads[r.replica_id] < bound), preferred)
+
+    async def probe(self, replica: RunningReplica) -> int:
+        """The replica's ongoing requests, asked now (into the cache); 0 if it does not answer."""
+        try:
+            ongoing = await asyncio.wait_for(
+                replica.get_queue_len(deadline_s=PROBE_DEADLINE_S), PROBE_DEADLINE_S
+            )
+        except Exception:  # no answer in time, or the replica is going away
+            return 0
+        self.replica_queue_len_cache.update(replica.replica_id, ongoing)
+        return int(ongoing)
+
     async def batch_is_full(self, replica: RunningReplica) -> bool:
         """Whether the replica runs a full batch (unknown or unanswered: no).
 
@@ -191,14 +246,7 @@ class ConversationAffinityRouter(FIFOMixin, RequestRouter):
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         if cached is None or cached < self._batch_size:
             return False
-        try:
-            ongoing = await asyncio.wait_for(
-                replica.get_queue_len(deadline_s=PROBE_DEADLINE_S), PROBE_DEADLINE_S
-            )
-        except Exception:  # no answer in time, or the replica is going away
-            return False
-        self.replica_queue_len_cache.update(replica.replica_id, ongoing)
-        return ongoing >= self._batch_size
+        return await self.probe(replica) >= self._batch_size
 
 
 def _two_random(replicas: list[RunningReplica]) -> list[RunningReplica]:

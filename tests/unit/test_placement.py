@@ -74,7 +74,7 @@ def test_autoscaling_follows_batch_size_and_settings() -> None:
     assert options["backpressure_config"] == BackpressureConfig(status_code=429, retry_after_s=9)
     router = options["request_router_config"]
     assert isinstance(router, RequestRouterConfig)
-    assert router.request_router_kwargs == {"affinity": True, "batch_size": 16}
+    assert router.request_router_kwargs == {"affinity": True, "batch_size": 16, "load_bound": 2.0}
     assert "num_replicas" not in options
 
 

@@ -187,6 +187,10 @@ def test_a_preferred_replica_with_a_full_batch_competes_with_the_others() -> Non
     replica = next(r for r in REPLICAS if r.replica_id.unique_id == preferred)
     replica.queue_len = 4
     router.replica_queue_len_cache.update(replica.replica_id, 4)
+    # The others busy too: the preferred one is full but not over the load bound.
+    for other in REPLICAS:
+        if other is not replica:
+            router.replica_queue_len_cache.update(other.replica_id, 3)
     try:
         ranks = choose(router, "conv:7")
         assert len(ranks) == 1 and ranks[0][0] == preferred  # first, so it wins ties
@@ -288,3 +292,30 @@ def test_a_replica_chosen_for_another_request_never_goes_to_one_that_avoids_it()
         return fresh.replica_id.unique_id, got.replica_id.unique_id
 
     assert asyncio.run(run()) == ("dead", "busy")
+
+
+def test_a_hot_replica_passes_its_requests_to_the_next_in_the_key_order() -> None:
+    router = make_router(batch_size=4)
+    order = sorted(REPLICAS, key=lambda r: affinity_rank("conv:9", r.replica_id.unique_id))
+    first, second = order[-1], order[-2]
+    assert choose(router, "conv:9")[0] == [first.replica_id.unique_id]
+    # 2 ongoing where the mean is 2/3: at the bound (ceil(1.25 * 3 / 3) = 2), and the probe
+    # agrees. The next replica of this key's order takes the request.
+    first.queue_len = 2
+    router.replica_queue_len_cache.update(first.replica_id, 2)
+    try:
+        assert choose(router, "conv:9")[0] == [second.replica_id.unique_id]
+        # The cache overstated it (requests of other ingress replicas finished): the probe
+        # says 1, under the bound, and the request stays.
+        first.queue_len = 1
+        router.replica_queue_len_cache.update(first.replica_id, 2)
+        assert choose(router, "conv:9")[0] == [first.replica_id.unique_id]
+        # All equally busy: no replica is over the bound, the conversation stays.
+        for replica in REPLICAS:
+            replica.queue_len = 2
+            router.replica_queue_len_cache.update(replica.replica_id, 2)
+        assert choose(router, "conv:9")[0] == [first.replica_id.unique_id]
+    finally:
+        for replica in REPLICAS:
+            replica.queue_len = 0
+            router.replica_queue_len_cache.update(replica.replica_id, 0)

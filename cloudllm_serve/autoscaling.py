@@ -23,8 +23,8 @@ The Serve config names it per application::
 
 Without it Serve falls back to each deployment's own (default) policy: everything works,
 but refused demand adds no engine. Ray 2.60 documents application-level policies as
-under development (the config field's description); the Ray version check in
-``tests/unit`` covers the names used here.
+under development (the config field's description); ``tests/unit/test_autoscaling_policy.py``
+runs this policy inside Serve's own wrapper, so a change there shows.
 """
 
 from __future__ import annotations

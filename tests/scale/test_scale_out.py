@@ -378,6 +378,16 @@ def redis_timeout(body: str) -> bool:
     return json.loads(body).get("error_type") == "store_unavailable"
 
 
+def overloaded(response: requests.Response) -> bool:
+    """Whether an answer is the ingress's backpressure: 429 (OVERLOAD_STATUS_CODE) with
+    ``Retry-After``, for a full queue or a deadline the engines could not meet."""
+    return (
+        response.status_code == 429
+        and response.json().get("error_type") == "engine_overloaded"
+        and bool(response.headers.get("Retry-After"))
+    )
+
+
 #: Tokens of the crash test's ``/v1`` streams (greedy, ``ignore_eos``).
 RESUME_TOKENS = 48
 #: Seconds between those streams' requests: the queue in front of the engines holds 2 per
@@ -453,11 +463,16 @@ def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stac
         f"{[(status, Counter(k)) for (status, _), k in zip(outcomes, kinds, strict=True)]}; "
         f"new requests {Counter(r.status_code for r in after)} within {answered_after:.1f} s"
     )
-    # Every request is answered, from another replica if need be. The one other answer
-    # allowed is Redis's 503 on this oversubscribed host (see the flood test): the
-    # ingress waiting for CPU longer than REDIS_TIMEOUT_S; never an engine error.
+    # Every request is answered, from another replica if need be; never an engine error.
+    # Two other answers are allowed. Backpressure (429 here): one replica's capacity
+    # (BATCH) plus the queues (QUEUE per ingress replica) is 8, while the streams moved
+    # off the dead replica and these 2 * BATCH requests are 12. And Redis's 503 on this
+    # oversubscribed host (see the flood test): the ingress waiting for CPU longer than
+    # REDIS_TIMEOUT_S.
     for response in after:
-        assert response.status_code == 200 or redis_timeout(response.text), response.text
+        assert (
+            response.status_code == 200 or overloaded(response) or redis_timeout(response.text)
+        ), response.text
     assert sum(r.status_code == 200 for r in after) >= len(after) // 2
     for (status, events), types in zip(outcomes, kinds, strict=True):
         if status != 200:

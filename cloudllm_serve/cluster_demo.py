@@ -170,6 +170,14 @@ def new_state(folder: Path, *, engine_slots: int = 16, worker_cpus: int = 2) -> 
     )
 
 
+#: Ray's node health checks in the demo cluster (read by the GCS of ``ray start --head``).
+NODE_HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
 def ray_environment(state: ClusterState) -> dict[str, str]:
     """The environment of ``ray start`` and ``serve deploy`` (inherited by every worker)."""
     env = dict(os.environ)
@@ -179,6 +187,10 @@ def ray_environment(state: ClusterState) -> dict[str, str]:
             "RAY_AUTH_MODE": "token",
             "RAY_worker_niceness": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # The GCS declares a node dead after this many missed health checks, one a
+            # second, instead of Ray's 5 every 3 s: requests in flight on a lost node's
+            # replicas wait for that verdict (docs/deployment.md, "A node lost").
+            **NODE_HEALTH_CHECKS,
         }
     )
     env.update(state.env)

@@ -25,7 +25,9 @@ from tests.support import wait_for
 
 #: The simulated engine's times: an answer of 24 tokens takes about half a second.
 SIM = {"SIM_TTFT_MS": 50, "SIM_TTFT_MS_PER_TOKEN": 0, "SIM_STEP_MS": 20, "SIM_STEP_MS_PER_SEQ": 0}
-#: Longest any request may take while the worker is lost (no hang).
+#: Longest any request may wait while the worker is lost (no hang): Ray's verdict on the
+#: node (3 missed health checks, one a second, in the demo cluster) and the 2 s after which
+#: a request with no replica running is refused, beside make test's other stacks.
 NO_HANG_S = 15.0
 
 
@@ -169,9 +171,18 @@ def test_engines_run_on_the_worker_and_survive_its_loss(cluster: ClusterState) -
             lambda: sum(o.status == 200 and o.sent_at > back_at for o in load.outcomes) >= 8,
             timeout_s=30,
         )
+    # Seconds each request spent waiting while the node was lost (up to the restart; after
+    # it, a request may wait for the replica starting on the returned node, as in a
+    # redeploy).
+    waited_lost = [
+        min(o.sent_at + o.took_s, restarted_at) - max(o.sent_at, killed_at)
+        for o in load.outcomes
+        if o.sent_at < restarted_at and o.sent_at + o.took_s > killed_at
+    ]
     print(
         f"\n[cluster] worker lost: {sum(o.status == 503 for o in load.outcomes)} refusals; "
-        f"back {back_at - restarted_at:.1f} s after ray start; slowest answer "
+        f"longest wait while lost {max(waited_lost):.1f} s; back "
+        f"{back_at - restarted_at:.1f} s after ray start; slowest answer "
         f"{max(o.took_s for o in load.outcomes):.1f} s"
     )
     during = [o for o in load.outcomes if o.sent_at >= killed_at]
@@ -179,7 +190,7 @@ def test_engines_run_on_the_worker_and_survive_its_loss(cluster: ClusterState) -
         o for o in during if o.status not in (200, 503)
     ]
     assert all(o.retry_after for o in during if o.status == 503)
-    assert max(o.took_s for o in load.outcomes) < NO_HANG_S
+    assert max(waited_lost) < NO_HANG_S
     # Service resumed by itself on replicas Serve placed on the returned worker node.
     after = engine_nodes(detailed(cluster))
     assert after and {name for _, name in after.values()} == {WORKER_NODE}

@@ -122,8 +122,9 @@ def watch(
 def main(argv: list[str] | None = None) -> int:
     """Start Ray with the fixed metrics port, deploy ``argv``'s config, then watch it."""
     import ray
-    from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.scripts import cli
+
+    from cloudllm_serve.ray_serve_internals import SERVE_NAMESPACE
 
     port = int(os.environ.get("METRICS_EXPORT_PORT") or DEFAULT_METRICS_EXPORT_PORT)
     ray.init(namespace=SERVE_NAMESPACE, _metrics_export_port=port)

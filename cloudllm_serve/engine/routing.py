@@ -50,12 +50,11 @@ import asyncio
 import hashlib
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-if TYPE_CHECKING:
-    from ray.serve._private.common import RequestMetadata
+from cloudllm_serve.ray_serve_internals import AvoidingFIFOMixin
 
 #: A preferred replica keeps its requests while its load stays under this many times the
 #: mean (``ROUTING_LOAD_BOUND``).
@@ -108,40 +107,17 @@ def without_avoided(
     return kept or candidates
 
 
-class ConversationAffinityRouter(FIFOMixin, RequestRouter):
+class ConversationAffinityRouter(AvoidingFIFOMixin, RequestRouter):
     """Serve request router: conversation affinity, else power of two choices."""
 
-    def _fulfill_next_pending_request(
-        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
-    ) -> None:
-        """Give ``replica`` to the oldest waiting request that does not avoid it.
+    def refuses(self, pending_request: PendingRequest, replica_id: str) -> bool:
+        """A request retried because its engine died on a replica refuses that replica.
 
-        Serve's :class:`FIFOMixin` gives it to the oldest waiting request, whichever
-        request's routing task found it; a request retried because its engine died on
-        that replica would be sent straight back there. When every waiting request avoids
-        it, the request it was found for takes it (its ranks fell back to avoided
-        replicas because no other one is left, see :func:`without_avoided`).
+        Serve's :class:`FIFOMixin` gives a free replica to the oldest waiting request,
+        whichever request's routing task found it; without this, such a request would be
+        sent straight back to the replica that failed it.
         """
-        replica_id = replica.replica_id.unique_id
-        waiting = self._pending_requests_to_fulfill
-        while waiting and waiting[0].future.done():
-            waiting.popleft()
-        chosen = next(
-            (
-                request
-                for request in waiting
-                if not request.future.done() and replica_id not in request_avoided_replicas(request)
-            ),
-            None,
-        )
-        if chosen is None:
-            chosen = self._get_pending_request_matching_internal_request_id(request_metadata)
-            if chosen is None:
-                return
-        self._cancel_routing_task_for_pending_request(chosen)
-        self._record_queue_wait_time(chosen)
-        chosen.future.set_result(replica)
-        self._remove_pending_request_from_indices(chosen)
+        return replica_id in request_avoided_replicas(pending_request)
 
     def initialize_state(
         self,

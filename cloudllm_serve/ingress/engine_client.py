@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -56,10 +55,13 @@ from cloudllm_serve.ingress.stream_resume import (
     openai_blocker,
 )
 from cloudllm_serve.ingress.unserved import ENDED, first_item
+from cloudllm_serve.ray_serve_internals import (
+    SERVE_NAMESPACE,
+    replica_id_in_error,
+    serve_instance_details,
+)
 from cloudllm_serve.settings import Settings
 
-#: Serve's actor namespace (where replica actors are named).
-SERVE_NAMESPACE = "serve"
 #: How long a controller answer is reused (``/health`` may be polled often).
 DETAILS_TTL_S = 1.0
 #: How often a request is tried again after its replica's engine died under it.
@@ -68,8 +70,6 @@ ENGINE_RETRIES = 2
 RETRY_PAUSE_S = 0.5
 #: How often a continuation refused for a full queue waits RETRY_PAUSE_S and tries again.
 CONTINUATION_WAITS = 20
-#: A Serve replica's actor name in Ray's messages; group 1 is the replica's id.
-_REPLICA_ACTOR_NAME = re.compile(r"SERVE_REPLICA::[^\s#]+#[^\s#]+#(\w+)")
 
 logger = logging.getLogger(__name__)
 CallT = TypeVar("CallT", GenerationRequest, OpenAICall)
@@ -350,17 +350,9 @@ class ServeEngineClient:
         now = time.monotonic()
         if self._details is not None and now - self._details[0] < DETAILS_TTL_S:
             return self._details[1]
-        import ray
-        from ray.serve.context import _get_global_client
-
-        if not ray.is_initialized():
-            # Serve's client would start a local Ray instance here, blocking the loop.
+        details = await serve_instance_details()
+        if details is None:
             raise EngineUnavailableError("not connected to Serve")
-        client = _get_global_client()
-        if client is None:
-            raise EngineUnavailableError("not connected to Serve")
-        controller = client._controller
-        details: dict[str, Any] = await controller.get_serve_instance_details.remote()
         self._details = (now, details)
         return details
 
@@ -410,9 +402,7 @@ def _lost_replica(error: BaseException) -> str | None:
             return candidate.replica_id
     if not isinstance(error, RayActorError):
         return None
-    # Ray names the dead actor in its message ("name: SERVE_REPLICA::app#deployment#id").
-    named = _REPLICA_ACTOR_NAME.search(str(error))
-    return named.group(1) if named else ""
+    return replica_id_in_error(error)
 
 
 def _name(value: Any) -> str:

@@ -59,9 +59,7 @@ class FakeEngine:
                 message = f"{images} images: {text}"
             earlier = len(request.messages) - 1
         else:
-            prompt = request.prompt
-            message = prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))
-            earlier = 0
+            message, earlier = "", 0
         if request.sampling.json_schema is not None or request.sampling.json_object:
             return json.dumps({"answer": message})
         if message.startswith("say:"):

@@ -1,4 +1,5 @@
 """The engine side: the contract (:mod:`.protocol`), the vLLM backend and its Serve deployment.
 
-Only :mod:`.vllm_engine` imports vLLM, and only when an engine is created.
+vLLM is imported by :mod:`.vllm_engine` and :mod:`.openai_serving` (inside methods, when an
+engine is created) and by :mod:`.simulated` (at import; only :mod:`.vllm_engine` imports it).
 """

@@ -62,16 +62,15 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: chat ``messages`` or a raw ``prompt``; exactly one is set.
+    """One generation of chat ``messages``.
 
     ``messages`` are rendered with the chat template and fitted to the context by
-    dropping the oldest turns; a ``prompt`` (text or token ids) is used as is.
+    dropping the oldest turns.
     """
 
     request_id: str
     sampling: SamplingOptions
     messages: list[ChatMessage] | None = None
-    prompt: str | list[int] | None = None
     stream: bool = True
     #: Requests with the same key go to the same engine replica while it has room
     #: (:mod:`cloudllm_serve.engine.routing`): the conversation id, or a hash of the

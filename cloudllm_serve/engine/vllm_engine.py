@@ -1,7 +1,8 @@
 """The vLLM backend: one ``AsyncLLM`` per engine replica.
 
-This is the only module that imports vLLM, and it does so inside :meth:`VLLMEngine.start`
-so that importing the package (and most tests) needs no vLLM at all.
+vLLM is imported inside methods (here and in :mod:`.openai_serving`), and
+:mod:`.simulated` (which imports vLLM at module level) only when ``LLM_MODEL=sim``, so
+that importing the package (and most tests) needs no vLLM at all.
 """
 
 from __future__ import annotations
@@ -327,15 +328,7 @@ class VLLMEngine:
                     max_images=self._settings.VLLM_LIMIT_IMAGES_PER_PROMPT,
                 )
             return await fit_messages(request.messages, self._encode, budget)
-        if isinstance(request.prompt, str):
-            token_ids = list(self._engine.get_tokenizer().encode(request.prompt))
-        elif request.prompt:
-            token_ids = list(request.prompt)
-        else:
-            raise ValueError("the request has neither messages nor a prompt")
-        if len(token_ids) > budget:
-            raise PromptDoesNotFitError(len(token_ids), budget)
-        return FittedPrompt(token_ids, 0)
+        raise ValueError("the request has no messages")
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         from vllm.sampling_params import StructuredOutputsParams

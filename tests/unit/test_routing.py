@@ -66,7 +66,10 @@ REPLICAS = [FakeReplica(name) for name in ("a", "b", "c")]
 
 def request(key: str | None) -> FakePending:
     generation = GenerationRequest(
-        request_id="r", sampling=SamplingOptions(max_tokens=1), prompt="x", affinity_key=key
+        request_id="r",
+        sampling=SamplingOptions(max_tokens=1),
+        messages=[{"role": "user", "content": "x"}],
+        affinity_key=key,
     )
     return FakePending([generation])
 
@@ -216,7 +219,7 @@ def pending(
     generation = GenerationRequest(
         request_id="r",
         sampling=SamplingOptions(max_tokens=1),
-        prompt="x",
+        messages=[{"role": "user", "content": "x"}],
         affinity_key=key,
         preferred_replica=recorded,
         avoid_replicas=avoid,

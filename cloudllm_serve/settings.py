@@ -1,7 +1,7 @@
 """All settings of the service, read from the environment and validated at start-up.
 
-Field names are the environment variable names (SPEC §2), so an error message that
-names a field names the variable to fix. The rest of the project receives a
+Field names are the environment variable names (README.md, "Configuration"), so an
+error message that names a field names the variable to fix. The rest of the project receives a
 :class:`Settings` instance as an argument; the one other variable read is
 ``CLOUDLLM_CACHE_DIR`` (where prepared models and ``make serve``'s Redis data live,
 :mod:`cloudllm_serve.models.prepare`), needed before settings exist.

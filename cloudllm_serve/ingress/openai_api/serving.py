@@ -116,7 +116,7 @@ class CompletionCall:
         body["cache_salt"] = cache_salt(
             context.tenant_id, client_cache_salt(body.get("cache_salt"))
         )
-        n = _lax_int(body.get("n"))
+        n = lax_int(body.get("n"))
         if kind == "completion" and (conversation_id is not None or store):
             raise InvalidRequestError(
                 "conversations are kept for chat completions only",
@@ -361,7 +361,7 @@ def _token_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) for i in value)
 
 
-def _lax_int(value: Any) -> int | None:
+def lax_int(value: Any) -> int | None:
     """``value`` as vLLM's request models read an integer, or ``None`` (unset or invalid).
 
     Pydantic's lax mode, as vLLM validates: ``2.0`` and ``"3"`` are integers. An invalid
@@ -395,7 +395,7 @@ def _most_generated(
     """
     settings = service.settings
     keys = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
-    max_tokens = next((v for v in map(_lax_int, map(body.get, keys)) if v is not None), None)
+    max_tokens = next((v for v in map(lax_int, map(body.get, keys)) if v is not None), None)
     if max_tokens is None:
         if kind == "completion":
             max_tokens = VLLM_COMPLETION_MAX_TOKENS
@@ -404,7 +404,7 @@ def _most_generated(
         else:
             max_tokens = settings.VLLM_MAX_MODEL_LEN - -(-prompt_chars // CHARS_PER_TOKEN)
     max_tokens = min(max(max_tokens, 0), settings.VLLM_MAX_MODEL_LEN)
-    n = _lax_int(body.get("n"))
+    n = lax_int(body.get("n"))
     return max_tokens * (n if n is not None and n > 0 else 1) * _prompt_count(kind, body)
 
 
@@ -425,8 +425,8 @@ def _tokens_per_event(body: dict[str, Any], service: CloudLLMService) -> int:
     The request's or the server's, the larger; so counting a stream's events (one per
     choice and engine step) bounds its tokens.
     """
-    requested = _lax_int(body.get("stream_interval")) or 1
-    server = _lax_int(service.settings.VLLM_ENGINE_KWARGS.get("stream_interval")) or 1
+    requested = lax_int(body.get("stream_interval")) or 1
+    server = lax_int(service.settings.VLLM_ENGINE_KWARGS.get("stream_interval")) or 1
     return max(1, requested, server)
 
 

@@ -32,7 +32,7 @@ from cloudllm_serve.errors import (
 from cloudllm_serve.ingress.cache_salt import cache_salt, client_cache_salt
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.errors import openai_error
-from cloudllm_serve.ingress.openai_api.serving import _lax_int
+from cloudllm_serve.ingress.openai_api.serving import lax_int
 from cloudllm_serve.ingress.service import CHARS_PER_TOKEN, CloudLLMService, close_stream
 from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
@@ -116,7 +116,7 @@ class ResponseCall:
         prompt_chars = len(json.dumps(body["input"], ensure_ascii=False, default=str))
         prompt_chars += len(str(body.get("instructions") or ""))
         settings = service.settings
-        max_output = _lax_int(body.get("max_output_tokens"))
+        max_output = lax_int(body.get("max_output_tokens"))
         if max_output is None:
             max_output = settings.VLLM_MAX_MODEL_LEN - -(-prompt_chars // CHARS_PER_TOKEN)
         await service.admit(

@@ -1,1 +1,1 @@
-"""The seed's API (SPEC §2): ``/health``, ``/generate``, conversations, ``/status/detailed``."""
+"""The seed's API (docs/api.md): ``/health``, ``/generate``, conversations, ``/status/detailed``."""

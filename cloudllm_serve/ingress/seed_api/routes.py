@@ -1,4 +1,4 @@
-"""The seed's HTTP endpoints (SPEC §2) over a :class:`CloudLLMService`."""
+"""The seed's HTTP endpoints (docs/api.md) over a :class:`CloudLLMService`."""
 
 from __future__ import annotations
 

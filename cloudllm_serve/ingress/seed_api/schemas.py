@@ -1,4 +1,7 @@
-"""Request and response schemas of the seed's API (SPEC §2), plus ``stream`` and ``json_schema``."""
+"""Request and response schemas of the seed's API (docs/api.md).
+
+Beyond the seed's fields: ``stream`` and ``json_schema``.
+"""
 
 from __future__ import annotations
 

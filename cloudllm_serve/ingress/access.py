@@ -22,25 +22,18 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from cloudllm_serve.errors import AuthenticationError
 from cloudllm_serve.ingress.audit import AuditLog
 from cloudllm_serve.ingress.context import SCOPE_KEY, RequestContext, current_request
 from cloudllm_serve.ingress.errors import OPENAI_PREFIX, error_headers, openai_error, seed_error
+from cloudllm_serve.ingress.middleware import ASGIApp, Message, Receive, Scope, Send
 from cloudllm_serve.ingress.rate_limits import RateLimiter
 from cloudllm_serve.ingress.service import IngressCounters
 from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.metrics import IngressMetrics, api_of
 
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Paths anyone may call when keys are on, and the docs pages' assets under
 #: PUBLIC_PREFIX. Everything else needs a key.

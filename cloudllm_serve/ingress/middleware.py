@@ -27,6 +27,7 @@ from cloudllm_serve.ingress.errors import OPENAI_PREFIX, openai_error
 from cloudllm_serve.ingress.service import IngressCounters
 from cloudllm_serve.settings import Settings
 
+#: ASGI types, shared by this module and :mod:`.access`.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

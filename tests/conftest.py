@@ -22,7 +22,7 @@ from cloudllm_serve.launcher import (
     profile_settings,
     ray_session_logs,
 )
-from tests.support import RedisServer, free_port, wait_for
+from tests.support import RedisServer, server_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 #: No test writes audit lines into the developer's run folder (``AUDIT_LOG``'s default,
@@ -173,8 +173,8 @@ def running_stack(
             "another test stack is running in this pytest process; run each stack group "
             "on its own, e.g. pytest -m scale (make test does)"
         )
-    port = free_port()
-    metrics_port = free_port()
+    port = server_port()
+    metrics_port = server_port()
     log_path = log_dir / "launcher.log"
     env = dict(os.environ)
     env.update(

@@ -19,7 +19,7 @@ from cloudllm_serve.launcher import redis_answers, redis_server_command
 from cloudllm_serve.ports import can_listen, reserved_free_port
 
 
-def free_port() -> int:
+def server_port() -> int:
     """A free port for a server a test starts later, outside the ephemeral range.
 
     A port from ``bind(0)`` can be taken by an outgoing connection (Ray opens hundreds)
@@ -68,7 +68,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (make test installs it)")
         self.binary = binary
         self.data_dir = data_dir
-        self.port = port or free_port()
+        self.port = port or server_port()
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
         #: More ``redis-server`` arguments (replication, cluster mode).
@@ -155,7 +155,7 @@ class SentinelGroup:
         self.data_dir = data_dir
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [server_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -259,7 +259,7 @@ def replicates(server: RedisServer, primary: RedisServer) -> bool:
 def cluster_node_port() -> int:
     """A free port for a cluster node whose bus port (the port + 10000) is free too."""
     while True:
-        port = free_port()
+        port = server_port()
         if port + 10000 <= 65535 and can_listen("127.0.0.1", port + 10000):
             return port
 

@@ -23,7 +23,7 @@ from cloudllm_serve.errors import EngineUnavailableError
 from cloudllm_serve.ingress.seed_api.status import HEALTH_CACHE_S
 from tests.fakes import FakeEngine
 from tests.http.conftest import App, build_app
-from tests.support import RedisServer, free_port, wait_for
+from tests.support import RedisServer, server_port, wait_for
 
 CALLERS = 8
 
@@ -106,7 +106,7 @@ BODY_TIMEOUT_S = 0.5
 def served(redis_server: RedisServer) -> Iterator[int]:
     """The app under uvicorn on a loopback port (a real socket a client can stall)."""
     app, _ = build_app(redis_server, FakeEngine(), REQUEST_BODY_TIMEOUT_S=BODY_TIMEOUT_S)
-    port = free_port()
+    port = server_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

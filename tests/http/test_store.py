@@ -20,7 +20,7 @@ from cloudllm_serve.errors import (
     StoreUnavailableError,
 )
 from tests.http.conftest import App, StoreRedis
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, server_port
 
 
 def make_store(
@@ -99,7 +99,7 @@ def test_deleted_conversation_is_gone_and_not_revived(store_redis: StoreRedis) -
 
 def test_unreachable_redis_is_a_quick_store_error() -> None:
     async def scenario() -> None:
-        store = make_store(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+        store = make_store(f"redis://127.0.0.1:{server_port()}/0", timeout_s=0.5)
         for call in (store.create(), store.count(), store.get("x")):
             with pytest.raises(StoreUnavailableError):
                 await asyncio.wait_for(call, 5)

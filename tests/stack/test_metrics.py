@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, Stack
-from tests.support import Sample, free_port, metric_total, scrape_metrics, wait_for
+from tests.support import Sample, metric_total, scrape_metrics, server_port, wait_for
 
 DASHBOARD = REPO / "deployments" / "grafana" / "cloudllm.json"
 
@@ -121,7 +121,7 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs: [{{job_name: cloudllm, static_configs: [{{targets: ['{target}']}}]}}]\n"
     )
-    port = free_port()
+    port = server_port()
     log = (folder / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.startup.test_port_at_start import Launcher
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, server_port
 
 #: Serve's tries of a replica that fails to start (3 by default, ~20 s each here: each
 #: imports vLLM); one is enough to show the error and the exit, and saves 40 s of suite.
@@ -25,7 +25,7 @@ def test_a_replica_failing_at_start_is_shown_and_ends_the_launcher(
 ) -> None:
     launcher = Launcher(
         redis_server,
-        free_port(),
+        server_port(),
         tmp_path / "launcher.log",
         port_wait_s=5,
         env_overrides={

@@ -21,7 +21,7 @@ import requests
 
 from cloudllm_serve.launcher import PORT_WAIT_S
 from tests.conftest import REPO
-from tests.support import RedisServer, free_port, wait_for
+from tests.support import RedisServer, server_port, wait_for
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def holding(port: int) -> Iterator[socket.socket]:
 
 
 #: Ray's metrics agent of every launcher these tests start (one at a time).
-METRICS_PORT = free_port()
+METRICS_PORT = server_port()
 
 
 class Launcher:
@@ -113,7 +113,7 @@ class Launcher:
 def test_a_port_held_for_good_is_refused_naming_it(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = server_port()
     with holding(port):
         launcher = Launcher(redis_server, port, tmp_path / "launcher.log", port_wait_s=3)
         status = launcher.process.wait(70)
@@ -160,7 +160,7 @@ def test_busy_port_at_start_then_a_restart_that_loses_the_port_race(
     (before Serve binds it) until the launcher says Serve lost it: Serve is stopped and
     started again once the port is free.
     """
-    port = free_port()
+    port = server_port()
     timings = []
 
     # 1. Held for a while at start: waited for, then started at once.

@@ -38,7 +38,7 @@ import requests
 
 from cloudllm_serve.models.prepare import cache_root
 from tests.conftest import REPO
-from tests.support import free_port, wait_for
+from tests.support import server_port, wait_for
 
 #: The acceptance bound: from the stop signal until nothing the launcher started is left.
 STOPPED_WITHIN_S = 30
@@ -52,7 +52,7 @@ class Served:
     """The launcher in a process group of its own, on free ports, its output in ``log``."""
 
     def __init__(self, folder: Path, model: str | None = None) -> None:
-        self.port, self.metrics_port, self.redis_port = free_port(), free_port(), free_port()
+        self.port, self.metrics_port, self.redis_port = server_port(), server_port(), server_port()
         self.cache = folder / "cache"
         self.cache.mkdir()
         (self.cache / "models").symlink_to(cache_root() / "models")

@@ -15,7 +15,7 @@ import redis
 from cloudllm_serve import launcher
 from cloudllm_serve.procfs import children
 from cloudllm_serve.settings import Settings
-from tests.support import free_port, wait_for
+from tests.support import server_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_start_redis_starts_and_reuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CLOUDLLM_CACHE_DIR", str(tmp_path))
-    url = f"redis://127.0.0.1:{free_port()}/0"
+    url = f"redis://127.0.0.1:{server_port()}/0"
     process = launcher.start_redis(url)
     assert process is not None
     try:

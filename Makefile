@@ -63,14 +63,13 @@ test-vlm: install
 serve: install redis-server model
 	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
-# Two chains of pytest processes side by side:
-# see tests/run_suite.py for the groups and why.
+# Two chains of pytest processes side by side: see tests/README.md for the groups and why.
 test: install redis-server prometheus model test-vlm
 	@$(PY) -m tests.run_suite $(PYTEST_ARGS)
 
 # Fewer fuzzed requests (FUZZ_SCALE) and no Redis Sentinel/Cluster tests, to stay under 2 minutes.
 test-fast: install redis-server
-	@FUZZ_SCALE=0.4 $(PY) -m pytest -m "not stack and not vllm and not ray and not tenants and not startup and not vision and not redis_ha" $(PYTEST_ARGS)
+	@FUZZ_SCALE=0.4 $(PY) -m pytest -m "(unit or local or http) and not redis_ha" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

@@ -29,21 +29,24 @@ REPO = Path(__file__).resolve().parent.parent
 #: where ``make serve``'s go): a test of the audit log names its own target.
 os.environ.setdefault("AUDIT_LOG", "off")
 
-#: Markers of every test in a folder (``make test`` and ``make test-fast`` select by them),
-#: so a new test file gets its group's markers without declaring any.
+#: What each folder's tests need, as markers. Every test is also marked with its folder's
+#: name, which is its group's name (``tests/README.md``; ``make test`` and ``make test-fast``
+#: select by it), so a new test file gets its group's markers without declaring any.
 FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
     "unit": (),
+    "local": (),
     "http": ("redis",),
-    "stack": ("stack", "vllm", "redis"),
-    "scale": ("stack", "scale", "vllm", "redis"),
-    "tenants": ("stack", "tenants", "vllm", "redis"),
-    "startup": ("stack", "startup", "vllm", "redis"),
-    "vision": ("stack", "vision", "vllm", "redis"),
-    "placement": ("ray",),
-    "sim": ("stack", "sim", "redis"),
-    # Two Ray nodes of their own (cloudllm_serve/cluster_demo.py); in the scale-out group.
-    "cluster": ("stack", "scale", "cluster", "redis"),
+    "ray": (),
+    "sim": ("redis",),
+    "stack": ("vllm", "redis"),
+    "tenants": ("vllm", "redis"),
+    "vision": ("vllm", "redis"),
+    "startup": ("vllm", "redis"),
+    "scale": ("vllm", "redis"),
+    "cluster": ("redis",),
 }
+#: Folders whose tests start a stack (a Ray cluster with the app): run after the others.
+STACK_FOLDERS = frozenset({"sim", "stack", "tenants", "vision", "startup", "scale", "cluster"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,14 +55,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     Tests without a stack run first: they fill the CPU that the session's stack leaves
     while it starts (see ``_early_starts``).
     """
-    items.sort(key=lambda item: "stack" in FOLDER_MARKERS.get(item.path.parent.name, ()))
+    items.sort(key=lambda item: item.path.parent.name in STACK_FOLDERS)
     for item in items:
         folder = item.path.parent.name
         if folder not in FOLDER_MARKERS:
             raise pytest.UsageError(
                 f"{item.nodeid}: tests live in one of {sorted(FOLDER_MARKERS)} (tests/conftest.py)"
             )
-        for name in FOLDER_MARKERS[folder]:
+        for name in (folder, *FOLDER_MARKERS[folder]):
             item.add_marker(name)
 
 

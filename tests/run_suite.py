@@ -1,25 +1,19 @@
-"""The whole test suite as ``make test`` runs it: on 2 cores, in as little time as it can.
+"""The whole test suite as ``make test`` runs it: one pytest process per group, in two chains.
 
-Each pytest process starts the stacks (Ray clusters) it needs, one at a time. Most groups
-keep about one core busy (one process importing vLLM at a time while a stack starts, the
-HTTP-layer tests on one core, waits for a rate window or a freed port), so two chains of
-processes run side by side and at most two stacks run at once:
+A group is a folder of ``tests/`` (or two run in one process), selected by the marker of
+the same name (``tests/conftest.py``). Each stack group starts Ray clusters of its own and
+keeps about one core busy (vLLM imports, waits for rate windows and freed ports), so on
+2 cores two chains run side by side: about 14 minutes, where one chain takes over 25
+(``tests/README.md`` has the table). The first chain's output is shown as it runs, the
+second's when it has ended; at most two stacks run at once.
 
-- chain 1, shown as it runs: unit and HTTP-layer tests, fake-GPU Ray, the stack on the
-  simulated engine, then the tenants and images stacks;
-- chain 2, shown when it has ended: the session's stack tests (the stack and raw vLLM start
-  with that process), the start-up tests, then the scale-out group, whose stack starts
-  while chain 1 ends.
+The scale-out group's vLLM engines run at nice 15 (``ENGINE_NICENESS``), below the stacks of
+the other chain: beside the whole scale-out load the tenants and images group took twice
+as long and once failed (Ray's node did not start within Ray's fixed 30 s).
 
-The scale-out group's two vLLM engines under load run at nice 15 (``ENGINE_NICENESS``), below
-the tenants and images stacks that may still run (serving layer at nice 10, engines at 0),
-and an engine replica it adds starts at full priority (not slowed by the load it relieves).
-Beside the whole scale-out load, the tenants and images group took twice as long and once
-failed: Ray's node did not start within Ray's fixed 30 s.
-
-Every process runs to its end whatever the others do; the exit status is 0 only when every
-process passed. Arguments are passed to every pytest process (``make test PYTEST_ARGS=...``);
-with arguments, a process whose selection is empty (pytest's status 5) is not a failure.
+Every process runs to its end; the exit status is 0 only when every one passed. Arguments go
+to every pytest process (``make test PYTEST_ARGS=...``); with arguments, a process whose
+selection is empty (pytest's status 5) is not a failure.
 """
 
 from __future__ import annotations
@@ -38,24 +32,34 @@ NO_TESTS = 5
 
 @dataclass(frozen=True)
 class Group:
-    """One pytest process: what it is called and the marker expression it selects."""
+    """One pytest process: the folders (markers) it runs."""
 
-    name: str
-    markers: str
+    folders: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The group's name, as ``tests/README.md`` gives it: its folders."""
+        return " + ".join(self.folders)
+
+    @property
+    def markers(self) -> str:
+        """The ``-m`` expression that selects the group's folders."""
+        return " or ".join(self.folders)
 
 
+#: Shown as it runs.
 CHAIN_SHOWN = (
-    Group("unit and HTTP layer", "not stack and not ray"),
-    Group("fake-GPU Ray", "ray"),
-    Group("simulated engine", "sim"),
-    Group("tenants and images", "tenants or vision"),
+    Group(("unit", "local", "http")),
+    Group(("ray",)),
+    Group(("sim",)),
+    Group(("tenants", "vision")),
 )
+#: Shown when it has ended: the stack and raw vLLM start with the first process
+#: (``_early_starts``); the scale-out stack starts while the first chain ends.
 CHAIN_LOGGED = (
-    Group(
-        "stack", "stack and not scale and not tenants and not startup and not vision and not sim"
-    ),
-    Group("start-up", "startup"),
-    Group("scale-out", "scale"),
+    Group(("stack",)),
+    Group(("startup",)),
+    Group(("scale", "cluster")),
 )
 
 

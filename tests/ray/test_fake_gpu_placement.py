@@ -1,7 +1,7 @@
 """Tensor parallelism through placement groups, on a Ray cluster with 4 fake GPUs.
 
 The real :class:`EngineServer` runs with the real derived deployment options; its
-backend (:mod:`tests.placement.gpu_probe`) places one worker per rank the way vLLM's
+backend (:mod:`tests.ray.gpu_probe`) places one worker per rank the way vLLM's
 Ray executor does and reports the GPU ids each rank got. The fleet view the ingress
 uses (:class:`ServeEngineClient`) reads them back through Serve's controller.
 """
@@ -23,7 +23,7 @@ from cloudllm_serve.engine.protocol import EngineFleet
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
 from cloudllm_serve.settings import Settings
-from tests.placement.gpu_probe import GpuProbeBackend
+from tests.ray.gpu_probe import GpuProbeBackend
 from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -163,13 +163,15 @@ def running_stack(
     profile: Path = REPO / "deployments" / "cpu.yaml",
     *,
     healthy_first: bool = True,
+    cwd: Path = REPO,
 ) -> Iterator[Stack]:
     """The service started exactly as ``make serve`` starts it (minus Redis, which we own).
 
     Yields it once healthy, or at once with ``healthy_first=False`` (then call
-    :meth:`Stack.wait_healthy`). One at a time in a pytest process: the session's
-    ``stack`` lives until the session ends, so each group with a stack of its own runs
-    in a pytest process of its own, as ``make test`` does.
+    :meth:`Stack.wait_healthy`). It starts in ``cwd``, whose ``.env`` it reads. One at a
+    time in a pytest process: the session's ``stack`` lives until the session ends, so
+    each group with a stack of its own runs in a pytest process of its own, as
+    ``make test`` does.
     """
     if _running_stacks:
         raise RuntimeError(
@@ -204,7 +206,7 @@ def running_stack(
                 "--port-wait-s",
                 str(STACK_PORT_WAIT_S),
             ],
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

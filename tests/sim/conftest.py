@@ -5,6 +5,10 @@ first token 300 ms after a request is scheduled, then one every 40 ms. Stream ba
 are gathered for up to 1 s (``STREAM_BATCH_INTERVAL_MS=1000``), so a stream's later
 tokens arrive together while its first must still come at once. Two engine replicas, so
 that a stream whose replica dies can go on on the other (``test_stream_resume``, last).
+
+It starts in a folder of its own whose ``.env`` sets ``VLLM_MAX_NUM_SEQS`` (one slot more
+than the default, so the file is seen) and ``STREAM_BATCH_INTERVAL_MS``, which the
+environment sets too and wins (``test_dotenv.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ SIM_TTFT_MS = 300
 SIM_STEP_MS = 40
 STREAM_BATCH_INTERVAL_MS = 1000
 REQUEST_TIMEOUT_S = 20
+#: ``VLLM_MAX_NUM_SEQS`` from the stack's ``.env`` only.
+SIM_MAX_NUM_SEQS = 17
+#: ``STREAM_BATCH_INTERVAL_MS`` in the ``.env``: the environment's value wins.
+ENV_FILE_BATCH_INTERVAL_MS = 5
 #: The audit log, beside the launcher's log (``Stack.log_path``).
 AUDIT_FILE = "audit.jsonl"
 
@@ -30,6 +38,10 @@ def sim_stack(
 ) -> Iterator[Stack]:
     """The service as ``LLM_MODEL=sim make serve`` runs it, with the times above."""
     folder = tmp_path_factory.mktemp("sim-stack")
+    (folder / ".env").write_text(
+        f"VLLM_MAX_NUM_SEQS={SIM_MAX_NUM_SEQS}\n"
+        f"STREAM_BATCH_INTERVAL_MS={ENV_FILE_BATCH_INTERVAL_MS}\n"
+    )
     with running_stack(
         redis_server,
         folder,
@@ -48,5 +60,6 @@ def sim_stack(
             "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
             "ENGINE_MAX_QUEUED_REQUESTS": "2000",
         },
+        cwd=folder,
     ) as stack:
         yield stack

@@ -1,7 +1,7 @@
 """A flood the simulated engine cannot finish in time: refused at once, never a 504.
 
 500 concurrent ``/generate`` requests of 100 tokens against the sim stack's two simulated
-engines of 16 batch slots at 40 ms a step (~800 tokens/s, so ~160 answers in
+engines of 17 batch slots at 40 ms a step (~850 tokens/s, so ~170 answers in
 ``REQUEST_TIMEOUT_S``):
 every answer is a 200, or a 503 with ``Retry-After`` given well before the timeout
 and naming the deadline; and the 200s are at least 80 % of what the engine finished
@@ -20,11 +20,11 @@ import httpx
 import requests
 
 from tests.conftest import Stack
-from tests.sim.conftest import REQUEST_TIMEOUT_S
+from tests.sim.conftest import REQUEST_TIMEOUT_S, SIM_MAX_NUM_SEQS
 
 FLOOD = 500
 MAX_TOKENS = 100
-SLOTS = 2 * 16  # two engine replicas of VLLM_MAX_NUM_SEQS (the default)
+SLOTS = 2 * SIM_MAX_NUM_SEQS  # two engine replicas of VLLM_MAX_NUM_SEQS
 
 
 def engine_tokens(stack: Stack) -> int:

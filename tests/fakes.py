@@ -11,6 +11,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
 from cloudllm_serve.engine.protocol import (
     ChoiceDelta,
     EngineError,
@@ -224,7 +226,8 @@ class FakeEngine:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 if self.fail_word is not None and word == self.fail_word:
-                    yield _sse({"error": {"message": "boom", "type": "InternalServerError"}})
+                    error = ErrorInfo(message="boom", type="InternalServerError", code=500)
+                    yield _sse(ErrorResponse(error=error).model_dump())
                     yield "data: [DONE]\n\n"
                     yield OpenAIStreamEnd(usage=None, message=None, replica_id="fake-1")
                     return
@@ -296,9 +299,9 @@ def _response(call: OpenAICall) -> OpenAIAnswer:
 
 
 def _error(status: int, kind: str, message: str) -> OpenAIAnswer:
-    return OpenAIAnswer(
-        status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    )
+    """An error answer in vLLM's own body (its ``ErrorResponse``), as our engine relays it."""
+    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, code=status))
+    return OpenAIAnswer(status, body.model_dump())
 
 
 def _sse(payload: dict[str, Any]) -> str:

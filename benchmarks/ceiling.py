@@ -48,7 +48,7 @@ from typing import Any
 
 from benchmarks import proc_cpu
 from benchmarks.compare import CloudLLM, Server
-from cloudllm_serve.ports import free_port
+from cloudllm_serve.devhost.ports import free_port
 from cloudllm_serve.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import conversation_cost
+from cloudllm_serve.devhost.launcher import load_profile, profile_settings, redis_server_command
+from cloudllm_serve.devhost.ports import free_port
 from cloudllm_serve.engine.vllm_engine import engine_args_from_settings, vllm_cli_args
-from cloudllm_serve.launcher import load_profile, profile_settings, redis_server_command
-from cloudllm_serve.ports import free_port
 from cloudllm_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ class CloudLLM(Server):
             [
                 sys.executable,
                 "-m",
-                "cloudllm_serve.launcher",
+                "cloudllm_serve.devhost.launcher",
                 "--profile",
                 str(self.settings_profile),
             ],

@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_model_dir() -> str:
     """The prepared SmolLM2's folder as the project finds it (``CLOUDLLM_CACHE_DIR``)."""
     try:
-        from cloudllm_serve.models.prepare import default_model_dir as project_default
+        from cloudllm_serve.local_models import default_model_dir as project_default
     except ImportError:  # the script is used without the project installed
         return DEFAULT_MODEL
     return str(project_default())

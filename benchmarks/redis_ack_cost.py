@@ -23,8 +23,8 @@ import redis
 
 from cloudllm_serve.conversations.redis_connect import redis_client
 from cloudllm_serve.conversations.store import ConversationStore, StoredMessage
-from cloudllm_serve.launcher import REDIS_APPENDFSYNC, redis_server_command
-from cloudllm_serve.ports import reserved_free_port
+from cloudllm_serve.devhost.launcher import REDIS_APPENDFSYNC, redis_server_command
+from cloudllm_serve.devhost.ports import reserved_free_port
 
 
 def start(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:

@@ -15,17 +15,17 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cloudllm_serve.engine.placement import (
+from cloudllm_serve.engine.server import EngineServer
+from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
+from cloudllm_serve.ingress.deployment import Ingress
+from cloudllm_serve.keys import KeyRegistry
+from cloudllm_serve.placement import (
     ENGINE_DEPLOYMENT,
     INGRESS_DEPLOYMENT,
     cluster_capacity_problem,
     engine_deployment_options,
     node_resources,
 )
-from cloudllm_serve.engine.server import EngineServer
-from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
-from cloudllm_serve.ingress.deployment import Ingress
-from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.settings import Settings, load_settings
 
 logger = logging.getLogger("ray.serve")

@@ -34,7 +34,7 @@ from typing import Any
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
 
-from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
+from cloudllm_serve.placement import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 
 #: Serve's key for a deployment (its ``DeploymentID``, kept opaque here).
 DeploymentID = Any

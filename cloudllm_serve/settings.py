@@ -4,7 +4,7 @@ Field names are the environment variable names (README.md, "Configuration"), so 
 error message that names a field names the variable to fix. The rest of the project receives a
 :class:`Settings` instance as an argument; the one other variable read is
 ``CLOUDLLM_CACHE_DIR`` (where prepared models and ``make serve``'s Redis data live,
-:mod:`cloudllm_serve.models.prepare`), needed before settings exist.
+:mod:`cloudllm_serve.local_models`), needed before settings exist.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cloudllm_serve.conversations.redis_connect import parse_host_ports
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.models.prepare import (
+from cloudllm_serve.local_models import (
     LOCAL_MODELS,
     SIMULATED_MODEL,
     cache_root,
@@ -226,28 +226,6 @@ class Settings(BaseSettings):
     )
     ENGINE_GRACEFUL_SHUTDOWN_S: float = Field(
         60.0, ge=0.0, description="how long a stopping engine/ingress replica lets requests finish"
-    )
-    ENGINE_NICENESS: int = Field(
-        0,
-        ge=0,
-        le=19,
-        description="nice value of vLLM's engine processes once they have started (a new "
-        "replica starts at full priority; CPU hosts: keeps the HTTP front door and Redis "
-        "responsive when generation saturates the cores)",
-    )
-    SERVING_NICENESS: int = Field(
-        0,
-        ge=0,
-        le=19,
-        description="nice value of the serving layer (ingress replicas, engine replicas' own "
-        "threads once vLLM has started, and under make serve Serve's controller and proxy and "
-        "Ray's daemons), so that vLLM's engine processes win the CPU when it is short",
-    )
-    SERVING_OFF_ENGINE_CPUS: bool = Field(
-        False,
-        description="under make serve, keep the serving layer (Ray's daemons, Serve's controller "
-        "and proxy, our replicas) off the cores vLLM's CPU build binds its workers to, on the "
-        "cores vLLM reserves for the rest (CPU hosts; no effect where workers are not bound)",
     )
     INGRESS_REPLICAS: int = Field(1, ge=1, le=1024, description="ingress (HTTP) replicas")
     INGRESS_MAX_ONGOING_REQUESTS: int = Field(

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from benchmarks.compare import RawVllm
-from cloudllm_serve.launcher import (
+from cloudllm_serve.devhost.launcher import (
     REDIS_APPENDFSYNC,
     load_profile,
     profile_settings,
@@ -198,7 +198,7 @@ def running_stack(
             [
                 sys.executable,
                 "-m",
-                "cloudllm_serve.launcher",
+                "cloudllm_serve.devhost.launcher",
                 "--profile",
                 str(profile),
                 # Each test stack has a port of its own: no need to wait, at the stop, until

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import redis
 
-from cloudllm_serve.launcher import redis_answers, redis_server_command
-from cloudllm_serve.ports import can_listen, reserved_free_port
+from cloudllm_serve.devhost.launcher import redis_answers, redis_server_command
+from cloudllm_serve.devhost.ports import can_listen, reserved_free_port
 
 
 def server_port() -> int:
@@ -46,7 +46,7 @@ def wait_for(check: Callable[[], T | None], timeout_s: float, interval_s: float 
 class RedisServer:
     """A real ``redis-server`` on a free port that tests may stop, freeze and restart.
 
-    Started by the launcher's :func:`~cloudllm_serve.launcher.redis_server_command`:
+    Started by the launcher's :func:`~cloudllm_serve.devhost.launcher.redis_server_command`:
     data is kept in an append-only file only, synced per ``appendfsync``: ``always``
     (every write) unless asked otherwise, ``REDIS_APPENDFSYNC`` for the policy
     ``make serve`` runs (also ``always``). A SIGKILL loses nothing Redis acknowledged

@@ -4,7 +4,7 @@ The backend is injected (``backend_factory``) so a test can hand in a small real
 engine; by default it is :class:`~cloudllm_serve.engine.vllm_engine.VLLMEngine`.
 
 Before loading anything, a replica checks that it runs in the placement group its
-settings derive (:mod:`cloudllm_serve.engine.placement`); hand-written bundles in a
+settings derive (:mod:`cloudllm_serve.placement`); hand-written bundles in a
 Serve config stop it with an error that says what to change.
 """
 
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
-from cloudllm_serve.cpu_priority import engine_processes, lower_all, lower_priority
-from cloudllm_serve.engine.placement import bundle_mismatch
 from cloudllm_serve.engine.protocol import (
     EngineDeadError,
     EngineModelInfo,
@@ -34,6 +31,7 @@ from cloudllm_serve.engine.protocol import (
 from cloudllm_serve.engine.stream_batching import coalesce
 from cloudllm_serve.engine.vllm_engine import VLLMEngine
 from cloudllm_serve.errors import SettingsError
+from cloudllm_serve.placement import bundle_mismatch
 from cloudllm_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -120,15 +118,7 @@ class EngineServer:
         self._replica_id = current_replica_id()
         self._settings = settings
         self._backend = backend_factory(settings)
-        # vLLM starts at our priority: a replica added because the others are busy does
-        # not start (imports, weights, warm-up) at the busy engines' lower one.
         await self._backend.start()
-        engine = engine_processes(os.getpid())
-        lower_all(engine, settings.ENGINE_NICENESS)
-        # With vLLM in processes of its own, our threads are the serving layer (they answer
-        # Serve's probes and health checks, and stream the answers); else they are vLLM.
-        niceness = settings.SERVING_NICENESS if engine else settings.ENGINE_NICENESS
-        lower_priority(os.getpid(), niceness)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Stream one generation's chunks back, in batches (the last chunk names us).

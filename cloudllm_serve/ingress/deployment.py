@@ -6,7 +6,6 @@ so routes stay plain FastAPI functions over an injected service.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,7 +13,6 @@ from ray import serve
 
 from cloudllm_serve.autoscaling import REFUSED_DEMAND_METRIC
 from cloudllm_serve.conversations.store import ConversationStore
-from cloudllm_serve.cpu_priority import lower_priority
 from cloudllm_serve.heap import settle_heap
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
@@ -27,7 +25,6 @@ class Ingress:
     """HTTP front door: the seed's API, conversations in Redis, engines behind a handle."""
 
     def __init__(self, engine: Any, settings: Settings) -> None:
-        lower_priority(os.getpid(), settings.SERVING_NICENESS)
         store = ConversationStore.from_settings(settings)
         context = serve.get_replica_context()
         client = ServeEngineClient(engine, settings, app_name=context.app_name)

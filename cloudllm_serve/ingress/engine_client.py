@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from cloudllm_serve.cluster_nodes import ClusterNode, lost_nodes, node_names, read_nodes
-from cloudllm_serve.engine.placement import capacity_problem
 from cloudllm_serve.engine.protocol import (
     EngineDeadError,
     EngineFleet,
@@ -55,6 +54,7 @@ from cloudllm_serve.ingress.stream_resume import (
     openai_blocker,
 )
 from cloudllm_serve.ingress.unserved import ENDED, first_item
+from cloudllm_serve.placement import capacity_problem
 from cloudllm_serve.ray_serve_internals import (
     SERVE_NAMESPACE,
     replica_id_in_error,

@@ -1,6 +1,6 @@
 """Two Ray nodes on one machine: engines on the worker, the worker lost under load and back.
 
-The cluster is ``make cluster-demo``'s (``cloudllm_serve/cluster_demo.py``): a head node
+The cluster is ``make cluster-demo``'s (``cloudllm_serve/devhost/cluster_demo.py``): a head node
 with the ingress, a worker node with the engine replicas (custom resources), the app
 deployed with ``serve deploy``. The worker is stopped as a machine is lost: its raylet
 and every process under it get SIGKILL (never ``ray stop``: it would end every Ray of
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import requests
 
-from cloudllm_serve import cluster_demo
-from cloudllm_serve.cluster_demo import HEAD_NODE, WORKER_NODE, ClusterState
+from cloudllm_serve.devhost import cluster_demo
+from cloudllm_serve.devhost.cluster_demo import HEAD_NODE, WORKER_NODE, ClusterState
 from tests.support import wait_for
 
 #: The simulated engine's times: an answer of 24 tokens takes about half a second.

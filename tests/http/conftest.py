@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cloudllm_serve.conversations.store import ConversationStore
+from cloudllm_serve.devhost.launcher import REDIS_APPENDFSYNC
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.service import CloudLLMService
-from cloudllm_serve.launcher import REDIS_APPENDFSYNC
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.support import RedisClusterNodes, RedisServer, SentinelGroup

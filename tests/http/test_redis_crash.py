@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cloudllm_serve.launcher import REDIS_APPENDFSYNC
+from cloudllm_serve.devhost.launcher import REDIS_APPENDFSYNC
 from tests.http.conftest import App
 from tests.support import RedisServer, wait_for
 

@@ -21,12 +21,12 @@ import redis
 from fastapi.testclient import TestClient
 
 from cloudllm_serve.conversations.store import ConversationStore, StorageQuota, StoredMessage
+from cloudllm_serve.devhost.launcher import redis_server_command
 from cloudllm_serve.errors import SettingsError, StorageQuotaError
 from cloudllm_serve.ingress.app import create_app
 from cloudllm_serve.ingress.images import ImageLimits, check_image
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.keys.registry import parse_key_file
-from cloudllm_serve.launcher import redis_server_command
 from cloudllm_serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.support import RedisServer, image_bytes

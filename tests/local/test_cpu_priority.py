@@ -10,18 +10,24 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cloudllm_serve.cpu_affinity import (
+from cloudllm_serve.devhost.cpu_affinity import (
     bound_engine_cpus,
     keep_off_engine_cpus,
     serving_cpus,
     serving_processes,
     set_affinity,
 )
-from cloudllm_serve.cpu_priority import engine_processes, lower_priority, serving_daemons
-from cloudllm_serve.procfs import children, command_line, descendants, process_name
+from cloudllm_serve.devhost.cpu_priority import (
+    engine_processes,
+    lower_priority,
+    serving_daemons,
+    settle_priorities,
+)
+from cloudllm_serve.devhost.procfs import children, command_line, descendants, process_name
 
 #: A process that takes a title (as Ray's workers and vLLM's processes do), starts the
 #: children described by its argument (a nested list of titles), and sleeps.
@@ -42,11 +48,32 @@ def _names(pids: list[int]) -> list[str]:
     return sorted(process_name(pid) for pid in pids)
 
 
+def start_tree(folder: Path, tree: list[Any], count: int) -> subprocess.Popen[bytes]:
+    """Start ``tree`` (see :data:`TREE`); return its root once its ``count`` processes
+    (itself included) run with their titles."""
+    script = folder / "tree.py"
+    script.write_text(TREE)
+    root = subprocess.Popen([sys.executable, str(script), json.dumps(tree)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        every = descendants(root.pid)
+        if len(every) == count and all(process_name(p) != "python" for p in every):
+            return root
+        time.sleep(0.1)
+    root.kill()
+    pytest.fail("the process tree did not start")
+
+
+def stop_tree(root: subprocess.Popen[bytes]) -> None:
+    for pid in descendants(root.pid):
+        os.kill(pid, 9)
+    root.kill()
+    root.wait()
+
+
 @pytest.fixture
 def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """serve_run → gcs, raylet → controller, agent, replicas (one → EngineCore → worker)."""
-    script = tmp_path / "tree.py"
-    script.write_text(TREE)
     tree = [
         "serve_run",
         [
@@ -75,20 +102,57 @@ def ray_like_tree(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             ],
         ],
     ]
-    root = subprocess.Popen([sys.executable, str(script), json.dumps(tree)])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        every = descendants(root.pid)
-        if len(every) == 13 and all(process_name(p) != "python" for p in every):
-            break
-        time.sleep(0.1)
-    else:
-        root.kill()
-        pytest.fail("the process tree did not start")
+    root = start_tree(tmp_path, tree, 13)
     yield root
-    for pid in descendants(root.pid):
-        os.kill(pid, 9)
-    root.wait()
+    stop_tree(root)
+
+
+def _nice(pid: int) -> set[int]:
+    """The nice values of ``pid``'s threads."""
+    return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_settle_priorities_puts_vllm_first_and_leaves_starting_replicas_alone(
+    ray_like_tree: subprocess.Popen[bytes],
+) -> None:
+    """The serving layer at SERVING_NICENESS (10), vLLM's processes at ENGINE_NICENESS
+    (15), and what may still become an engine (raylet, idle workers, a replica in its
+    constructor) at the value it started with."""
+    root = ray_like_tree.pid
+    assert settle_priorities(root, serving_niceness=10, engine_niceness=15) > 0
+    by_title = {command_line(p).strip().split(" ")[0]: p for p in descendants(root)}
+    expected = {
+        "gcs_server": 10,
+        "ray::ServeController": 10,
+        "ray::DashboardAgent": 10,
+        "ray::ServeReplica:app:Ingress": 10,
+        "ray::ServeReplica:app:EngineServer": 10,  # its own threads: the serving layer
+        "VLLM::EngineCore": 15,
+        "VLLM::Worker_TP0": 15,
+        "resource_tracker": 0,
+        "raylet": 0,
+        "ray::IDLE": 0,
+        "default_worker.py": 0,
+        "ray::ServeReplica:app:EngineServer.initialize_and_get_metadata": 0,
+    }
+    assert {title: _nice(by_title[title]) for title in expected} == {
+        title: {value} for title, value in expected.items()
+    }
+    assert _nice(root) == {10}
+    assert settle_priorities(root, serving_niceness=10, engine_niceness=15) == 0  # settled
+
+
+def test_an_engine_in_the_replica_process_gets_engine_niceness(tmp_path: Path) -> None:
+    """With no vLLM process of its own (the simulated engine), a replica's threads are the
+    engine's."""
+    tree = ["serve_run", [["raylet", [["ray::ServeReplica:app:EngineServer", []]]]]]
+    root = start_tree(tmp_path, tree, 3)
+    try:
+        settle_priorities(root.pid, serving_niceness=10, engine_niceness=15)
+        (replica,) = [p for p in descendants(root.pid) if process_name(p) == "ray::ServeRepli"]
+        assert _nice(replica) == {15}
+    finally:
+        stop_tree(root)
 
 
 def test_serving_daemons_are_the_control_plane_not_replicas_raylet_or_vllm(

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from cloudllm_serve import launcher
-from cloudllm_serve.procfs import children
+from cloudllm_serve.devhost import launcher
+from cloudllm_serve.devhost.procfs import children
+from cloudllm_serve.devhost.settings import HostSettings
+from cloudllm_serve.errors import SettingsError
 from cloudllm_serve.settings import Settings
 from tests.support import server_port, wait_for
 
@@ -61,11 +63,16 @@ def test_serve_environment_defaults_keep_the_proxy() -> None:
     assert env["RAY_worker_niceness"] == "0"
     assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in env
-    assert env["SERVING_NICENESS"] == "0"  # serve_run reads it from there
-    assert launcher.serve_environment(Settings(SERVING_NICENESS=10), {})["SERVING_NICENESS"] == "10"
-    assert env["SERVING_OFF_ENGINE_CPUS"] == "0"
-    apart = launcher.serve_environment(Settings(SERVING_OFF_ENGINE_CPUS=True), {})
-    assert apart["SERVING_OFF_ENGINE_CPUS"] == "1"  # serve_run's test for it
+    # The host's settings, which serve_run reads back from there.
+    assert (
+        HostSettings.model_validate(
+            {k: env[k] for k in ("SERVING_NICENESS", "ENGINE_NICENESS", "SERVING_OFF_ENGINE_CPUS")}
+        )
+        == HostSettings()
+    )
+    host = HostSettings(SERVING_NICENESS=10, SERVING_OFF_ENGINE_CPUS=True)
+    hosted = launcher.serve_environment(settings, {}, host)
+    assert (hosted["SERVING_NICENESS"], hosted["SERVING_OFF_ENGINE_CPUS"]) == ("10", "true")
     untuned = launcher.serve_environment(Settings(SERVE_LATENCY_TUNING=False), {})
     assert not set(launcher.LATENCY_TUNING) & set(untuned)
     assert launcher.render_profile({"applications": []}, settings)["http_options"]["port"] == 9100
@@ -85,7 +92,7 @@ def test_direct_ingress_gives_llm_port_to_the_ingress_replica() -> None:
 def test_health_problems_are_shown_while_waiting() -> None:
     import json
 
-    from cloudllm_serve.launcher import _health_problems
+    from cloudllm_serve.devhost.launcher import _health_problems
 
     body = json.dumps({"problems": ["engine: no engine replica is running (needs 2 GPU(s))"]})
     assert _health_problems(body.encode()) == (
@@ -134,3 +141,22 @@ def test_metrics_agent_on_loopback_unless_configured() -> None:
     assert {name: env[name] for name in launcher.LOOPBACK_NODE} == launcher.LOOPBACK_NODE
     everywhere = launcher.serve_environment(Settings(METRICS_EXPORT_HOST="0.0.0.0"), {})
     assert not set(launcher.LOOPBACK_NODE) & set(everywhere)
+
+
+def test_host_settings_come_from_the_profile_the_environment_winning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CPU profile's ``devhost:`` section; a variable of the environment wins; a
+    wrong value or name is refused naming it; the rendered config Serve gets lacks it."""
+    profile = launcher.load_profile(REPO / "deployments" / "cpu.yaml")
+    monkeypatch.delenv("SERVING_NICENESS", raising=False)
+    monkeypatch.delenv("SERVING_OFF_ENGINE_CPUS", raising=False)
+    host = HostSettings.from_profile(profile)
+    assert (host.SERVING_NICENESS, host.SERVING_OFF_ENGINE_CPUS) == (10, True)
+    for section, named in (({"SERVING_NICENESS": 40}, "SERVING_NICENESS"), ({"NICE": 1}, "NICE")):
+        with pytest.raises(SettingsError, match=named):
+            HostSettings.from_profile({**profile, "devhost": section})
+    monkeypatch.setenv("SERVING_NICENESS", "0")
+    assert HostSettings.from_profile(profile).SERVING_NICENESS == 0
+    rendered = launcher.render_profile(profile, launcher.profile_settings(profile))
+    assert "devhost" not in rendered and "devhost" in profile

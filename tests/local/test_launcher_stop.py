@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from cloudllm_serve import launcher
-from cloudllm_serve.procfs import start_time
+from cloudllm_serve.devhost import launcher
+from cloudllm_serve.devhost.procfs import start_time
 from cloudllm_serve.settings import Settings
 
 LAUNCHER_FILE = launcher.__file__

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from cloudllm_serve import ports
+from cloudllm_serve.devhost import ports
 
 
 def test_the_proxy_port_is_free_and_outside_the_ephemeral_range() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from cloudllm_serve.serve_run import failed_apps, failures
+from cloudllm_serve.devhost.serve_run import failed_apps, failures
 
 TRACEBACK = "Traceback (most recent call last):\n  File 'x.py', line 1\nOSError: no tokenizer"
 

@@ -18,10 +18,10 @@ import pytest
 import ray
 from ray import serve
 
-from cloudllm_serve.engine.placement import engine_deployment_options, placement_bundles
 from cloudllm_serve.engine.protocol import EngineFleet
 from cloudllm_serve.engine.server import EngineServer
 from cloudllm_serve.ingress.engine_client import ServeEngineClient
+from cloudllm_serve.placement import engine_deployment_options, placement_bundles
 from cloudllm_serve.settings import Settings
 from tests.ray.gpu_probe import GpuProbeBackend
 from tests.support import wait_for

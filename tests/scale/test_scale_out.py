@@ -32,7 +32,7 @@ import pytest
 import requests
 import yaml
 
-from cloudllm_serve.models.prepare import cache_root
+from cloudllm_serve.local_models import cache_root
 from tests.conftest import REPO, Stack, running_stack
 from tests.support import RedisServer, metric_total, scrape_metrics, wait_for
 

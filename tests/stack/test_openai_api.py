@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from cloudllm_serve.models.prepare import default_model_dir
+from cloudllm_serve.local_models import default_model_dir
 from tests.conftest import Stack
 from tests.support import wait_for
 

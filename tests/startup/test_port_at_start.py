@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import requests
 
-from cloudllm_serve.launcher import PORT_WAIT_S
+from cloudllm_serve.devhost.launcher import PORT_WAIT_S
 from tests.conftest import REPO
 from tests.support import RedisServer, server_port, wait_for
 
@@ -42,7 +42,7 @@ METRICS_PORT = server_port()
 
 
 class Launcher:
-    """``python -m cloudllm_serve.launcher`` on ``port``, its output in ``log``.
+    """``python -m cloudllm_serve.devhost.launcher`` on ``port``, its output in ``log``.
 
     Every one started is in :attr:`started`; ``tests/startup/conftest.py`` stops those
     still running after each test, so a failed check leaves no stack behind.
@@ -76,7 +76,7 @@ class Launcher:
                 [
                     sys.executable,
                     "-m",
-                    "cloudllm_serve.launcher",
+                    "cloudllm_serve.devhost.launcher",
                     "--profile",
                     str(REPO / "deployments" / "cpu.yaml"),
                     "--port-wait-s",

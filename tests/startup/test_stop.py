@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from cloudllm_serve.models.prepare import cache_root
+from cloudllm_serve.local_models import cache_root
 from tests.conftest import REPO
 from tests.support import server_port, wait_for
 
@@ -69,7 +69,7 @@ class Served:
         env.pop("AUDIT_LOG", None)  # the default, as make serve runs
         if model:
             env["LLM_MODEL"] = model
-        command = [sys.executable, "-m", "cloudllm_serve.launcher", "--start-redis"]
+        command = [sys.executable, "-m", "cloudllm_serve.devhost.launcher", "--start-redis"]
         command += ["--profile", str(REPO / "deployments" / "cpu.yaml"), "--port-wait-s", "5"]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(

@@ -15,7 +15,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from cloudllm_serve.app import build_application
 from cloudllm_serve.autoscaling import REFUSED_DEMAND_METRIC, scale_on_demand
-from cloudllm_serve.engine.placement import (
+from cloudllm_serve.placement import (
     ENGINE_DEPLOYMENT,
     INGRESS_DEPLOYMENT,
     autoscaling_config,

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cloudllm_serve.cluster_nodes import ClusterNode, lost_nodes, node_names, parse_nodes
-from cloudllm_serve.engine.placement import capacity_problem, engine_deployment_options
 from cloudllm_serve.errors import EngineUnavailableError
 from cloudllm_serve.ingress.unserved import ENDED, first_item
+from cloudllm_serve.placement import capacity_problem, engine_deployment_options
 from cloudllm_serve.settings import Settings
 
 

@@ -9,8 +9,8 @@ import pytest
 import ray
 import yaml
 
-from cloudllm_serve.engine.placement import engine_deployment_options
-from cloudllm_serve.launcher import profile_settings
+from cloudllm_serve.devhost.launcher import profile_settings
+from cloudllm_serve.placement import engine_deployment_options
 from cloudllm_serve.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from cloudllm_serve.engine.placement import (
+from cloudllm_serve.engine.vllm_engine import engine_args_from_settings
+from cloudllm_serve.placement import (
     ROUTER_CLASS,
     bundle_mismatch,
     capacity_problem,
@@ -14,7 +15,6 @@ from cloudllm_serve.engine.placement import (
     placement_bundles,
     refused_overrides,
 )
-from cloudllm_serve.engine.vllm_engine import engine_args_from_settings
 from cloudllm_serve.settings import Settings
 
 
@@ -135,75 +135,3 @@ def test_engine_args_follow_settings() -> None:
     assert args["kv_cache_memory_bytes"] == 1 << 30
     assert args["enforce_eager"] is True
     assert "distributed_executor_backend" not in args
-
-
-def test_vllm_starts_at_full_priority_then_gets_engine_niceness() -> None:
-    """In a child interpreter (niceness cannot be undone): vLLM's processes start at the
-    replica's priority (a replica added under load starts at full speed) and are lowered
-    to ``ENGINE_NICENESS`` once it is up; the replica's own threads go to
-    ``SERVING_NICENESS``, lower or higher."""
-    import subprocess
-    import sys
-
-    script = """
-import asyncio, os, subprocess, sys
-from cloudllm_serve.engine.server import EngineServer
-from cloudllm_serve.settings import Settings
-
-ENGINE_CORE = (
-    "import os, sys, time, setproctitle; setproctitle.setproctitle('VLLM::EngineCore'); "
-    "print(os.nice(0), flush=True); time.sleep(60)"
-)
-
-class Backend:
-    def __init__(self, settings): pass
-    async def start(self):
-        global core
-        core = subprocess.Popen([sys.executable, "-c", ENGINE_CORE], stdout=subprocess.PIPE,
-                                text=True)
-        print("started", core.stdout.readline().strip())
-    def shutdown(self): pass
-
-async def main():
-    server = EngineServer.__new__(EngineServer)  # Ray awaits the async constructor itself
-    await server.__init__(Settings(ENGINE_NICENESS=15, SERVING_NICENESS=10), Backend)
-    print("engine", os.getpriority(os.PRIO_PROCESS, core.pid), "replica", os.nice(0))
-    core.kill()
-
-asyncio.run(main())
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.split() == ["started", "0", "engine", "15", "replica", "10"], (
-        result.stdout + result.stderr
-    )
-
-
-def test_vllm_in_the_replica_process_gets_engine_niceness() -> None:
-    """In a child interpreter: with no engine process of its own (vLLM in the replica's
-    process), the replica's threads are vLLM's, so they take ``ENGINE_NICENESS``."""
-    import subprocess
-    import sys
-
-    script = """
-import asyncio, os
-from cloudllm_serve.engine.server import EngineServer
-from cloudllm_serve.settings import Settings
-
-class Backend:
-    def __init__(self, settings): pass
-    async def start(self): print("started", os.nice(0))
-    def shutdown(self): pass
-
-async def main():
-    server = EngineServer.__new__(EngineServer)  # Ray awaits the async constructor itself
-    await server.__init__(Settings(ENGINE_NICENESS=15, SERVING_NICENESS=10), Backend)
-    print("replica", os.nice(0))
-
-asyncio.run(main())
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.split() == ["started", "0", "replica", "15"], result.stdout + result.stderr

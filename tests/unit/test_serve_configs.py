@@ -10,9 +10,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from cloudllm_serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 from cloudllm_serve.autoscaling import POLICY_PATH
-from cloudllm_serve.engine.placement import refused_overrides
+from cloudllm_serve.devhost.launcher import profile_settings
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.launcher import profile_settings
+from cloudllm_serve.placement import refused_overrides
 from cloudllm_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_engine_options_in_a_config_are_refused() -> None:
 
 
 def test_gpu_config_carries_the_latency_tuning() -> None:
-    from cloudllm_serve.launcher import LATENCY_TUNING
+    from cloudllm_serve.devhost.launcher import LATENCY_TUNING
 
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     env_vars = raw["applications"][0]["runtime_env"]["env_vars"]

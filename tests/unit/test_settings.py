@@ -161,7 +161,13 @@ def test_application_builder_validates(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_launcher_stops_at_a_bad_variable() -> None:
     """`make serve` with a bad value stops before starting anything, naming the variable."""
     result = subprocess.run(
-        [sys.executable, "-m", "cloudllm_serve.launcher", "--profile", "deployments/cpu.yaml"],
+        [
+            sys.executable,
+            "-m",
+            "cloudllm_serve.devhost.launcher",
+            "--profile",
+            "deployments/cpu.yaml",
+        ],
         env={"PATH": "/usr/bin:/bin", "VLLM_MAX_NUM_SEQS": "sixteen"},
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ import redis
 import requests
 from hypothesis import HealthCheck, given, settings, strategies
 
-from cloudllm_serve.models import test_vlm
+from cloudllm_serve.devhost import test_vlm
 from tests.conftest import Stack
 from tests.support import MediaServer, data_url, image_bytes
 from tests.vision.conftest import MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from cloudllm_serve.engine.placement import max_ongoing_requests
 from cloudllm_serve.engine.protocol import EngineFleet, EngineStats, ReplicaStatus
 from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
 from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.placement import max_ongoing_requests
 from cloudllm_serve.settings import Settings
 
 #: How long one ingress replica reuses a ``/health`` answer (a public route that load

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cloudllm_serve.procfs import command_line
+from cloudllm_serve.devhost.procfs import command_line
 
 _LISTEN = "0A"  # TCP state of a listening socket in /proc/net/tcp
 

@@ -15,12 +15,14 @@ This module starts that local cluster itself, with ``_metrics_export_port`` set 
 SIGTERM stops it and the cluster it started (Ray's handler for the driver that started
 the cluster), as with ``serve run``.
 
-With ``SERVING_NICENESS`` in the environment, it also lowers the CPU priority of the
-cluster's Ray daemons and Serve's controller and proxy (:mod:`cloudllm_serve.cpu_priority`);
-with ``SERVING_OFF_ENGINE_CPUS=1``, it keeps them and Serve's replicas off the cores
-vLLM's workers are bound to (:mod:`cloudllm_serve.cpu_affinity`).
+Every look also applies the host's settings (:class:`~.settings.HostSettings`, from the
+environment the launcher gives it): the nice values of the cluster's serving layer and
+vLLM's processes (``SERVING_NICENESS``, ``ENGINE_NICENESS``;
+:mod:`cloudllm_serve.devhost.cpu_priority`), and with ``SERVING_OFF_ENGINE_CPUS`` the
+serving layer kept off the cores vLLM's workers are bound to
+(:mod:`cloudllm_serve.devhost.cpu_affinity`).
 
-Usage (the launcher runs it): ``python -m cloudllm_serve.serve_run CONFIG``, with the
+Usage (the launcher runs it): ``python -m cloudllm_serve.devhost.serve_run CONFIG``, with the
 port in ``METRICS_EXPORT_PORT`` (8080 if unset).
 """
 
@@ -31,8 +33,9 @@ import sys
 import time
 from typing import Any
 
-from cloudllm_serve.cpu_affinity import keep_off_engine_cpus
-from cloudllm_serve.cpu_priority import lower_all, serving_daemons
+from cloudllm_serve.devhost.cpu_affinity import keep_off_engine_cpus
+from cloudllm_serve.devhost.cpu_priority import settle_priorities
+from cloudllm_serve.devhost.settings import HostSettings
 
 DEFAULT_METRICS_EXPORT_PORT = 8080
 #: How often the applications' status is read.
@@ -84,16 +87,15 @@ def failed_apps(status: Any, ran: set[str]) -> list[str]:
     return failed
 
 
-def watch(
-    interval_s: float = WATCH_INTERVAL_S, niceness: int = 0, off_engine_cpus: bool = False
-) -> int:
+def watch(interval_s: float = WATCH_INTERVAL_S, host: HostSettings | None = None) -> int:
     """Print deployment failures until an application fails before it ever ran; return 1.
 
-    With ``niceness``, each look also lowers the CPU priority of the serving layer's
-    processes of this cluster (:func:`~cloudllm_serve.cpu_priority.serving_daemons`;
-    Serve starts its proxy after the controller, and restarts either if it dies). With
-    ``off_engine_cpus``, each look also keeps them and Serve's replicas off the cores
-    vLLM's workers are bound to (:func:`~cloudllm_serve.cpu_affinity.keep_off_engine_cpus`).
+    With ``host``, each look also settles the nice values of this cluster's processes
+    (:func:`~cloudllm_serve.devhost.cpu_priority.settle_priorities`: Serve starts its
+    proxy after the controller, replicas come and go) and, with
+    ``SERVING_OFF_ENGINE_CPUS``, keeps the serving layer and Serve's replicas off the
+    cores vLLM's workers are bound to
+    (:func:`~cloudllm_serve.devhost.cpu_affinity.keep_off_engine_cpus`).
     """
     from ray import serve
 
@@ -101,10 +103,10 @@ def watch(
     ran: set[str] = set()
     allowed = os.sched_getaffinity(0)  # before this process binds itself too
     while True:
-        if niceness:
-            lower_all(serving_daemons(os.getpid()), niceness)
-        if off_engine_cpus:
-            keep_off_engine_cpus(os.getpid(), allowed)
+        if host is not None:
+            settle_priorities(os.getpid(), host.SERVING_NICENESS, host.ENGINE_NICENESS)
+            if host.SERVING_OFF_ENGINE_CPUS:
+                keep_off_engine_cpus(os.getpid(), allowed)
         time.sleep(interval_s)
         try:
             status = serve.status()
@@ -131,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ["run", "--non-blocking", *(sys.argv[1:] if argv is None else argv)]
     cli.main(args=args, prog_name="serve", standalone_mode=False)
     try:
-        return watch(
-            niceness=int(os.environ.get("SERVING_NICENESS") or 0),
-            off_engine_cpus=os.environ.get("SERVING_OFF_ENGINE_CPUS") == "1",
-        )
+        return watch(host=HostSettings.from_environment())
     except KeyboardInterrupt:
         return 0
 

@@ -1,6 +1,6 @@
 """A two-node Ray cluster on one machine, the app deployed on it with ``serve deploy``.
 
-``python -m cloudllm_serve.cluster_demo up`` (``make cluster-demo``) starts:
+``python -m cloudllm_serve.devhost.cluster_demo up`` (``make cluster-demo``) starts:
 
 * Redis, on loopback (both nodes reach it there; on real machines, a Redis both reach);
 * a head node (``ray start --head``, node name :data:`HEAD_NODE`) with the custom resource
@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from cloudllm_serve.launcher import redis_answers, redis_server_command
-from cloudllm_serve.ports import reserved_free_port
-from cloudllm_serve.procfs import command_line, descendants
+from cloudllm_serve.devhost.launcher import redis_answers, redis_server_command
+from cloudllm_serve.devhost.ports import reserved_free_port
+from cloudllm_serve.devhost.procfs import command_line, descendants
 
 #: Node names (``ray start --node-name``), as ``/status/detailed`` shows them.
 HEAD_NODE = "cloudllm-head"
@@ -433,7 +433,7 @@ def status(state: ClusterState) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``up`` | ``status`` | ``stop-node NODE`` | ``start-node NODE`` | ``down``."""
-    parser = argparse.ArgumentParser(prog="python -m cloudllm_serve.cluster_demo")
+    parser = argparse.ArgumentParser(prog="python -m cloudllm_serve.devhost.cluster_demo")
     parser.add_argument("action", choices=["up", "status", "stop-node", "start-node", "down"])
     parser.add_argument("node", nargs="?", choices=[HEAD_NODE, WORKER_NODE], default=WORKER_NODE)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the cluster's folder")

@@ -9,7 +9,7 @@ template. The weights come from a fixed seed, so two builds answer alike. Its te
 gibberish; the code path (vLLM's image processor, placeholder expansion, the vision
 tower's tokens in the KV cache) is the real one.
 
-Built by :func:`cloudllm_serve.models.prepare.prepare` for ``LLM_MODEL=test-vlm``.
+Built by :func:`cloudllm_serve.devhost.prepare_models.prepare` for ``LLM_MODEL=test-vlm``.
 """
 
 from __future__ import annotations

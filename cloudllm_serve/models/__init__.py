@@ -1,1 +1,0 @@
-"""Model preparation: turning offline sources into folders vLLM can load."""

@@ -62,7 +62,7 @@ class FakeEngine:
             earlier = len(request.messages) - 1
         else:
             message, earlier = "", 0
-        if request.sampling.json_schema is not None or request.sampling.json_object:
+        if request.sampling.json_schema is not None:
             return json.dumps({"answer": message})
         if message.startswith("say:"):
             return message.removeprefix("say:")
@@ -87,40 +87,25 @@ class FakeEngine:
             yield GenerationChunk(finished=True, error=EngineError("prompt_too_long", "too long"))
             return
         sampling = request.sampling
-        answers = []
-        for index in range(sampling.n):
-            words = (text + (f" [{index}]" if sampling.n > 1 else "")).split(" ")
-            words = words[: sampling.max_tokens]
-            answer, reason = (
-                " ".join(words),
-                "length" if len(words) == sampling.max_tokens else "stop",
-            )
-            for stop in sampling.stop:
-                if stop in answer:
-                    answer, reason = answer[: answer.index(stop)], "stop"
-            answers.append((answer, reason))
+        words = text.split(" ")[: sampling.max_tokens]
+        answer = " ".join(words)
+        reason = "length" if len(words) == sampling.max_tokens else "stop"
         common = {"prompt_tokens": len(text.split()), "dropped_messages": 0}
         self.running += 1
         try:
             if request.stream:
-                for index, (answer, _) in enumerate(answers):
-                    for position, word in enumerate(answer.split(" ")):
-                        if self.delay_s:
-                            await asyncio.sleep(self.delay_s)
-                        piece = word if position == 0 else " " + word
-                        yield GenerationChunk(choices=(ChoiceDelta(index, piece, 1),), **common)
-                final = tuple(
-                    ChoiceDelta(i, "", 0, reason) for i, (_, reason) in enumerate(answers)
-                )
+                for position, word in enumerate(words):
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    piece = word if position == 0 else " " + word
+                    yield GenerationChunk(choices=(ChoiceDelta(0, piece, 1),), **common)
+                final = ChoiceDelta(0, "", 0, reason)
             else:
                 if self.delay_s:  # as long as streaming the same answer would take
-                    await asyncio.sleep(self.delay_s * len(answers[0][0].split(" ")))
-                final = tuple(
-                    ChoiceDelta(i, answer, len(answer.split(" ")), reason)
-                    for i, (answer, reason) in enumerate(answers)
-                )
+                    await asyncio.sleep(self.delay_s * len(words))
+                final = ChoiceDelta(0, answer, len(words), reason)
             yield GenerationChunk(
-                choices=final,
+                choices=(final,),
                 finished=True,
                 metrics=GenerationMetrics(
                     queue_ms=0.1, ttft_ms=1.0, generation_ms=2.0, replica_id="fake-1"

@@ -49,15 +49,7 @@ class SamplingOptions:
 
     max_tokens: int
     temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None
-    json_object: bool = False
 
 
 @dataclass(frozen=True)

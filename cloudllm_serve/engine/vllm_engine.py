@@ -338,24 +338,15 @@ class VLLMEngine:
         structured = None
         if options.json_schema is not None:
             structured = StructuredOutputsParams(json=options.json_schema)
-        elif options.json_object:
-            structured = StructuredOutputsParams(json_object=True)
         if request.stream:
             kind = output_kind.DELTA
         else:  # a resumable whole answer reports its progress: vLLM's outputs so far
             kind = output_kind.CUMULATIVE if request.resumable else output_kind.FINAL_ONLY
         resumed = len(request.resume_token_ids)
         return sampling_params_cls(
-            n=options.n,
             max_tokens=options.max_tokens - resumed,
             extra_args={RESUMED_TOKENS_ARG: resumed} if resumed else None,
             temperature=options.temperature,
-            top_p=options.top_p,
-            stop=list(options.stop) or None,
-            seed=options.seed,
-            presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty,
-            ignore_eos=options.ignore_eos,
             structured_outputs=structured,
             output_kind=kind,
         )

@@ -66,34 +66,29 @@ class IngressCounters:
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole generation, gathered from the engine's chunks (one entry per choice)."""
+    """A whole generation, gathered from the engine's chunks."""
 
-    texts: list[str]
-    finish_reasons: list[str | None]
-    completion_tokens: list[int]
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
     final: GenerationChunk
-
-    @property
-    def text(self) -> str:
-        """The first (usually only) choice's text."""
-        return self.texts[0]
 
 
 class CompletionBuilder:
-    """Gathers a generation's chunks, choice by choice, into a :class:`Completion`."""
+    """Gathers a generation's chunks into a :class:`Completion`."""
 
-    def __init__(self, n: int) -> None:
-        self._texts: list[list[str]] = [[] for _ in range(n)]
-        self._reasons: list[str | None] = [None] * n
-        self._tokens = [0] * n
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._reason: str | None = None
+        self._tokens = 0
         self._final: GenerationChunk | None = None
 
     def add(self, chunk: GenerationChunk) -> None:
         """Take in one chunk."""
         for choice in chunk.choices:
-            self._texts[choice.index].append(choice.text)
-            self._tokens[choice.index] += choice.token_count
-            self._reasons[choice.index] = choice.finish_reason or self._reasons[choice.index]
+            self._text.append(choice.text)
+            self._tokens += choice.token_count
+            self._reason = choice.finish_reason or self._reason
         if chunk.finished:
             self._final = chunk
 
@@ -101,8 +96,7 @@ class CompletionBuilder:
         """The whole generation; only once the final chunk was added."""
         if self._final is None:
             raise EngineUnavailableError("engine stream ended without a final chunk")
-        texts = ["".join(parts) for parts in self._texts]
-        return Completion(texts, list(self._reasons), list(self._tokens), self._final)
+        return Completion("".join(self._text), self._reason, self._tokens, self._final)
 
 
 @dataclass
@@ -562,8 +556,8 @@ class CloudLLMService:
         prompt_param: str = "messages",
         context: RequestContext | None = None,
     ) -> Completion:
-        """Run a generation to its end and gather every choice (counted into ``context``)."""
-        builder = CompletionBuilder(request.sampling.n)
+        """Run a generation to its end and gather it (counted into ``context``)."""
+        builder = CompletionBuilder()
         async for batch in self.stream(request, prompt_param=prompt_param, context=context):
             for chunk in batch:
                 builder.add(chunk)

@@ -102,17 +102,8 @@ def openai_blocker(
 
 def generation_blocker(request: GenerationRequest) -> str | None:
     """Why a ``/generate`` request cannot continue on another replica (``None``: it can)."""
-    sampling = request.sampling
-    if sampling.n > 1:
-        return "n > 1"
-    if sampling.json_schema is not None or sampling.json_object:
+    if request.sampling.json_schema is not None:
         return "structured output"
-    if sampling.presence_penalty or sampling.frequency_penalty:
-        return "presence/frequency penalties"
-    if sampling.stop:
-        return "a stop string"
-    if sampling.seed is not None and sampling.temperature != 0:
-        return "a seed with sampling (temperature not 0)"
     return None
 
 

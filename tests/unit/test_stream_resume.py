@@ -88,10 +88,8 @@ def test_what_a_generation_can_resume() -> None:
         return GenerationRequest("r", SamplingOptions(max_tokens=4, **options))
 
     assert generation_blocker(request()) is None
+    assert generation_blocker(request(temperature=0.7)) is None
     assert generation_blocker(request(json_schema={"type": "object"})) == "structured output"
-    assert generation_blocker(request(seed=1, temperature=0.0)) is None
-    assert generation_blocker(request(seed=1)) is not None
-    assert generation_blocker(request(stop=("x",))) == "a stop string"
 
 
 def test_a_streams_progress_counts_once_the_string_after_it_was_sent() -> None:

@@ -140,7 +140,7 @@ class GenerateCall:
 
         The deltas of one batch from the engine go out in one write.
         """
-        builder = CompletionBuilder(1)
+        builder = CompletionBuilder()
         try:
             async for batch in batches:
                 events = []
@@ -190,7 +190,7 @@ class GenerateCall:
         final = completion.final
         metrics = final.metrics
         generation_ms = metrics.generation_ms if metrics else (finished - self.started) * 1000
-        tokens = completion.completion_tokens[0]
+        tokens = completion.completion_tokens
         timings = Timings(
             generation_ms=round(generation_ms, 3),
             total_ms=round((finished - self.started) * 1000, 3),
@@ -221,7 +221,7 @@ class GenerateCall:
             ),
             response_json=parsed,
             response_is_json=parsed is not None,
-            finish_reason=completion.finish_reasons[0],
+            finish_reason=completion.finish_reason,
             dropped_history_messages=final.dropped_messages,
         )
 

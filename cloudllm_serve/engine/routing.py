@@ -26,8 +26,8 @@ replica has a free batch slot: fewer ongoing requests than ``batch_size``
 preferred one first, and Serve takes the least loaded: a request waits in a busy
 replica's vLLM queue only when no other replica is less busy. "Full" is never judged
 from Serve's queue-length cache alone: with several ingress replicas, each cache counts
-only its own requests since its last look, so it can overstate a replica's load (an
-early version of this router sent turns away from an idle replica that way). A cached
+only its own requests since its last look, so it can overstate a replica's load and
+send turns away from an idle replica. A cached
 "full" (or over the load bound) is checked with one probe of the replica before the
 request goes elsewhere.
 Requests without a key, and all requests when ``affinity`` is off, use

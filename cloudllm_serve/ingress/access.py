@@ -29,7 +29,6 @@ from cloudllm_serve.ingress.context import SCOPE_KEY, RequestContext, current_re
 from cloudllm_serve.ingress.errors import OPENAI_PREFIX, error_headers, openai_error, seed_error
 from cloudllm_serve.ingress.middleware import ASGIApp, Message, Receive, Scope, Send
 from cloudllm_serve.ingress.rate_limits import RateLimiter
-from cloudllm_serve.ingress.service import IngressCounters
 from cloudllm_serve.keys import KeyRegistry
 from cloudllm_serve.metrics import IngressMetrics, api_of
 
@@ -75,7 +74,6 @@ class AccessMiddleware:
         registry: KeyRegistry,
         limiter: RateLimiter,
         audit: AuditLog,
-        counters: IngressCounters,
         metrics: IngressMetrics | None = None,
         add_request_id: bool = True,
     ) -> None:
@@ -83,7 +81,6 @@ class AccessMiddleware:
         self.registry = registry
         self.limiter = limiter
         self.audit = audit
-        self.counters = counters
         self.metrics = metrics or IngressMetrics()
         self.add_request_id = add_request_id
         self._background: set[asyncio.Task[None]] = set()
@@ -170,10 +167,6 @@ class AccessMiddleware:
         openai = str(scope.get("path", "")).startswith(OPENAI_PREFIX)
         body = openai_error(error) if openai else seed_error(error)
         payload = json.dumps(body).encode()
-        counters = self.counters
-        counters.requests_total += 1
-        counters.requests_failed += 1
-        counters.errors_by_status[401] = counters.errors_by_status.get(401, 0) + 1
         await send(
             {
                 "type": "http.response.start",

@@ -37,7 +37,6 @@ def create_app(service: CloudLLMService) -> FastAPI:
         RequestLimitsMiddleware,
         max_body_bytes=service.settings.MAX_UPLOAD_BYTES,
         image_body_bytes=image_body_limit(service.settings),
-        counters=service.counters,
         body_timeout_s=service.settings.REQUEST_BODY_TIMEOUT_S,
     )
     # Outermost: a request without a valid key goes no further than this.
@@ -46,7 +45,6 @@ def create_app(service: CloudLLMService) -> FastAPI:
         registry=service.registry,
         limiter=service.limiter,
         audit=AuditLog(service.settings.AUDIT_LOG, replica=service.replica_id or None),
-        counters=service.counters,
         metrics=service.metrics,
         # Serve answers X-Request-Id itself (the id it took from the request or made).
         add_request_id=not service.replica_id,

@@ -103,6 +103,14 @@ class ImageLimits:
         return cls(settings.MAX_UPLOAD_BYTES, settings.MAX_IMAGE_PIXELS, settings.MAX_IMAGE_SIDE)
 
 
+def check_image_count(count: int, max_images: int, *, param: str) -> None:
+    """Refuse (400, naming ``param``) more than ``MAX_IMAGES_PER_REQUEST`` images in one request."""
+    if count > max_images:
+        raise InvalidRequestError(
+            f"{count} images, more than MAX_IMAGES_PER_REQUEST ({max_images})", param=param
+        )
+
+
 def sniff_format(data: bytes) -> str | None:
     """The PIL format name of ``data`` by its magic bytes, or ``None`` if not one we take."""
     for signature, name in _SIGNATURES:

@@ -1,4 +1,4 @@
-"""A pure-ASGI middleware: arrival time, body-size and body-time limits, request counters.
+"""A pure-ASGI middleware: arrival time, body-size and body-time limits.
 
 A body may hold ``MAX_UPLOAD_BYTES``; on ``/vision`` and ``/multimodal`` it may hold
 ``MAX_IMAGES_PER_REQUEST`` images of that size each, base64-encoded (each image is then
@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException
 
 from cloudllm_serve.errors import PayloadTooLargeError
 from cloudllm_serve.ingress.errors import OPENAI_PREFIX, openai_error
-from cloudllm_serve.ingress.service import IngressCounters
 from cloudllm_serve.settings import Settings
 
 #: ASGI types, shared by this module and :mod:`.access`.
@@ -81,7 +80,6 @@ class RequestLimitsMiddleware:
         app: ASGIApp,
         *,
         max_body_bytes: int,
-        counters: IngressCounters,
         image_body_bytes: int | None = None,
         body_timeout_s: float | None = None,
     ) -> None:
@@ -89,7 +87,6 @@ class RequestLimitsMiddleware:
         self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.image_body_bytes = image_body_bytes or max_body_bytes
-        self.counters = counters
 
     def _too_large_message(self, limit: int) -> str:
         if limit == self.max_body_bytes:
@@ -105,13 +102,9 @@ class RequestLimitsMiddleware:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})[RECEIVED_AT] = time.perf_counter()
-        counters = self.counters
-        counters.requests_total += 1
         limit = self.image_body_bytes if scope.get("path") in IMAGE_ROUTES else self.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            counters.requests_failed += 1
-            counters.errors_by_status[413] = counters.errors_by_status.get(413, 0) + 1
             await _send_json(send, 413, _too_large_body(scope, self._too_large_message(limit)))
             return
 
@@ -129,18 +122,7 @@ class RequestLimitsMiddleware:
                     raise HTTPException(413, detail=self._too_large_message(limit))
             return message
 
-        status_holder: list[int] = []
-
-        async def recording_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder.append(int(message["status"]))
-            await send(message)
-
-        await self.app(scope, limited_receive, recording_send)
-        status = status_holder[0] if status_holder else 500
-        if status >= 400:
-            counters.requests_failed += 1
-            counters.errors_by_status[status] = counters.errors_by_status.get(status, 0) + 1
+        await self.app(scope, limited_receive, send)
 
     def _deadline_receive(self, receive: Receive) -> Receive:
         """``receive`` that raises a 408 when the body is not in by the deadline.

@@ -226,6 +226,8 @@ class RateLimiter:
         #: (``/status/detailed``).
         self.fallback_decisions = 0
         self.round_trips = 0
+        #: Requests refused here, by the limit they hit (``/status/detailed``).
+        self.refused: dict[str, int] = {}
 
     def _keys(self, tenant_id: str) -> list[str]:
         base = f"{self._prefix}rl:{{{tenant_id}}}"
@@ -265,10 +267,17 @@ class RateLimiter:
             return self._admit_in_memory(tenant, tokens, request_id)
         reset_s = float(reset)
         if reason:
-            raise RateLimited(tenant, str(reason), int(requests_used), int(tokens_used), reset_s)
+            raise self._refusal(
+                RateLimited(tenant, str(reason), int(requests_used), int(tokens_used), reset_s)
+            )
         return Admission(
             tenant, request_id, int(window), tokens, int(requests_used), int(tokens_used), reset_s
         )
+
+    def _refusal(self, refusal: RateLimited) -> RateLimited:
+        """``refusal``, counted in :attr:`refused`."""
+        self.refused[refusal.reason] = self.refused.get(refusal.reason, 0) + 1
+        return refusal
 
     def _now_arg(self) -> str:
         """The time for a script: the limiter's clock, or empty (Redis's clock)."""
@@ -308,7 +317,7 @@ class RateLimiter:
         ):
             reason = "concurrency"
         if reason:
-            raise RateLimited(local, reason, state.requests, state.tokens, reset_s)
+            raise self._refusal(RateLimited(local, reason, state.requests, state.tokens, reset_s))
         state.requests += 1
         state.tokens += tokens
         if local.max_concurrent_requests:

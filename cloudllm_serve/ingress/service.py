@@ -51,19 +51,6 @@ _Item = TypeVar("_Item")
 CHARS_PER_TOKEN = 4
 
 
-@dataclass
-class IngressCounters:
-    """Request counters of this ingress replica, for ``/status/detailed``."""
-
-    requests_total: int = 0
-    requests_failed: int = 0
-    in_flight: int = 0
-    tokens_generated: int = 0
-    generation_ms_total: float = 0.0
-    errors_by_status: dict[int, int] = field(default_factory=dict)
-    rate_limited: dict[str, int] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class Completion:
     """A whole generation, gathered from the engine's chunks."""
@@ -225,7 +212,10 @@ class CloudLLMService:
             lease_s=settings.REQUEST_TIMEOUT_S + 60,
             ingress_replicas=settings.INGRESS_REPLICAS,
         )
-        self.counters = IngressCounters()
+        #: Generations running on the engines for this replica, and the engines' time
+        #: spent on those that finished (``/status/detailed``; the rest is in ``metrics``).
+        self.in_flight = 0
+        self.generation_ms_total = 0.0
         self.metrics = IngressMetrics(
             export=settings.METRICS_ENABLED, tenant_labels=settings.METRICS_TENANT_LABELS
         )
@@ -317,8 +307,6 @@ class CloudLLMService:
             )
         except RateLimited as refusal:
             context.decision = f"rate_limited:{refusal.reason}"
-            counts = self.counters.rate_limited
-            counts[refusal.reason] = counts.get(refusal.reason, 0) + 1
             raise
 
     async def require_images(self, what: str) -> None:
@@ -454,9 +442,8 @@ class CloudLLMService:
                     meter.count_tokens(new, chunk.prompt_tokens)
                     if chunk.finished:
                         meter.record_usage(chunk.prompt_tokens, tokens)
-                        self.counters.tokens_generated += tokens
                         if chunk.metrics is not None:
-                            self.counters.generation_ms_total += chunk.metrics.generation_ms
+                            self.generation_ms_total += chunk.metrics.generation_ms
                         yield batch[: index + 1]
                         return
                 yield batch
@@ -495,7 +482,6 @@ class CloudLLMService:
                     if isinstance(usage, dict):
                         completion = _usage_count(usage, "completion_tokens")
                         meter.record_usage(_usage_count(usage, "prompt_tokens"), completion)
-                        self.counters.tokens_generated += completion
                 if events:
                     meter.count_tokens(events * tokens_per_event)
                 yield batch
@@ -504,7 +490,7 @@ class CloudLLMService:
 
     async def _within_deadline(self, items: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
         """``items`` until ``REQUEST_TIMEOUT_S`` from now (then 504); counted in flight."""
-        self.counters.in_flight += 1
+        self.in_flight += 1
         timeout_s = self.settings.REQUEST_TIMEOUT_S
         deadline = asyncio.get_running_loop().time() + timeout_s
         items = aiter(items)
@@ -523,7 +509,7 @@ class CloudLLMService:
                     ) from None
                 yield item
         finally:
-            self.counters.in_flight -= 1
+            self.in_flight -= 1
             await close_stream(items)
 
     async def open_stream(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudllm_serve.errors import InvalidRequestError
-from cloudllm_serve.ingress.images import CheckedImage, load_image_reference
+from cloudllm_serve.ingress.images import CheckedImage, check_image_count, load_image_reference
 from cloudllm_serve.settings import Settings
 
 #: vLLM's part types (``MM_PARSER_MAP``) that carry no media.
@@ -183,11 +183,7 @@ class ChatMedia:
                     "URL to a MEDIA_ALLOWED_DOMAINS host)",
                     param=f"{part.param}.image_url",
                 )
-        if len(self.parts) > max_images:
-            raise InvalidRequestError(
-                f"{len(self.parts)} images, more than MAX_IMAGES_PER_REQUEST ({max_images})",
-                param="messages",
-            )
+        check_image_count(len(self.parts), max_images, param="messages")
 
     async def check(self, settings: Settings) -> CheckedParts:
         """Check each image and put a plain ``image_url`` part of our re-encoding in its place.

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from cloudllm_serve.errors import ModelNotFoundError
+from cloudllm_serve.ingress.dependencies import Admitted, Context, Service
 from cloudllm_serve.ingress.errors import documented_errors
 from cloudllm_serve.ingress.openai_api.schemas import (
     CHAT_BODY_DOC,
@@ -21,7 +22,6 @@ from cloudllm_serve.ingress.openai_api.serving import (
     bad_body_response,
     read_json_body,
 )
-from cloudllm_serve.ingress.seed_api.routes import Admitted, Context, Service
 from cloudllm_serve.ingress.service import CloudLLMService
 from cloudllm_serve.ingress.sse import SSE_MEDIA_TYPE
 

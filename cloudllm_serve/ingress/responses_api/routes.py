@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from cloudllm_serve.ingress.dependencies import Admitted, Context, Service
 from cloudllm_serve.ingress.openai_api.routes import OPENAI_ERRORS, STREAM_DOC
 from cloudllm_serve.ingress.openai_api.serving import BadBody, bad_body_response, read_json_body
 from cloudllm_serve.ingress.responses_api.serving import (
@@ -19,7 +20,6 @@ from cloudllm_serve.ingress.responses_api.serving import (
     ResponseNotFoundError,
     response_store,
 )
-from cloudllm_serve.ingress.seed_api.routes import Admitted, Context, Service
 
 router = APIRouter(prefix="/v1")
 

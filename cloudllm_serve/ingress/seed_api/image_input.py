@@ -23,6 +23,7 @@ from cloudllm_serve.ingress.images import (
     CheckedImage,
     ImageLimits,
     check_image_async,
+    check_image_count,
     decode_base64_image,
     load_image_reference,
 )
@@ -197,15 +198,11 @@ def _validated(model: type[GenerateRequest], fields: dict[str, Any]) -> Generate
 
 
 def _check_count(count: int, field: str, settings: Settings) -> None:
-    limit = settings.MAX_IMAGES_PER_REQUEST
     if field == "image" and count > 1:
         raise InvalidRequestError(
             "POST /vision takes one image; use /multimodal for more", param=field
         )
-    if count > limit:
-        raise InvalidRequestError(
-            f"{count} images, more than MAX_IMAGES_PER_REQUEST ({limit})", param=field
-        )
+    check_image_count(count, settings.MAX_IMAGES_PER_REQUEST, param=field)
 
 
 async def check_images(images: list[RawImage], settings: Settings) -> list[CheckedImage]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cloudllm_serve.ingress.context import RequestContext, context_of, request_context
+from cloudllm_serve.ingress.context import RequestContext
+from cloudllm_serve.ingress.dependencies import Admitted, Context, Service, charge_request
 from cloudllm_serve.ingress.errors import ErrorResponses
 from cloudllm_serve.ingress.middleware import RECEIVED_AT
 from cloudllm_serve.ingress.seed_api import status
@@ -38,35 +39,6 @@ router = APIRouter()
 #: Largest ``offset`` of ``GET /conversations`` (Redis takes 64-bit ranges; a page that far
 #: in is empty anyway).
 MAX_OFFSET = 1_000_000_000
-
-
-async def get_service(request: Request) -> CloudLLMService:
-    """The service this app was built with (``async``: see ``context.request_context``)."""
-    service: CloudLLMService = request.app.state.service
-    return service
-
-
-Service = Annotated[CloudLLMService, Depends(get_service)]
-#: The caller (tenant, key) and what the request was charged; see ``ingress.context``.
-Context = Annotated[RequestContext, Depends(request_context)]
-
-
-async def charge_request(service: CloudLLMService, context: RequestContext) -> None:
-    """Count a request that generates nothing against the tenant's limits."""
-    await service.admit(context, prompt_chars=0, max_tokens=0, stateless=True, generation=False)
-
-
-async def admitted(request: Request, service: Service) -> RequestContext:
-    """Dependency of every protected route that generates nothing: :func:`charge_request`.
-
-    Generations are charged by their own handlers, with their token estimates.
-    """
-    context = context_of(request.scope)
-    await charge_request(service, context)
-    return context
-
-
-Admitted = Annotated[RequestContext, Depends(admitted)]
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})

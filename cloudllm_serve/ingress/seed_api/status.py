@@ -19,6 +19,7 @@ from cloudllm_serve.engine.protocol import EngineFleet, EngineStats, ReplicaStat
 from cloudllm_serve.errors import CloudLLMError
 from cloudllm_serve.ingress.seed_api.schemas import HealthResponse, VllmStats
 from cloudllm_serve.ingress.service import CloudLLMService
+from cloudllm_serve.metrics import Metric
 from cloudllm_serve.placement import max_ongoing_requests
 from cloudllm_serve.settings import Settings
 
@@ -145,13 +146,24 @@ def _no_replica_problem(fleet: EngineFleet) -> str:
     return "; ".join(parts)
 
 
+def _requests_by_status(requests: Metric) -> dict[int, int]:
+    """This replica's answered requests by status, from its request counter."""
+    status_at = requests.tag_keys.index("status")
+    counts: dict[int, int] = {}
+    for key, value in requests.totals.items():
+        status = int(key[status_at])
+        counts[status] = counts.get(status, 0) + int(value)
+    return counts
+
+
 async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
     """``GET /status/detailed``: engine replicas, GPU, batching, store and ingress metrics."""
     fleet_result, ping_result, count_result = await asyncio.gather(
         service.engine.fleet(), service.store.ping(), service.store.count(), return_exceptions=True
     )
     settings = service.settings
-    counters = service.counters
+    by_status = _requests_by_status(service.metrics.requests)
+    tokens_generated = int(service.metrics.tokens.total(kind="completion"))
     fleet = None if isinstance(fleet_result, BaseException) else fleet_result
     engine_error = _message(fleet_result) if isinstance(fleet_result, BaseException) else None
     if fleet is not None and not fleet.running_stats:
@@ -220,17 +232,19 @@ async def detailed_status(service: CloudLLMService) -> dict[str, Any]:
         },
         "ingress": {
             "replica_id": service.replica_id or None,
-            "requests_total": counters.requests_total,
-            "requests_failed": counters.requests_failed,
-            "requests_in_flight": counters.in_flight,
-            "tokens_generated": counters.tokens_generated,
+            "requests_total": sum(by_status.values()),
+            "requests_failed": sum(n for status, n in by_status.items() if status >= 400),
+            "requests_in_flight": service.in_flight,
+            "tokens_generated": tokens_generated,
             "mean_tokens_per_second": round(
-                counters.tokens_generated / (counters.generation_ms_total / 1000), 3
+                tokens_generated / (service.generation_ms_total / 1000), 3
             )
-            if counters.generation_ms_total
+            if service.generation_ms_total
             else None,
-            "errors_by_status": {str(k): v for k, v in sorted(counters.errors_by_status.items())},
-            "rate_limited": dict(sorted(counters.rate_limited.items())),
+            "errors_by_status": {
+                str(status): n for status, n in sorted(by_status.items()) if status >= 400
+            },
+            "rate_limited": dict(sorted(service.limiter.refused.items())),
             "rate_limit_fallback_decisions": service.limiter.fallback_decisions,
             "rate_limit_round_trips": service.limiter.round_trips,
         },

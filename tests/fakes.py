@@ -51,6 +51,8 @@ class FakeEngine:
         self.running = 0
         self.cancelled = 0
         self.fail_word: str | None = "FAIL"
+        #: How long a ``/v1/responses`` answer takes (cancellable, counted in ``cancelled``).
+        self.response_delay_s = 0.0
 
     def _reply(self, request: GenerationRequest) -> str:
         if request.messages is not None:
@@ -157,6 +159,12 @@ class FakeEngine:
             yield _error(400, "Bad Request", "temperature: Input should be a valid number")
             return
         if call.kind == "responses":
+            if self.response_delay_s:
+                try:
+                    await asyncio.sleep(self.response_delay_s)
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
             yield _response(call)
             return
         chat = call.kind == "chat"

@@ -8,6 +8,7 @@ charge and writes the audit line from it when the response is done.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -99,6 +100,17 @@ class RequestContext:
             return charged
         prompt = self.prompt_tokens or self.prompt_estimate
         return prompt + min(self.completion_tokens, self.completion_estimate)
+
+    def detach(self) -> RequestContext:
+        """A copy that owns this request's rate-limit admission and engine ticket.
+
+        For a generation that outlives its HTTP request (a background response): this
+        context then settles and releases nothing when its answer is done.
+        """
+        owned = dataclasses.replace(self)
+        self.admission = None
+        self.ticket = None
+        return owned
 
     def require_admin(self) -> None:
         """403 unless the caller's key is an admin key (or keys are off)."""

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -223,6 +223,8 @@ class CloudLLMService:
         #: Refuses at once what the engines cannot finish within REQUEST_TIMEOUT_S.
         self.admission = DeadlineAdmission(settings)
         #: Serve's id of the ingress replica running this service ("" outside Serve).
+        #: Work that outlives its HTTP request (background responses), kept referenced.
+        self.background_tasks: set[asyncio.Task[None]] = set()
         self.replica_id = ""
         self._started_at = time.monotonic()
         self.started_at_unix = time.time()
@@ -236,6 +238,21 @@ class CloudLLMService:
     def uptime_s(self) -> float:
         """Seconds since this service started."""
         return time.monotonic() - self._started_at
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` apart from the request that started it (cancelled at shutdown)."""
+        task = asyncio.ensure_future(work)
+        self.background_tasks.add(task)
+        task.add_done_callback(self.background_tasks.discard)
+        return task
+
+    async def settle(self, context: RequestContext) -> None:
+        """Release a request's engine ticket and settle its rate-limit charge."""
+        if context.ticket is not None:
+            context.ticket.release()
+        if context.admission is not None:
+            used = context.settled_tokens(context.admission.charged_tokens)
+            await self.limiter.settle(context.admission, used)
 
     def clamp_max_tokens(self, requested: int | None) -> int:
         """``requested`` (default: the cap) bounded by ``MAX_TOKENS_CAP``."""

@@ -6,6 +6,7 @@ with the number of input items it was given, so a chain's history is visible.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,9 @@ def test_another_tenants_response_is_an_unknown_one(app: TenantApp) -> None:
         ({"input": "hi", "store": "yes"}, 400, "store"),
         ({"input": "hi", "previous_response_id": 7}, 400, "previous_response_id"),
         ({"input": "hi", "previous_response_id": "nope"}, 404, "previous_response_id"),
-        ({"input": "hi", "background": True}, 501, "background"),
+        ({"input": "hi", "background": "yes"}, 400, "background"),
+        ({"input": "hi", "background": True, "store": False}, 400, "background"),
+        ({"input": "hi", "background": True, "stream": True}, 501, "stream"),
         ({"input": "hi", "conversation": "conv_1"}, 501, "conversation"),
     ],
 )
@@ -149,3 +152,95 @@ def test_a_chain_goes_on_in_a_new_ingress_over_the_same_redis(app: TenantApp) ->
         )
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["input_tokens"] == 3
+
+
+def _poll(app: TenantApp, response_id: str, until: set[str], tenant: str = "tenant-a") -> Any:
+    """GET the response until its status is in ``until`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        got = app.client.get(f"/v1/responses/{response_id}", headers=app.keys.auth(tenant))
+        assert got.status_code == 200, got.text
+        if got.json()["status"] in until or time.monotonic() > deadline:
+            return got.json()
+        time.sleep(0.05)
+
+
+def test_a_background_response_runs_apart_and_is_read_when_done(app: TenantApp) -> None:
+    app.engine.response_delay_s = 0.3
+    first = _create(app, input="one", background=True, metadata={"k": "v"})
+    assert (first["status"], first["background"], first["output"]) == ("queued", True, [])
+    assert first["metadata"] == {"k": "v"} and first["model"] == app.engine.model
+    assert _poll(app, first["id"], {"in_progress"})["status"] == "in_progress"
+    done = _poll(app, first["id"], {"completed", "failed"})
+    assert done["status"] == "completed" and done["background"] is True, done
+    assert done["id"] == first["id"] and done["usage"]["input_tokens"] == 1
+    # A chain goes on from it; its input items are kept.
+    second = _create(app, input="two", previous_response_id=first["id"])
+    assert second["usage"]["input_tokens"] == 3
+    items = app.client.get(
+        f"/v1/responses/{first['id']}/input_items", headers=app.keys.auth("tenant-a")
+    )
+    assert [i["content"][0]["text"] for i in items.json()["data"]] == ["one"]
+    # Its tokens were charged and counted once it ended.
+    assert app.service.metrics.tokens.total(kind="completion") >= 3 + 3
+
+
+def test_cancel_stops_a_background_response_in_the_engine(app: TenantApp) -> None:
+    app.engine.response_delay_s = 60
+    auth = app.keys.auth("tenant-a")
+    made = _create(app, input="long", background=True)
+    cancelled = app.client.post(f"/v1/responses/{made['id']}/cancel", headers=auth)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while app.engine.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.engine.cancelled == 1  # the engine request was aborted
+    assert _poll(app, made["id"], set())["status"] == "cancelled"
+    again = app.client.post(f"/v1/responses/{made['id']}/cancel", headers=auth)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    # Not cancellable: a finished one, a synchronous one, another tenant's, an unknown id.
+    app.engine.response_delay_s = 0
+    finished = _create(app, input="short", background=True)
+    assert _poll(app, finished["id"], {"completed"})["status"] == "completed"
+    late = app.client.post(f"/v1/responses/{finished['id']}/cancel", headers=auth)
+    assert late.status_code == 400 and "completed" in late.json()["error"]["message"]
+    plain = _create(app, input="sync")
+    refused = app.client.post(f"/v1/responses/{plain['id']}/cancel", headers=auth)
+    assert refused.status_code == 400 and "background" in refused.json()["error"]["message"]
+    other = app.client.post(f"/v1/responses/{made['id']}/cancel", headers=app.keys.auth("tenant-b"))
+    assert other.status_code == 404
+
+
+def test_a_background_response_holds_its_concurrency_slot_until_it_ends(app: TenantApp) -> None:
+    """Background is no way around max_concurrent_requests: the slot is the generation's."""
+    app.engine.response_delay_s = 60
+    auth = app.keys.auth("conc-1")
+    made = _create(app, "conc-1", input="long", background=True)
+    second = app.client.post("/v1/responses", json={"input": "more"}, headers=auth)
+    assert second.status_code == 429, second.text
+    app.client.post(f"/v1/responses/{made['id']}/cancel", headers=auth)
+    app.engine.response_delay_s = 0
+    deadline = time.monotonic() + 10
+    while True:
+        third = app.client.post("/v1/responses", json={"input": "more"}, headers=auth)
+        if third.status_code != 429 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert third.status_code == 200, third.text
+
+
+def test_a_background_response_left_by_a_stopped_replica_reads_as_failed(app: TenantApp) -> None:
+    app.engine.response_delay_s = 60
+    made = _create(app, input="long", background=True)
+    # The replica running it stopped: its lease (the run key) is gone.
+    client = app.redis.client()
+    (run_key,) = [k for k in client.keys(f"{app.prefix}*{made['id']}*:run")]
+    client.delete(run_key)
+    got = _poll(app, made["id"], {"failed"})
+    assert got["status"] == "failed" and "stopped" in got["error"]["message"]
+    # The generation noticed too, and stopped in the engine.
+    deadline = time.monotonic() + 10
+    while app.engine.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.engine.cancelled == 1

@@ -87,6 +87,7 @@ ROUTE_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", f"/v1/responses/resp_{UNKNOWN}", None),
     ("DELETE", f"/v1/responses/resp_{UNKNOWN}", None),
     ("GET", f"/v1/responses/resp_{UNKNOWN}/input_items", None),
+    ("POST", f"/v1/responses/resp_{UNKNOWN}/cancel", None),
 ]
 BAD_HEADERS: dict[str, dict[str, str]] = {
     "no header": {},

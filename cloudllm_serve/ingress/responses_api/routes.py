@@ -18,6 +18,8 @@ from cloudllm_serve.ingress.openai_api.serving import BadBody, bad_body_response
 from cloudllm_serve.ingress.responses_api.serving import (
     ResponseCall,
     ResponseNotFoundError,
+    as_read,
+    cancel_response,
     response_store,
 )
 
@@ -41,16 +43,31 @@ async def create_response(request: Request, service: Service, context: Context) 
 
 @router.get("/responses/{response_id}", responses=OPENAI_ERRORS)
 async def get_response(response_id: str, service: Service, context: Admitted) -> JSONResponse:
-    """A kept response, as it was answered."""
-    stored = await response_store(service, context).get(response_id)
+    """A kept response, as it was answered (a background one: as it stands)."""
+    stored, state = await response_store(service, context).get_running(response_id)
     if stored is None:
         raise ResponseNotFoundError(response_id)
-    return JSONResponse(stored.response)
+    return JSONResponse(as_read(stored, state))
+
+
+@router.post("/responses/{response_id}/cancel", responses=OPENAI_ERRORS)
+async def cancel(response_id: str, service: Service, context: Context) -> JSONResponse:
+    """Cancel a background response that is queued or in progress: it stops in the engine.
+
+    Only background responses can be cancelled (400 for others, and for one that ended);
+    cancelling a cancelled one answers it again. Not charged to the tenant's limits: the
+    running response holds one of its ``max_concurrent_requests`` until it ends, and a
+    tenant at its limit can still stop it.
+    """
+    return JSONResponse(await cancel_response(response_store(service, context), response_id))
 
 
 @router.delete("/responses/{response_id}", responses=OPENAI_ERRORS)
 async def delete_response(response_id: str, service: Service, context: Admitted) -> JSONResponse:
-    """Delete a kept response (a chain that went through it starts after it)."""
+    """Delete a kept response.
+
+    A chain that went through it starts after it; a background one still running stops.
+    """
     if not await response_store(service, context).delete(response_id):
         raise ResponseNotFoundError(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -1,7 +1,8 @@
 """``POST /v1/responses``: vLLM's ``OpenAIServingResponses``, with responses kept by us.
 
 The body goes to an engine replica and vLLM's Responses serving class validates and
-answers it there (:mod:`cloudllm_serve.engine.openai_serving`), its in-process store off.
+answers it there (:mod:`cloudllm_serve.engine.openai_serving`), its in-process store off
+(which is why vLLM refuses ``background``: that is ours too).
 What the ingress adds: ``store`` (OpenAI's default, true) keeps the response and its
 input items in Redis under the tenant (:mod:`cloudllm_serve.conversations.responses`);
 ``previous_response_id`` loads the chain from Redis and puts each earlier response's
@@ -10,18 +11,34 @@ ingress and engine replica, after a restart too, and routing prefers the replica
 answered the previous response. ``cache_salt`` becomes the tenant's. A stream's events
 are relayed as vLLM makes them; its final response comes apart from them (never decoded
 here).
+
+``background: true`` (with ``store``) answers at once with the response ``queued``; the
+generation runs on this ingress replica, apart from the client, and its end is written to
+Redis, where any replica reads it. ``POST /v1/responses/{id}/cancel`` (on any replica)
+marks it cancelled in Redis; the replica running it sees that within
+:data:`~cloudllm_serve.conversations.responses.RUN_POLL_S` and stops it in the engine. The
+rate-limit charge and the engine admission are held until the generation ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cloudllm_serve.conversations.responses import ResponseStore, StoredResponse, is_response_id
+from cloudllm_serve.conversations.responses import (
+    RUN_POLL_S,
+    RUNNING_STATUSES,
+    ResponseStore,
+    StoredResponse,
+    is_response_id,
+)
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import (
     CloudLLMError,
@@ -30,14 +47,35 @@ from cloudllm_serve.errors import (
     InvalidRequestError,
 )
 from cloudllm_serve.ingress.cache_salt import cache_salt, client_cache_salt
-from cloudllm_serve.ingress.context import RequestContext
+from cloudllm_serve.ingress.context import RequestContext, current_request
 from cloudllm_serve.ingress.errors import openai_error
 from cloudllm_serve.ingress.openai_api.serving import lax_int
 from cloudllm_serve.ingress.service import CHARS_PER_TOKEN, CloudLLMService, close_stream
 from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
 #: Fields of OpenAI's Responses API not served yet (501 naming them).
-_NOT_YET = ("background", "conversation")
+_NOT_YET = ("conversation",)
+#: Fields of the request a background response's first answer repeats (OpenAI's shape).
+_ECHOED = (
+    "instructions",
+    "max_output_tokens",
+    "model",
+    "parallel_tool_calls",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_p",
+    "truncation",
+)
+#: What a response that ran on a replica that stopped reads as.
+ORPHANED_ERROR = {
+    "code": "server_error",
+    "message": "the ingress replica running this background response stopped before it "
+    "finished; create it again",
+}
+
+logger = logging.getLogger(__name__)
 
 
 class ResponseNotFoundError(CloudLLMError):
@@ -83,6 +121,7 @@ class ResponseCall:
         store: ResponseStore | None,
         new_items: list[dict[str, Any]],
         previous_response_id: str | None,
+        background: bool = False,
     ) -> None:
         self.service = service
         self.context = context
@@ -90,6 +129,7 @@ class ResponseCall:
         self.store = store
         self.new_items = new_items
         self.previous_response_id = previous_response_id
+        self.background = background
 
     @classmethod
     async def prepare(
@@ -104,6 +144,20 @@ class ResponseCall:
         store = body.get("store", True)
         if not isinstance(store, bool):
             raise InvalidRequestError("store must be true or false", param="store")
+        background = body.get("background", False)
+        if not isinstance(background, bool):
+            raise InvalidRequestError("background must be true or false", param="background")
+        if background and not store:
+            raise InvalidRequestError(
+                "background responses must be stored: drop store: false", param="background"
+            )
+        if background and body.get("stream") is True:
+            raise FeatureNotImplementedError(
+                "streaming a background response is not supported yet: create it without "
+                "stream and poll GET /v1/responses/{id}",
+                param="stream",
+            )
+        body.pop("background", None)  # ours: vLLM refuses it with its store off
         previous = body.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
             raise InvalidRequestError(
@@ -148,10 +202,14 @@ class ResponseCall:
             affinity_key=f"resp:{root_id or response_id}",
             preferred_replica=preferred,
         )
-        return cls(service, context, call, responses if store else None, new_items, previous)
+        return cls(
+            service, context, call, responses if store else None, new_items, previous, background
+        )
 
     async def respond(self) -> Response:
         """Run the call: a JSON response, or the event stream once its first event is here."""
+        if self.background:
+            return await self._start_background()
         batches = aiter(self.service.openai(self.call, context=self.context))
         try:
             first = await anext(batches)
@@ -208,3 +266,172 @@ class ResponseCall:
         await self.store.put(
             StoredResponse(response, self.new_items, self.previous_response_id, replica_id)
         )
+
+    # Background ---------------------------------------------------------------------
+
+    async def _start_background(self) -> JSONResponse:
+        """Keep the response as queued, start its generation here, answer at once."""
+        assert self.store is not None
+        body = self.call.body
+        first: dict[str, Any] = {
+            "id": self.call.request_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "queued",
+            "background": True,
+            "error": None,
+            "incomplete_details": None,
+            "metadata": body.get("metadata") or {},
+            "output": [],
+            "previous_response_id": self.previous_response_id,
+            "store": True,
+            "usage": None,
+            **{name: body[name] for name in _ECHOED if name in body},
+        }
+        if "model" not in first:
+            first["model"] = (await self.service.engine.model_info()).model_name
+        running = {**first, "status": "in_progress"}
+        await self.store.start_background(self._stored(running))
+        owned = self.context.detach()
+        self.service.spawn(self._run_background(owned, running))
+        return JSONResponse(first)
+
+    def _stored(self, response: dict[str, Any], replica_id: str = "") -> StoredResponse:
+        return StoredResponse(response, self.new_items, self.previous_response_id, replica_id)
+
+    async def _run_background(self, owned: RequestContext, running: dict[str, Any]) -> None:
+        """Generate apart from the client; write the end unless cancelled; settle."""
+        assert self.store is not None
+        current_request.set(owned)
+        generation = asyncio.ensure_future(self._whole_answer(owned))
+        final: StoredResponse | None = None
+        try:
+            while not generation.done():
+                await asyncio.wait({generation}, timeout=RUN_POLL_S)
+                if generation.done():
+                    break
+                try:
+                    state = await self.store.heartbeat(self.call.request_id)
+                except CloudLLMError:  # Redis away for a moment: keep generating
+                    continue
+                if state != "in_progress":  # cancelled, or deleted
+                    generation.cancel()
+                    await asyncio.wait({generation})
+                    break
+            if not generation.cancelled():
+                final = self._ended(running, generation)
+        except asyncio.CancelledError:  # this replica is stopping
+            generation.cancel()
+            final = self._stored({**running, "status": "failed", "error": ORPHANED_ERROR})
+            raise
+        finally:
+            if final is not None:
+                try:
+                    await self.store.finish_background(final)
+                except CloudLLMError as error:
+                    logger.warning("background response %s: %s", self.call.request_id, error)
+            await self.service.settle(owned)
+            self._count_tokens(owned)
+
+    def _ended(
+        self, running: dict[str, Any], generation: asyncio.Future[OpenAIAnswer]
+    ) -> StoredResponse:
+        """The record of a background generation that ended (answered or failed)."""
+        error = generation.exception()
+        if error is not None:
+            failure = openai_error(error)["error"] if isinstance(error, CloudLLMError) else None
+            message = failure["message"] if failure else "the generation failed"
+            return self._stored(
+                {
+                    **running,
+                    "status": "failed",
+                    "error": {"code": "server_error", "message": message},
+                }
+            )
+        answer = generation.result()
+        if answer.status != 200:
+            detail = answer.body.get("error") if isinstance(answer.body, dict) else None
+            message = detail.get("message") if isinstance(detail, dict) else str(answer.body)
+            return self._stored(
+                {
+                    **running,
+                    "status": "failed",
+                    "error": {"code": "invalid_request", "message": message},
+                }
+            )
+        return self._stored({**answer.body, "background": True}, answer.replica_id)
+
+    async def _whole_answer(self, owned: RequestContext) -> OpenAIAnswer:
+        """The engine's whole answer to the call (the engine request ends when cancelled)."""
+        batches = aiter(self.service.openai(self.call, context=owned))
+        try:
+            async for batch in batches:
+                for item in batch:
+                    if isinstance(item, OpenAIAnswer):
+                        if item.status == 200:
+                            self._meter_into(owned, item.body)
+                        return item
+        finally:
+            await close_stream(batches)
+        raise EngineUnavailableError("the engine ended the call without an answer")
+
+    @staticmethod
+    def _meter_into(context: RequestContext, response: dict[str, Any]) -> None:
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            context.record_usage(
+                int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+            )
+
+    def _count_tokens(self, owned: RequestContext) -> None:
+        """Count the background generation's tokens into the token metrics.
+
+        The request that started it was measured before they existed.
+        """
+        tenant = owned.tenant_id or ""
+        metrics = self.service.metrics
+        if owned.prompt_tokens:
+            metrics.tokens.add(owned.prompt_tokens, kind="prompt", tenant=tenant)
+        if owned.completion_tokens:
+            metrics.tokens.add(owned.completion_tokens, kind="completion", tenant=tenant)
+
+
+async def cancel_response(store: ResponseStore, response_id: str) -> dict[str, Any]:
+    """``POST /v1/responses/{id}/cancel``: the response, cancelled if it was running."""
+    stored, state = await store.get_running(response_id)
+    if stored is None:
+        raise ResponseNotFoundError(response_id)
+    response = stored.response
+    if not response.get("background"):
+        raise InvalidRequestError("only a background response can be cancelled")
+    status = response.get("status")
+    if status in RUNNING_STATUSES and state is not None:
+        cancelled = StoredResponse(
+            {**response, "status": "cancelled"},
+            stored.input,
+            stored.previous_response_id,
+            stored.engine_replica,
+        )
+        if await store.cancel(cancelled):
+            return cancelled.response
+        stored, state = await store.get_running(response_id)  # it ended meanwhile
+        if stored is None:
+            raise ResponseNotFoundError(response_id)
+    current = as_read(stored, state)
+    if current.get("status") not in ("cancelled",):
+        raise InvalidRequestError(
+            f"response {response_id} is {current.get('status')}: only a queued or "
+            "in-progress response can be cancelled"
+        )
+    return current
+
+
+def as_read(stored: StoredResponse, state: str | None) -> dict[str, Any]:
+    """A kept response as a client reads it.
+
+    One left running by a replica that stopped (no run key any more) reads as failed.
+    """
+    response = stored.response
+    if response.get("background") and response.get("status") in RUNNING_STATUSES and not state:
+        return {**response, "status": "failed", "error": ORPHANED_ERROR}
+    return response

@@ -4,9 +4,10 @@ Layout (``{p}`` is the key prefix, ``cloudllm:`` by default; with API keys on, e
 tenant's conversations live under ``{p}t:{tenant}:`` instead, see :meth:`for_tenant`,
 so a lookup made for one tenant cannot reach another tenant's keys):
 
-* ``{p}conv:{<id>}``          hash: ``created_at``, ``updated_at`` (Unix seconds) and
-  ``engine_replica`` (the engine replica that answered the last turn: its prefix cache
-  holds the conversation, see :mod:`cloudllm_serve.engine.routing`)
+* ``{p}conv:{<id>}``          hash: ``created_at``, ``updated_at`` (Unix seconds),
+  ``metadata`` (JSON, set by ``/v1/conversations``) and ``engine_replica`` (the engine
+  replica that answered the last turn: its prefix cache holds the conversation, see
+  :mod:`cloudllm_serve.engine.routing`)
 * ``{p}conv:{<id>}:messages`` list of JSON messages, oldest first
 * ``{p}conv:{<id>}:images``   hash: SHA-256 of an image → the image as a data URL. Each
   image a conversation was shown is kept once, however many messages show it; a
@@ -69,12 +70,13 @@ that is :class:`~cloudllm_serve.errors.StoreFullError` (503).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
@@ -106,6 +108,25 @@ def _known_form(conversation_id: str) -> None:
     if not is_conversation_id(conversation_id):
         raise ConversationNotFoundError(conversation_id)
 
+
+# KEYS: meta. ARGV: the metadata as JSON, ttl. Returns 0 when there is no conversation.
+_SET_METADATA_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+# KEYS: meta, messages. ARGV: the message as stored. Returns how many were removed.
+_REMOVE_MESSAGE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+return redis.call('LREM', KEYS[2], 1, ARGV[1])
+"""
 
 # KEYS: meta, index. ARGV: now, id, ttl, max conversations (0: unlimited).
 # Returns {1} when created, {0, count} when the tenant already keeps the most it may.
@@ -422,6 +443,21 @@ class StoredMessage:
     tool_call_id: str | None = None
     name: str | None = None
     images: list[str] | None = None
+    #: Its id as an item of OpenAI's Conversations API, when it was given one there;
+    #: otherwise :attr:`item` derives one from the message itself.
+    item_id: str | None = None
+
+    @property
+    def item(self) -> str:
+        """Its item id (``/v1/conversations/{id}/items``).
+
+        The one it was given, or one derived from its time, role and text: the same at
+        every read.
+        """
+        if self.item_id:
+            return self.item_id
+        seed = f"{self.timestamp!r}|{self.role}|{self.content}|{self.tool_call_id}"
+        return "msg_" + hashlib.sha256(seed.encode()).hexdigest()[:32]
 
     def to_json(self) -> str:
         """Serialise for Redis."""
@@ -433,6 +469,8 @@ class StoredMessage:
         for key in ("tool_calls", "tool_call_id", "name", "images"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
+        if self.item_id is not None:
+            data["id"] = self.item_id
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -447,6 +485,7 @@ class StoredMessage:
             tool_call_id=data.get("tool_call_id"),
             name=data.get("name"),
             images=data.get("images"),
+            item_id=data.get("id"),
         )
 
     def chat_message(self, images: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -483,6 +522,8 @@ class Conversation:
     engine_replica: str | None = None
     #: The conversation's images (digest → data URL), when asked for.
     images: dict[str, str] | None = None
+    #: Set by ``/v1/conversations`` (``{}`` when never set).
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -532,6 +573,8 @@ class ConversationStore:
         self._turn_write = script(_CLUSTER_TURN_WRITE_SCRIPT)
         self._conversation_delete = script(_CLUSTER_CONVERSATION_DELETE_SCRIPT)
         self._unindex = script(_CLUSTER_UNINDEX_SCRIPT)
+        self._set_metadata = script(_SET_METADATA_SCRIPT)
+        self._remove_message = script(_REMOVE_MESSAGE_SCRIPT)
         self.stats = stats or StoreStats()
         #: Called after each operation with its name, seconds taken and whether it failed
         #: (the ingress's metrics); shared by every tenant's view.
@@ -889,7 +932,32 @@ class ConversationStore:
             messages=messages,
             engine_replica=meta.get("engine_replica") or None,
             images=images,
+            metadata=json.loads(meta["metadata"]) if meta.get("metadata") else {},
         )
+
+    async def set_metadata(self, conversation_id: str, metadata: Mapping[str, str]) -> None:
+        """Replace a conversation's metadata; 404 error when it does not exist."""
+        _known_form(conversation_id)
+        args = [json.dumps(dict(metadata), ensure_ascii=False), self.ttl_s]
+        keys = [self._meta_key(conversation_id)]
+        done = await self._call("set_metadata", lambda: self._write(self._set_metadata, keys, args))
+        if not int(done):
+            raise ConversationNotFoundError(conversation_id)
+
+    async def remove_message(self, conversation_id: str, message: StoredMessage) -> bool:
+        """Remove one message (as :meth:`get` read it); whether it was still there.
+
+        404 error when the conversation does not exist.
+        """
+        _known_form(conversation_id)
+        keys = [self._meta_key(conversation_id), self._messages_key(conversation_id)]
+        removed = await self._call(
+            "remove_message",
+            lambda: self._write(self._remove_message, keys, [message.to_json()]),
+        )
+        if int(removed) < 0:
+            raise ConversationNotFoundError(conversation_id)
+        return int(removed) > 0
 
     async def list_page(
         self, *, offset: int = 0, limit: int = 100

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from cloudllm_serve import __version__
 from cloudllm_serve.ingress.access import AccessMiddleware
 from cloudllm_serve.ingress.audit import AuditLog
+from cloudllm_serve.ingress.conversations_api.routes import router as conversations_router
 from cloudllm_serve.ingress.docs import install_offline_docs
 from cloudllm_serve.ingress.errors import install_error_handlers
 from cloudllm_serve.ingress.middleware import RequestLimitsMiddleware, image_body_limit
@@ -32,6 +33,7 @@ def create_app(service: CloudLLMService) -> FastAPI:
     app.include_router(seed_router)
     app.include_router(openai_router)
     app.include_router(responses_router)
+    app.include_router(conversations_router)
     install_error_handlers(app)
     app.add_middleware(
         RequestLimitsMiddleware,

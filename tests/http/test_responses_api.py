@@ -126,7 +126,9 @@ def test_another_tenants_response_is_an_unknown_one(app: TenantApp) -> None:
         ({"input": "hi", "background": "yes"}, 400, "background"),
         ({"input": "hi", "background": True, "store": False}, 400, "background"),
         ({"input": "hi", "background": True, "stream": True}, 501, "stream"),
-        ({"input": "hi", "conversation": "conv_1"}, 501, "conversation"),
+        ({"input": "hi", "conversation": "conv_1"}, 404, "conversation"),
+        ({"input": "hi", "conversation": 5}, 400, "conversation"),
+        ({"input": "hi", "conversation": {"name": "x"}}, 400, "conversation"),
     ],
 )
 def test_bad_requests_name_the_problem(

@@ -88,6 +88,14 @@ ROUTE_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("DELETE", f"/v1/responses/resp_{UNKNOWN}", None),
     ("GET", f"/v1/responses/resp_{UNKNOWN}/input_items", None),
     ("POST", f"/v1/responses/resp_{UNKNOWN}/cancel", None),
+    ("POST", "/v1/conversations", {}),
+    ("GET", f"/v1/conversations/{UNKNOWN}", None),
+    ("POST", f"/v1/conversations/{UNKNOWN}", {"metadata": {}}),
+    ("DELETE", f"/v1/conversations/{UNKNOWN}", None),
+    ("GET", f"/v1/conversations/{UNKNOWN}/items", None),
+    ("POST", f"/v1/conversations/{UNKNOWN}/items", {"items": [{"role": "user", "content": "x"}]}),
+    ("GET", f"/v1/conversations/{UNKNOWN}/items/msg_1", None),
+    ("DELETE", f"/v1/conversations/{UNKNOWN}/items/msg_1", None),
 ]
 BAD_HEADERS: dict[str, dict[str, str]] = {
     "no header": {},
@@ -102,6 +110,7 @@ def test_every_route_is_covered_by_the_matrix(app: TenantApp) -> None:
     templated = {path.replace(UNKNOWN, "{conversation_id}") for _, path, _ in ROUTE_CALLS}
     templated |= {"/v1/models/{model_id:path}"}
     templated |= {p.replace("resp_{conversation_id}", "{response_id}") for p in templated}
+    templated |= {p.replace("/msg_1", "/{item_id}") for p in templated}
     for route in app.client.app.routes:  # type: ignore[attr-defined]
         if route.path in PUBLIC_PATHS or f"{route.path}/" == PUBLIC_PREFIX:
             continue

@@ -6,8 +6,11 @@ Redis by the ingress, and ``previous_response_id`` chains are expanded there.
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
+import requests
 from openai import OpenAI
 from openai.types.responses import (
     ResponseCompletedEvent,
@@ -17,6 +20,7 @@ from openai.types.responses import (
 )
 
 from tests.conftest import Stack
+from tests.support import wait_for
 
 
 def _client(stack: Stack) -> OpenAI:
@@ -79,3 +83,38 @@ def test_a_streamed_response_parses_with_the_sdk_types_and_is_kept(sim_stack: St
     )
     assert chained.usage is not None and completed.response.usage is not None
     assert chained.usage.input_tokens > completed.response.usage.input_tokens
+
+
+def _running_requests(stack: Stack) -> int:
+    status = requests.get(f"{stack.base_url}/status/detailed", timeout=10).json()
+    return int(status["engine"]["summary"]["running_requests"] or 0)
+
+
+def test_background_responses_are_polled_to_the_end_or_cancelled(sim_stack: Stack) -> None:
+    """The SDK's background flow: created queued, polled to its end; a long one cancelled,
+    after which the engine runs nothing (its request was aborted)."""
+    client = _client(sim_stack)
+    late = client.responses.create(
+        model="sim", input="Later, please", max_output_tokens=8, background=True
+    )
+    assert late.status == "queued" and late.background is True
+    deadline = time.monotonic() + 30
+    while late.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        late = client.responses.retrieve(late.id)
+    assert late.status in ("completed", "incomplete") and late.output_text
+    assert late.usage is not None and late.usage.output_tokens == 8
+    chained = client.responses.create(
+        model="sim", input="And then?", previous_response_id=late.id, max_output_tokens=3
+    )
+    assert chained.usage is not None and chained.usage.input_tokens > late.usage.input_tokens
+
+    # ~16 s of decoding (400 steps of SIM_STEP_MS), within REQUEST_TIMEOUT_S.
+    long = client.responses.create(
+        model="sim", input="A long one", max_output_tokens=400, background=True
+    )
+    wait_for(lambda: _running_requests(sim_stack) >= 1, timeout_s=10, interval_s=0.1)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"
+    wait_for(lambda: _running_requests(sim_stack) == 0, timeout_s=10, interval_s=0.2)
+    assert client.responses.retrieve(long.id).status == "cancelled"

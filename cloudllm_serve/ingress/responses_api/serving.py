@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,22 +40,26 @@ from cloudllm_serve.conversations.responses import (
     StoredResponse,
     is_response_id,
 )
+from cloudllm_serve.conversations.store import (
+    ConversationStore,
+    StoredMessage,
+)
 from cloudllm_serve.engine.protocol import OpenAIAnswer, OpenAICall, OpenAIItem, OpenAIStreamEnd
 from cloudllm_serve.errors import (
     CloudLLMError,
+    ConversationNotFoundError,
     EngineUnavailableError,
     FeatureNotImplementedError,
     InvalidRequestError,
 )
 from cloudllm_serve.ingress.cache_salt import cache_salt, client_cache_salt
 from cloudllm_serve.ingress.context import RequestContext, current_request
+from cloudllm_serve.ingress.conversations_api.items import to_item, to_message
 from cloudllm_serve.ingress.errors import openai_error
 from cloudllm_serve.ingress.openai_api.serving import lax_int
 from cloudllm_serve.ingress.service import CHARS_PER_TOKEN, CloudLLMService, close_stream
 from cloudllm_serve.ingress.sse import SSE_HEADERS, SSE_MEDIA_TYPE
 
-#: Fields of OpenAI's Responses API not served yet (501 naming them).
-_NOT_YET = ("conversation",)
 #: Fields of the request a background response's first answer repeats (OpenAI's shape).
 _ECHOED = (
     "instructions",
@@ -85,6 +90,53 @@ class ResponseNotFoundError(CloudLLMError):
 
     def __init__(self, response_id: str, *, param: str | None = None) -> None:
         super().__init__(f"Response with id '{response_id}' not found.", param=param)
+
+
+class ConversationUnknownError(CloudLLMError):
+    """``conversation`` names no conversation of this tenant (404, like any unknown id)."""
+
+    status_code = 404
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(
+            f"Conversation with id '{conversation_id}' not found.", param="conversation"
+        )
+
+
+@dataclass(frozen=True)
+class ConversationTarget:
+    """The conversation a response belongs to, and the request's input as its messages."""
+
+    conversation_id: str
+    new_messages: list[StoredMessage]
+
+    async def add(
+        self, store: ConversationStore, response: dict[str, Any], replica_id: str
+    ) -> None:
+        """Append the input, then the response's message and function-call outputs."""
+        outputs = [
+            to_message(item, "output")
+            for item in response.get("output") or []
+            if isinstance(item, dict) and item.get("type") in ("message", "function_call")
+        ]
+        await store.append(
+            self.conversation_id,
+            [*self.new_messages, *outputs],
+            engine_replica=replica_id or None,
+        )
+
+
+def _conversation_id(value: Any) -> str | None:
+    """``conversation``: an id, or ``{"id": ...}`` (400 otherwise)."""
+    if isinstance(value, dict):
+        value = value.get("id")
+        if value is None:
+            raise InvalidRequestError("conversation must name an id", param="conversation")
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidRequestError(
+        'conversation must be a conversation id or {"id": ...}', param="conversation"
+    )
 
 
 def response_store(service: CloudLLMService, context: RequestContext) -> ResponseStore:
@@ -130,17 +182,14 @@ class ResponseCall:
         self.new_items = new_items
         self.previous_response_id = previous_response_id
         self.background = background
+        #: With ``conversation``: where the new input and output items go once answered.
+        self.conversation: ConversationTarget | None = None
 
     @classmethod
     async def prepare(
         cls, service: CloudLLMService, body: dict[str, Any], context: RequestContext
     ) -> ResponseCall:
         """Check our fields, charge the tenant, load the chain, build the engine call."""
-        for name in _NOT_YET:
-            if body.get(name) not in (None, False):
-                raise FeatureNotImplementedError(
-                    f"'{name}' is not supported on /v1/responses yet", param=name
-                )
         store = body.get("store", True)
         if not isinstance(store, bool):
             raise InvalidRequestError("store must be true or false", param="store")
@@ -163,7 +212,17 @@ class ResponseCall:
             raise InvalidRequestError(
                 "previous_response_id must be a string", param="previous_response_id"
             )
+        conversation_id = _conversation_id(body.pop("conversation", None))
+        if conversation_id is not None and previous is not None:
+            raise InvalidRequestError(
+                "give previous_response_id or conversation, not both", param="conversation"
+            )
         new_items = input_items(body.get("input"))
+        new_messages = (
+            [to_message(item, f"input.{i}") for i, item in enumerate(new_items)]
+            if conversation_id is not None
+            else []
+        )
         body["cache_salt"] = cache_salt(
             context.tenant_id, client_cache_salt(body.get("cache_salt"))
         )
@@ -177,7 +236,7 @@ class ResponseCall:
             context,
             prompt_chars=prompt_chars,
             max_tokens=min(max(max_output, 0), settings.VLLM_MAX_MODEL_LEN),
-            stateless=not store and previous is None,
+            stateless=not store and previous is None and conversation_id is None,
         )
         responses = response_store(service, context)
         history: list[dict[str, Any]] = []
@@ -192,6 +251,16 @@ class ResponseCall:
                 history.extend(earlier.response.get("output") or [])
             root_id = chain[0].response.get("id")
             preferred = chain[-1].engine_replica or None
+        conversation = None
+        if conversation_id is not None:
+            try:
+                conversation = await service.conversations(context).get(conversation_id)
+            except ConversationNotFoundError:
+                raise ConversationUnknownError(conversation_id) from None
+            history = [to_item(message) for message in conversation.messages or []]
+            root_id = f"conv:{conversation_id}"
+            preferred = conversation.engine_replica
+            context.conversation_id = conversation_id
         body["input"] = [*history, *new_items]
         response_id = f"resp_{uuid.uuid4().hex}"
         call = OpenAICall(
@@ -202,9 +271,12 @@ class ResponseCall:
             affinity_key=f"resp:{root_id or response_id}",
             preferred_replica=preferred,
         )
-        return cls(
+        made = cls(
             service, context, call, responses if store else None, new_items, previous, background
         )
+        if conversation is not None:
+            made.conversation = ConversationTarget(conversation_id or "", new_messages)
+        return made
 
     async def respond(self) -> Response:
         """Run the call: a JSON response, or the event stream once its first event is here."""
@@ -261,6 +333,12 @@ class ResponseCall:
             )
 
     async def _keep(self, response: dict[str, Any], replica_id: str) -> None:
+        """Keep an answered response (with ``store``) and add it to its conversation."""
+        if self.conversation is not None:
+            response["conversation"] = {"id": self.conversation.conversation_id}
+            await self.conversation.add(
+                self.service.conversations(self.context), response, replica_id
+            )
         if self.store is None:
             return
         await self.store.put(
@@ -327,7 +405,8 @@ class ResponseCall:
         finally:
             if final is not None:
                 try:
-                    await self.store.finish_background(final)
+                    if await self.store.finish_background(final):
+                        await self._add_to_conversation(owned, final)
                 except CloudLLMError as error:
                     logger.warning("background response %s: %s", self.call.request_id, error)
             await self.service.settle(owned)
@@ -360,6 +439,15 @@ class ResponseCall:
                 }
             )
         return self._stored({**answer.body, "background": True}, answer.replica_id)
+
+    async def _add_to_conversation(self, owned: RequestContext, final: StoredResponse) -> None:
+        """A background response that completed, added to its conversation (if any)."""
+        if self.conversation is None or final.response.get("status") == "failed":
+            return
+        final.response["conversation"] = {"id": self.conversation.conversation_id}
+        await self.conversation.add(
+            self.service.conversations(owned), final.response, final.engine_replica
+        )
 
     async def _whole_answer(self, owned: RequestContext) -> OpenAIAnswer:
         """The engine's whole answer to the call (the engine request ends when cancelled)."""

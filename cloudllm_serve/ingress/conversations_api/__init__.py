@@ -1,0 +1,1 @@
+"""OpenAI's Conversations API (``/v1/conversations``) over our conversation store."""

@@ -118,3 +118,41 @@ def test_background_responses_are_polled_to_the_end_or_cancelled(sim_stack: Stac
     assert cancelled.status == "cancelled"
     wait_for(lambda: _running_requests(sim_stack) == 0, timeout_s=10, interval_s=0.2)
     assert client.responses.retrieve(long.id).status == "cancelled"
+
+
+def test_a_conversation_through_the_sdk_holds_responses_and_generate_turns(
+    sim_stack: Stack,
+) -> None:
+    """client.conversations with items and metadata; a response in it sees its items and
+    is added to it; /generate continues the same conversation; then it is deleted."""
+    client = _client(sim_stack)
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}],
+        metadata={"topic": "names"},
+    )
+    assert conversation.metadata == {"topic": "names"}
+    plain = client.responses.create(model="sim", input="What is my name?", max_output_tokens=4)
+    inside = client.responses.create(
+        model="sim", input="What is my name?", conversation=conversation.id, max_output_tokens=4
+    )
+    assert plain.usage is not None and inside.usage is not None
+    assert inside.usage.input_tokens > plain.usage.input_tokens  # the item reached the model
+    items = client.conversations.items.list(conversation.id, order="asc")
+    assert [item.role for item in items.data] == ["user", "user", "assistant"]  # type: ignore[union-attr]
+    added = client.conversations.items.create(
+        conversation.id, items=[{"type": "message", "role": "user", "content": "Thanks."}]
+    )
+    item = client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
+    assert item.content[0].text == "Thanks."  # type: ignore[union-attr,index]
+    turn = requests.post(
+        f"{sim_stack.base_url}/generate",
+        json={"message": "Bye.", "conversation_id": conversation.id, "max_tokens": 3},
+        timeout=60,
+    )
+    assert turn.status_code == 200, turn.text
+    assert len(client.conversations.items.list(conversation.id).data) == 6
+    updated = client.conversations.update(conversation.id, metadata={"topic": "done"})
+    assert updated.metadata == {"topic": "done"}
+    assert client.conversations.delete(conversation.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)

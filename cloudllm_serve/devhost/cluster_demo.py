@@ -47,7 +47,7 @@ WORKER_NODE = "cloudllm-worker"
 ENGINE_RESOURCE = "cloudllm_engine"
 INGRESS_RESOURCE = "cloudllm_ingress"
 #: The Serve config ``up`` deploys (ports and Redis filled in).
-PROFILE = Path(__file__).resolve().parents[1] / "deployments" / "cluster-demo.yaml"
+PROFILE = Path(__file__).resolve().parents[2] / "deployments" / "cluster-demo.yaml"
 DEFAULT_DIR = Path("/tmp/cloudllm-cluster")
 STATE_FILE = "cluster.json"
 LOOPBACK = "127.0.0.1"

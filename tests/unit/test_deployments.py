@@ -163,3 +163,9 @@ def test_rayservice_exports_metrics_on_a_named_port() -> None:
     monitor = load(REPO / "deployments" / "kuberay-podmonitor.yaml")
     assert monitor["kind"] == "PodMonitor"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_the_cluster_demo_finds_its_profile() -> None:
+    from cloudllm_serve.devhost import cluster_demo
+
+    assert cluster_demo.PROFILE.is_file(), cluster_demo.PROFILE

@@ -72,7 +72,7 @@ test: install redis-server prometheus model test-vlm
 
 # Fewer fuzzed requests (FUZZ_SCALE) and no Redis Sentinel/Cluster tests, to stay under 2 minutes.
 test-fast: install redis-server
-	@FUZZ_SCALE=0.4 $(PY) -m pytest -m "(unit or local or http) and not redis_ha" $(PYTEST_ARGS)
+	@FUZZ_SCALE=0.2 $(PY) -m pytest -m "(unit or local or http) and not redis_ha" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

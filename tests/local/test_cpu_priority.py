@@ -57,7 +57,13 @@ def start_tree(folder: Path, tree: list[Any], count: int) -> subprocess.Popen[by
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         every = descendants(root.pid)
-        if len(every) == count and all(process_name(p) != "python" for p in every):
+        # A child forked but not yet exec'd still has its parent's name; one exec'd but
+        # not yet titled is "python...".
+        if len(every) == count and all(
+            not process_name(p).startswith("python")
+            and all(process_name(c) != process_name(p) for c in children(p))
+            for p in every
+        ):
             return root
         time.sleep(0.1)
     root.kill()

@@ -17,6 +17,7 @@ from cloudllm_serve.conversations.store import Conversation, ConversationStore, 
 from cloudllm_serve.errors import CloudLLMError, InvalidRequestError
 from cloudllm_serve.ingress.conversations_api.items import to_item, to_message
 from cloudllm_serve.ingress.dependencies import Admitted, Service
+from cloudllm_serve.ingress.item_lists import item_list, item_page
 from cloudllm_serve.ingress.openai_api.routes import OPENAI_ERRORS
 from cloudllm_serve.ingress.openai_api.serving import BadBody, bad_body_response, read_json_body
 
@@ -150,14 +151,9 @@ async def list_items(
     """A conversation's items in OpenAI's list shape (``desc``: newest first)."""
     conversation = await _store(service, context).get(conversation_id)
     items = [to_item(m) for m in conversation.messages or []]
-    if order == "desc":
-        items.reverse()
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise ItemNotFoundError(after)
-        items = items[ids.index(after) + 1 :]
-    return JSONResponse(_page(items[:limit], has_more=len(items) > limit))
+    return JSONResponse(
+        item_page(items, limit=limit, order=order, after=after, unknown_after=ItemNotFoundError)
+    )
 
 
 @router.post("/conversations/{conversation_id}/items", responses=OPENAI_ERRORS)
@@ -172,7 +168,7 @@ async def create_items(
     if not messages:
         raise InvalidRequestError("items must hold at least one item", param="items")
     await _store(service, context).append(conversation_id, messages)
-    return JSONResponse(_page([to_item(m) for m in messages], has_more=False))
+    return JSONResponse(item_list([to_item(m) for m in messages], has_more=False))
 
 
 @router.get("/conversations/{conversation_id}/items/{item_id}", responses=OPENAI_ERRORS)
@@ -199,13 +195,3 @@ def _find(conversation: Conversation, item_id: str) -> StoredMessage:
         if message.item == item_id:
             return message
     raise ItemNotFoundError(item_id)
-
-
-def _page(items: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else None,
-        "last_id": items[-1]["id"] if items else None,
-        "has_more": has_more,
-    }

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from cloudllm_serve.ingress.dependencies import Admitted, Context, Service
+from cloudllm_serve.ingress.item_lists import item_page
 from cloudllm_serve.ingress.openai_api.routes import OPENAI_ERRORS, STREAM_DOC
 from cloudllm_serve.ingress.openai_api.serving import BadBody, bad_body_response, read_json_body
 from cloudllm_serve.ingress.responses_api.serving import (
@@ -87,22 +88,14 @@ async def list_input_items(
     if stored is None:
         raise ResponseNotFoundError(response_id)
     items = [_listed(item) for item in stored.input]
-    if order == "desc":
-        items.reverse()
-    if after is not None:
-        ids = [item.get("id") for item in items]
-        if after not in ids:
-            raise ResponseNotFoundError(after, param="after")
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
     return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0].get("id") if page else None,
-            "last_id": page[-1].get("id") if page else None,
-            "has_more": len(items) > limit,
-        }
+        item_page(
+            items,
+            limit=limit,
+            order=order,
+            after=after,
+            unknown_after=lambda unknown: ResponseNotFoundError(unknown, param="after"),
+        )
     )
 
 

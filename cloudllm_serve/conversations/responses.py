@@ -34,27 +34,36 @@ from cloudllm_serve.errors import InvalidRequestError
 MAX_CHAIN = 256
 _RESPONSE_ID = re.compile(r"resp_[A-Za-z0-9_-]{1,128}")
 
-# KEYS: the response. ARGV: the record, retention in seconds (0: none).
-_PUT_SCRIPT = """
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
+# Writes the record ARGV[1] at KEYS[1], expiring after ARGV[2] seconds (0: never); every
+# script that writes a response starts with it.
+_PUT_RECORD = """
+local function put_record()
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  else
+    redis.call('SET', KEYS[1], ARGV[1])
+  end
 end
+"""
+# KEYS: the response. ARGV: the record, retention in seconds (0: none).
+_PUT_SCRIPT = (
+    _PUT_RECORD
+    + """
+put_record()
 return 1
 """
+)
 # KEYS: the response. Returns 1 when deleted, 0 when there was none.
 _DELETE_SCRIPT = "redis.call('DEL', KEYS[2]) return redis.call('DEL', KEYS[1])"
 # KEYS: the response, its run key. ARGV: the record, retention, the run lease in seconds.
-_START_SCRIPT = """
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+_START_SCRIPT = (
+    _PUT_RECORD
+    + """
+put_record()
 redis.call('SET', KEYS[2], 'in_progress', 'EX', ARGV[3])
 return 1
 """
+)
 # KEYS: the run key. ARGV: the lease. Returns the run's state after the refresh.
 _HEARTBEAT_SCRIPT = """
 local state = redis.call('GET', KEYS[1])
@@ -65,34 +74,32 @@ return state
 """
 # KEYS: the response, its run key. ARGV: the final record, retention.
 # Returns 0 (and writes nothing) when it no longer runs: cancelled or deleted meanwhile.
-_FINISH_SCRIPT = """
+_FINISH_SCRIPT = (
+    _PUT_RECORD
+    + """
 if redis.call('GET', KEYS[2]) ~= 'in_progress' then
   redis.call('DEL', KEYS[2])
   return 0
 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+put_record()
 redis.call('DEL', KEYS[2])
 return 1
 """
+)
 # KEYS: the response, its run key. ARGV: the cancelled record, retention.
 # Returns 1 when the response was running (now cancelled), 0 when it was not.
-_CANCEL_SCRIPT = """
+_CANCEL_SCRIPT = (
+    _PUT_RECORD
+    + """
 local state = redis.call('GET', KEYS[2])
 if state ~= 'in_progress' and state ~= 'cancel' then
   return 0
 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+put_record()
 redis.call('SET', KEYS[2], 'cancel', 'KEEPTTL')
 return 1
 """
+)
 #: Statuses of a background response that has not ended.
 RUNNING_STATUSES = ("queued", "in_progress")
 #: How often the replica running a background response refreshes its lease and looks for

@@ -65,7 +65,10 @@ def deploy(settings: Settings, name: str, *, wait: bool = True, **overrides: Any
 
 
 def fleet(handle: Any, settings: Settings, app_name: str) -> EngineFleet:
-    client = ServeEngineClient(handle, settings, app_name=app_name)
+    # The controller may take seconds to answer while it places or stops replicas of the
+    # other apps here (the ingress's 3 s bound once timed out in CI): the status is what
+    # these tests check, not how fast the controller answers.
+    client = ServeEngineClient(handle, settings, app_name=app_name, stats_timeout_s=30.0)
     return asyncio.run(client.fleet())
 
 

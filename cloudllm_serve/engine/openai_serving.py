@@ -331,11 +331,19 @@ class OpenAIServer:
     async def encode_chat(
         self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None
     ) -> Encoded:
-        """``messages`` rendered by vLLM's chat renderer, as the engine will see them.
+        """``messages`` as the engine will see them: the one chat encoding of this replica.
 
-        Images are decoded and their placeholders widened to the image's token count
-        (vLLM's own count); the result's ``engine_input`` can be handed to the engine.
+        Text-only messages go through the tokenizer's chat template, rendered then
+        tokenized as vLLM's renderer does. With images, vLLM's chat renderer decodes them
+        and widens their placeholders to the image's token count (vLLM's own count); the
+        result's ``engine_input`` can then be handed to the engine.
         """
+        if not count_images(messages):
+            tokenizer = self._engine.renderer.tokenizer
+            text = tokenizer.apply_chat_template(
+                list(messages), tools=tools, add_generation_prompt=True, tokenize=False
+            )
+            return Encoded(list(tokenizer.encode(text, add_special_tokens=False)))
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMValidationError
@@ -432,22 +440,13 @@ class OpenAIServer:
 
     async def _fit_history(self, request: Any, droppable: int) -> tuple[Any, int]:
         """Drop the oldest stored turns until the prompt (images too) and ``max_tokens`` fit."""
-        tokenizer = self._engine.renderer.tokenizer
         messages: list[ChatMessage] = [dict(m) for m in request.messages]
         tools = [tool.model_dump() for tool in request.tools] if request.tools else None
         max_tokens = request.max_completion_tokens or request.max_tokens or 0
         with_images = count_images(messages) > 0
 
         async def encode(selected: Sequence[ChatMessage]) -> Encoded:
-            if with_images:  # only vLLM's renderer knows an image's token count
-                return await self.encode_chat(selected, tools)
-            return Encoded(
-                list(
-                    tokenizer.apply_chat_template(
-                        list(selected), tools=tools, add_generation_prompt=True, tokenize=True
-                    )
-                )
-            )
+            return await self.encode_chat(selected, tools)
 
         try:
             fitted = await fit_messages(

@@ -12,20 +12,17 @@ import difflib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cloudllm_serve.engine.gpu import GpuMonitor
 from cloudllm_serve.engine.prompt import (
-    Encoded,
     FittedPrompt,
     PromptDoesNotFitError,
-    count_images,
     fit_messages,
 )
 from cloudllm_serve.engine.protocol import (
     PROGRESS_INTERVAL_S,
-    ChatMessage,
     ChoiceDelta,
     EngineError,
     EngineModelInfo,
@@ -305,29 +302,19 @@ class VLLMEngine:
             max_model_len=self._settings.VLLM_MAX_MODEL_LEN,
         )
 
-    async def _encode(self, messages: Sequence[ChatMessage]) -> Encoded:
-        tokenizer = self._engine.get_tokenizer()
-        text = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
-        return Encoded(list(tokenizer.encode(text, add_special_tokens=False)))
-
     async def _prompt(self, request: GenerationRequest) -> FittedPrompt:
         """The prompt to generate from; raises ``PromptDoesNotFitError``.
 
-        Messages with images are rendered by vLLM's chat renderer (each image counted
-        as vLLM counts it); text-only ones by the tokenizer's chat template.
+        Encoded as the ``/v1`` chat path encodes (:meth:`OpenAIServer.encode_chat`).
         """
         budget = self._settings.VLLM_MAX_MODEL_LEN - request.sampling.max_tokens
         if request.messages is not None:
-            if count_images(request.messages):
-                return await fit_messages(
-                    request.messages,
-                    self._openai.encode_chat,
-                    budget,
-                    max_images=self._settings.VLLM_LIMIT_IMAGES_PER_PROMPT,
-                )
-            return await fit_messages(request.messages, self._encode, budget)
+            return await fit_messages(
+                request.messages,
+                self._openai.encode_chat,
+                budget,
+                max_images=self._settings.VLLM_LIMIT_IMAGES_PER_PROMPT,
+            )
         raise ValueError("the request has no messages")
 
     def _sampling_params(self, request: GenerationRequest) -> Any:

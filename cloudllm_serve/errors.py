@@ -12,6 +12,8 @@ class CloudLLMError(Exception):
     """Root of the project's errors: a message for the client and an HTTP status."""
 
     status_code: int = 500
+    #: The ``error.type`` of a ``/v1`` answer, where it is not the status's usual one.
+    openai_type: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -27,6 +29,12 @@ class InvalidRequestError(CloudLLMError):
     """The request is malformed or asks for something impossible (400)."""
 
     status_code = 400
+
+
+class FieldTypeError(InvalidRequestError):
+    """A field of the wrong JSON type: the 400 ``vllm serve``'s request model gives."""
+
+    openai_type = "Bad Request"
 
 
 class PromptTooLongError(InvalidRequestError):

@@ -259,6 +259,8 @@ def raw_vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RawVll
         # core for the rest), as the stack's engine does: on the last core instead, the two
         # engines of the differential test do not share one core.
         server.env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores - 1)
+    # vLLM's in-process response store, for the /v1/responses differential test.
+    server.env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     server.start()
     try:
         yield server

@@ -70,7 +70,7 @@ def openai_error(error: CloudLLMError) -> dict[str, Any]:
     return {
         "error": {
             "message": error.message,
-            "type": kinds.get(error.status_code, "server_error"),
+            "type": error.openai_type or kinds.get(error.status_code, "server_error"),
             "param": error.param,
             "code": getattr(error, "code", None) or error.status_code,
         }

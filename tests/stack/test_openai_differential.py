@@ -381,3 +381,142 @@ def test_v1_answers_as_raw_vllm_does(stack: Stack, raw_vllm: str, tmp_path: Path
             differences.append(f"{case.name}: a client error answered {ours.status}")
     (tmp_path / "differences.txt").write_text("\n".join(differences))
     assert not differences, "\n".join(differences)
+
+
+# /v1/responses ------------------------------------------------------------------------
+
+#: Response keys whose values differ between any two servers (ids, clocks).
+RESPONSE_VOLATILE = {"id", "created_at", "completed_at", "item_id", "call_id", "response_id"}
+RESPONSE_WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": WEATHER_PARAMS,
+    "strict": True,
+}
+R = {"model": MODEL, "temperature": 0, "max_output_tokens": 12}
+
+#: Stateless requests, sent to both servers as they are (``store`` off: nothing kept).
+RESPONSE_CASES: dict[str, dict[str, Any]] = {
+    "text": {**R, "input": "Say hello to Bob.", "store": False},
+    "messages-instructions": {
+        **R,
+        "input": [{"role": "user", "content": "Name a colour."}],
+        "instructions": "Answer in one word.",
+        "store": False,
+    },
+    "stream": {**R, "input": "Say hello to Bob.", "stream": True, "store": False},
+    "json-schema": {
+        **R,
+        "input": "Make up a person.",
+        "text": {"format": {"type": "json_schema", "name": "person", "schema": SCHEMA}},
+        "store": False,
+    },
+    "tool-required": {
+        **R,
+        "max_output_tokens": 40,
+        "input": "What is the weather in Paris?",
+        "tools": [RESPONSE_WEATHER_TOOL],
+        "tool_choice": "required",
+        "store": False,
+    },
+    "bad-over-context": {**R, "input": "hi", "max_output_tokens": 100_000, "store": False},
+    "bad-input-type": {**R, "input": 5, "store": False},
+    "bad-unknown-previous": {**R, "input": "hi", "previous_response_id": "resp_unknown"},
+}
+
+
+def response_outcome(base_url: str, body: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
+    """A ``/v1/responses`` answer reduced to what must match, and its JSON (whole answers)."""
+    if body.get("stream"):
+        response = requests.post(f"{base_url}/v1/responses", json=body, timeout=300)
+        events = [
+            json.loads(line[6:])
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        final = events[-1].get("response") or {} if events else {}
+        types = [event.get("type") for event in events]
+        outcome = {
+            # How many deltas carry the text is timing (vLLM's output batches), not shape.
+            "event_types": [t for i, t in enumerate(types) if i == 0 or t != types[i - 1]],
+            "deltas": "".join(e.get("delta", "") for e in events if "text.delta" in e["type"]),
+            "final": final_outcome(final),
+        }
+        keys = key_paths(final)
+        return Answer(response.status_code, None, keys, outcome), final
+    response = requests.post(f"{base_url}/v1/responses", json=body, timeout=300)
+    answer = response.json()
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if response.status_code >= 400 and isinstance(error, dict):
+        return Answer(response.status_code, error.get("type"), key_paths(answer), {}), answer
+    return Answer(response.status_code, None, key_paths(answer), final_outcome(answer)), answer
+
+
+def final_outcome(response: dict[str, Any]) -> dict[str, Any]:
+    """Status, output items (texts, function calls) and usage of one response."""
+    output = []
+    for item in response.get("output") or []:
+        if item.get("type") == "message":
+            texts = [part.get("text") for part in item.get("content") or []]
+            output.append(("message", item.get("status"), texts))
+        elif item.get("type") == "function_call":
+            output.append(("function_call", item.get("name"), item.get("arguments")))
+        else:
+            output.append((item.get("type"),))
+    return {
+        "status": response.get("status"),
+        "incomplete_details": response.get("incomplete_details"),
+        "output": output,
+        "usage": response.get("usage"),
+    }
+
+
+def test_v1_responses_answer_as_raw_vllm_does(stack: Stack, raw_vllm: str) -> None:
+    """Stateless requests and a one-step ``previous_response_id`` chain, at temperature 0.
+
+    Raw vLLM runs with its in-process response store on
+    (``VLLM_ENABLE_RESPONSES_API_STORE=1``, ``tests/conftest.py``); we keep responses in
+    Redis and expand the chain ourselves: the follow-up's prompt, and so its text and
+    token counts, must be the same.
+    """
+    cases = dict(RESPONSE_CASES)
+    differences: list[str] = []
+    answers: dict[str, tuple[Answer, Answer]] = {}
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        for name, body in cases.items():
+            theirs = pool.submit(response_outcome, raw_vllm, body)
+            answers[name] = (response_outcome(stack.base_url, body)[0], theirs.result()[0])
+        # One step of a chain: each server continues its own stored first response.
+        first = {**R, "input": "My name is Ada. Say hello.", "store": True}
+        theirs_first = pool.submit(response_outcome, raw_vllm, first)
+        ours_first = response_outcome(stack.base_url, first)
+        answers["chain-first"] = (ours_first[0], theirs_first.result()[0])
+        follow = {**R, "input": "What is my name?"}
+        theirs_next = pool.submit(
+            response_outcome,
+            raw_vllm,
+            {**follow, "previous_response_id": theirs_first.result()[1]["id"]},
+        )
+        ours_next = response_outcome(
+            stack.base_url, {**follow, "previous_response_id": ours_first[1]["id"]}
+        )
+        answers["chain-next"] = (ours_next[0], theirs_next.result()[0])
+    print(f"\n[responses differential] {time.monotonic() - started:.1f} s")
+    for name, (ours, theirs) in answers.items():
+        volatile = {k for k in ours.keys | theirs.keys if k.rsplit(".", 1)[-1] in RESPONSE_VOLATILE}
+        checks = {
+            "status": (ours.status, theirs.status),
+            "error type": (ours.error_type, theirs.error_type),
+            "keys": (sorted(ours.keys - volatile), sorted(theirs.keys - volatile)),
+            "outcome": (ours.outcome, theirs.outcome),
+        }
+        for what, (mine, raw) in checks.items():
+            if mine != raw:
+                differences.append(f"{name}: {what}: ours {mine!r} vs vLLM {raw!r}")
+        if name.startswith("bad-") and ours.status >= 500:
+            differences.append(f"{name}: a client error answered {ours.status}")
+    chain = answers["chain-next"][0].outcome["usage"]
+    assert chain["input_tokens"] > answers["chain-first"][0].outcome["usage"]["input_tokens"]
+    assert not differences, "\n".join(differences)

@@ -33,8 +33,11 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+import openai
 import psutil
+import pytest
 import requests
+from openai import OpenAI
 
 from cloudllm_serve.local_models import cache_root
 from tests.conftest import REPO
@@ -44,6 +47,8 @@ from tests.support import server_port, wait_for
 STOPPED_WITHIN_S = 30
 #: How long a start may take until the app is healthy (~45 s alone on 2 cores).
 HEALTHY_WITHIN_S = 300
+#: The model ``make serve`` serves by default.
+MODEL = "SmolLM2-135M-Instruct"
 #: A Serve access line (``GET /health 200 1.2ms``).
 ACCESS_LINE = re.compile(r"\b(GET|POST) /(health|generate)\S* \d{3}\b")
 
@@ -51,11 +56,13 @@ ACCESS_LINE = re.compile(r"\b(GET|POST) /(health|generate)\S* \d{3}\b")
 class Served:
     """The launcher in a process group of its own, on free ports, its output in ``log``."""
 
-    def __init__(self, folder: Path, model: str | None = None) -> None:
+    def __init__(self, folder: Path, model: str | None = None, cache: Path | None = None) -> None:
         self.port, self.metrics_port, self.redis_port = server_port(), server_port(), server_port()
-        self.cache = folder / "cache"
-        self.cache.mkdir()
-        (self.cache / "models").symlink_to(cache_root() / "models")
+        if cache is None:  # a first start; a restart passes the first one's cache (its Redis)
+            cache = folder / "cache"
+            cache.mkdir()
+            (cache / "models").symlink_to(cache_root() / "models")
+        self.cache = cache
         self.log = folder / "launcher.log"
         env = {
             **os.environ,
@@ -166,8 +173,8 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return left
 
 
-def started(folder: Path, model: str | None = None) -> Served:
-    served = Served(folder, model)
+def started(folder: Path, model: str | None = None, cache: Path | None = None) -> Served:
+    served = Served(folder, model, cache)
     try:
         wait_for(served.healthy, HEALTHY_WITHIN_S, interval_s=0.5)
     except BaseException:
@@ -176,11 +183,29 @@ def started(folder: Path, model: str | None = None) -> Served:
     return served
 
 
+def sdk(served: Served) -> OpenAI:
+    return OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+
 def test_a_group_sigterm_under_a_stream_on_vllm(tmp_path: Path) -> None:
-    """make forwards the group's SIGTERM to the launcher: a second one 0.1 s later."""
-    served = started(tmp_path)
+    """make forwards the group's SIGTERM to the launcher: a second one 0.1 s later.
+
+    Around the stop, a chain of three responses through the OpenAI SDK: two turns before,
+    the third after a restart on the same cache folder (its Redis data), by
+    ``previous_response_id``.
+    """
+    first_run = tmp_path / "first"
+    first_run.mkdir()
+    served = started(first_run)
     try:
         assert requests.post(f"{served.url}/generate", json={"message": "hi"}).status_code == 200
+        turn = {"model": MODEL, "temperature": 0, "max_output_tokens": 8, "store": True}
+        # Closed before the stop: a kept-alive connection would hold the port in FIN_WAIT2.
+        with sdk(served) as client:
+            first = client.responses.create(input="My name is Ada. Say hello.", **turn)
+            second = client.responses.create(
+                input="Name a colour.", previous_response_id=first.id, **turn
+            )
         listening = [
             c.laddr.ip
             for c in psutil.net_connections("tcp")
@@ -203,6 +228,31 @@ def test_a_group_sigterm_under_a_stream_on_vllm(tmp_path: Path) -> None:
     print(f"\n[group SIGTERM + make's, under a stream] nothing left after {took:.1f} s")
     assert len(audit) >= 3  # the health poll, the answer, the stream
     assert '"route":' not in output and not ACCESS_LINE.search(output), output[-3000:]
+
+    second_run = tmp_path / "second"
+    second_run.mkdir()
+    again = started(second_run, cache=served.cache)
+    try:
+        with sdk(again) as client:
+            third = client.responses.create(
+                input="What is my name?", previous_response_id=second.id, **turn
+            )
+            kept = client.responses.retrieve(first.id)
+            items = client.responses.input_items.list(third.id)
+            client.responses.delete(third.id)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(third.id)
+        again.stop((0.0, signal.SIGINT))
+    finally:
+        again.kill()
+    usage = [r.usage.input_tokens for r in (first, second, third) if r.usage is not None]
+    print(f"\n[responses across a restart] input tokens per turn {usage}: {third.output_text!r}")
+    # The history reached the model after the restart: each turn's prompt holds the ones
+    # before it (the answers too).
+    assert len(usage) == 3 and usage[0] < usage[1] < usage[2]
+    assert third.previous_response_id == second.id and third.output_text
+    assert kept.output_text == first.output_text
+    assert [item.type for item in items.data] == ["message"]
 
 
 def test_ctrl_c_twice_and_sighup_on_the_simulated_engine(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from cloudllm_serve.errors import (
     ConversationNotFoundError,
     EngineUnavailableError,
     FeatureNotImplementedError,
+    FieldTypeError,
     InvalidRequestError,
 )
 from cloudllm_serve.ingress.cache_salt import cache_salt, client_cache_salt
@@ -87,6 +88,7 @@ class ResponseNotFoundError(CloudLLMError):
     """No response of this tenant has the id (404; another tenant's looks the same)."""
 
     status_code = 404
+    openai_type = "invalid_request_error"  # OpenAI's and vLLM's type for it
 
     def __init__(self, response_id: str, *, param: str | None = None) -> None:
         super().__init__(f"Response with id '{response_id}' not found.", param=param)
@@ -149,13 +151,11 @@ def input_items(value: Any) -> list[dict[str, Any]]:
     if isinstance(value, str):
         value = [{"type": "message", "role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise InvalidRequestError(
-            "input must be a string or a non-empty list of items", param="input"
-        )
+        raise FieldTypeError("input must be a string or a non-empty list of items", param="input")
     items = []
     for index, item in enumerate(value):
         if not isinstance(item, dict):
-            raise InvalidRequestError("each input item must be an object", param=f"input.{index}")
+            raise FieldTypeError("each input item must be an object", param=f"input.{index}")
         if "id" not in item:
             item = {"id": f"msg_{uuid.uuid4().hex}", **item}
         items.append(item)
@@ -192,10 +192,10 @@ class ResponseCall:
         """Check our fields, charge the tenant, load the chain, build the engine call."""
         store = body.get("store", True)
         if not isinstance(store, bool):
-            raise InvalidRequestError("store must be true or false", param="store")
+            raise FieldTypeError("store must be true or false", param="store")
         background = body.get("background", False)
         if not isinstance(background, bool):
-            raise InvalidRequestError("background must be true or false", param="background")
+            raise FieldTypeError("background must be true or false", param="background")
         if background and not store:
             raise InvalidRequestError(
                 "background responses must be stored: drop store: false", param="background"
@@ -209,7 +209,7 @@ class ResponseCall:
         body.pop("background", None)  # ours: vLLM refuses it with its store off
         previous = body.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
-            raise InvalidRequestError(
+            raise FieldTypeError(
                 "previous_response_id must be a string", param="previous_response_id"
             )
         conversation_id = _conversation_id(body.pop("conversation", None))

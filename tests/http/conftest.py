@@ -74,7 +74,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     Each test keeps to its own key prefix; none stops a node of it (the failover test
     makes a cluster of its own).
     """
-    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    # Redis's default node timeout: none of these tests stops a node, and with 1 s a node
+    # that a loaded 2-core host kept from answering was failed over mid-test (a 503 "The
+    # cluster is down" in one make test).
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"), node_timeout_ms=15_000)
     cluster.start()
     yield cluster
     cluster.stop()

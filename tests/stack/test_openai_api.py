@@ -178,8 +178,18 @@ def test_closing_a_stream_aborts_the_engine_request(stack: Stack) -> None:
         chunks += line.startswith(b"data: {")
         if chunks == 3:
             break
-    # The request is running while the stream is open (/health's stats are up to 1 s old).
-    wait_for(lambda: busy(stack) == 1, timeout_s=5, interval_s=0.2)
+    # The request is running while the stream is open (/health's stats are up to 1 s old;
+    # 500 tokens take over 10 s here, so a loaded host's late stats still see it running).
+    seen: list[int] = []
+
+    def running() -> bool:
+        seen.append(busy(stack))
+        return seen[-1] == 1
+
+    try:
+        wait_for(running, timeout_s=15, interval_s=0.2)
+    except TimeoutError:
+        raise AssertionError(f"requests running or waiting, as /health said: {seen}") from None
     response.close()
     drained_in = wait_idle(stack, 2)
     print(f"running back to 0 {drained_in:.2f} s after closing the stream")

@@ -342,6 +342,25 @@ def logprob_tokens(logprobs: Any) -> list[str]:
     return list(logprobs.get("tokens") or [])  # completions
 
 
+def compared(name: str, ours: Answer, theirs: Answer, volatile_names: set[str]) -> list[str]:
+    """Where our answer differs from vLLM's (keys named in ``volatile_names`` aside)."""
+    volatile = {k for k in ours.keys | theirs.keys if k.rsplit(".", 1)[-1] in volatile_names}
+    checks = {
+        "status": (ours.status, theirs.status),
+        "error type": (ours.error_type, theirs.error_type),
+        "keys": (sorted(ours.keys - volatile), sorted(theirs.keys - volatile)),
+        "outcome": (ours.outcome, theirs.outcome),
+    }
+    differences = [
+        f"{name}: {what}: ours {mine!r} vs vLLM {raw!r}"
+        for what, (mine, raw) in checks.items()
+        if mine != raw
+    ]
+    if name.startswith("bad-") and ours.status >= 500:
+        differences.append(f"{name}: a client error answered {ours.status}")
+    return differences
+
+
 def test_the_table_is_big_enough() -> None:
     bad = [case for case in CASES if case.name.startswith("bad-")]
     assert len(CASES) >= 40 and len(bad) >= 10
@@ -367,18 +386,7 @@ def test_v1_answers_as_raw_vllm_does(stack: Stack, raw_vllm: str, tmp_path: Path
             if ours.status != theirs.status or ours.keys != ERROR_KEYS:
                 differences.append(f"{case.name}: ours {ours!r} vs vLLM {theirs!r}")
             continue
-        volatile = {k for k in ours.keys | theirs.keys if k.rsplit(".", 1)[-1] in VOLATILE}
-        checks = {
-            "status": (ours.status, theirs.status),
-            "error type": (ours.error_type, theirs.error_type),
-            "keys": (sorted(ours.keys - volatile), sorted(theirs.keys - volatile)),
-            "outcome": (ours.outcome, theirs.outcome),
-        }
-        for what, (mine, raw) in checks.items():
-            if mine != raw:
-                differences.append(f"{case.name}: {what}: ours {mine!r} vs vLLM {raw!r}")
-        if case.name.startswith("bad-") and ours.status >= 500:
-            differences.append(f"{case.name}: a client error answered {ours.status}")
+        differences += compared(case.name, ours, theirs, VOLATILE)
     (tmp_path / "differences.txt").write_text("\n".join(differences))
     assert not differences, "\n".join(differences)
 
@@ -428,8 +436,8 @@ RESPONSE_CASES: dict[str, dict[str, Any]] = {
 
 def response_outcome(base_url: str, body: dict[str, Any]) -> tuple[Answer, dict[str, Any]]:
     """A ``/v1/responses`` answer reduced to what must match, and its JSON (whole answers)."""
+    response = requests.post(f"{base_url}/v1/responses", json=body, timeout=300)
     if body.get("stream"):
-        response = requests.post(f"{base_url}/v1/responses", json=body, timeout=300)
         events = [
             json.loads(line[6:])
             for line in response.text.splitlines()
@@ -445,7 +453,6 @@ def response_outcome(base_url: str, body: dict[str, Any]) -> tuple[Answer, dict[
         }
         keys = key_paths(final)
         return Answer(response.status_code, None, keys, outcome), final
-    response = requests.post(f"{base_url}/v1/responses", json=body, timeout=300)
     answer = response.json()
     error = answer.get("error") if isinstance(answer, dict) else None
     if response.status_code >= 400 and isinstance(error, dict):
@@ -517,18 +524,7 @@ def test_v1_responses_answer_as_raw_vllm_does(stack: Stack, raw_vllm: str) -> No
         answers["chain-next"] = (ours_next[0], theirs_next.result()[0])
     print(f"\n[responses differential] {time.monotonic() - started:.1f} s")
     for name, (ours, theirs) in answers.items():
-        volatile = {k for k in ours.keys | theirs.keys if k.rsplit(".", 1)[-1] in RESPONSE_VOLATILE}
-        checks = {
-            "status": (ours.status, theirs.status),
-            "error type": (ours.error_type, theirs.error_type),
-            "keys": (sorted(ours.keys - volatile), sorted(theirs.keys - volatile)),
-            "outcome": (ours.outcome, theirs.outcome),
-        }
-        for what, (mine, raw) in checks.items():
-            if mine != raw:
-                differences.append(f"{name}: {what}: ours {mine!r} vs vLLM {raw!r}")
-        if name.startswith("bad-") and ours.status >= 500:
-            differences.append(f"{name}: a client error answered {ours.status}")
+        differences += compared(name, ours, theirs, RESPONSE_VOLATILE)
     chain = answers["chain-next"][0].outcome["usage"]
     assert chain["input_tokens"] > answers["chain-first"][0].outcome["usage"]["input_tokens"]
     assert not differences, "\n".join(differences)

@@ -188,7 +188,10 @@ class SentinelGroup:
             )
             binary = self.servers[0].binary
             self._sentinels.append(
-                subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [binary, str(config), "--sentinel", "--logfile", str(folder / "log")],
+                    stdout=subprocess.DEVNULL,
+                )
             )
 
         def ready() -> bool:
@@ -218,6 +221,40 @@ class SentinelGroup:
         finally:
             sentinel.close()
         return next(server for server in self.servers if server.port == int(port))
+
+    def can_fail_over(self) -> bool:
+        """Whether every sentinel sees the primary up and a replica it could promote.
+
+        Sentinel promotes only a replica it sees connected, not down, with its link to the
+        primary up; after a failover it learns the restarted server's state from its next
+        INFO (every 10 s unless the primary is down), so a kill before that may find no
+        replica to promote and the sentinels wait ``2 x failover-timeout`` to try again.
+        """
+        try:
+            for port in self.sentinel_ports:
+                sentinel = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+                try:
+                    master = dict(sentinel.sentinel_master(self.MASTER))
+                    replicas = [dict(r) for r in sentinel.sentinel_slaves(self.MASTER)]
+                finally:
+                    sentinel.close()
+                if master.get("flags") != "master" or not any(
+                    r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+                    for r in replicas
+                ):
+                    return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
+    def logs(self) -> str:
+        """The end of each sentinel's log (for a failure's message)."""
+        tails = []
+        for index in range(len(self.sentinel_ports)):
+            log = self.data_dir / f"sentinel-{index}" / "log"
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            tails.append(f"sentinel-{index}:\n" + "\n".join(lines[-15:]))
+        return "\n".join(tails)
 
     def restart_as_replica(self, server: RedisServer) -> None:
         """Start a stopped server as a replica of the primary the sentinels name now.

@@ -158,7 +158,9 @@ class EngineOverloadedError(ServiceUnavailableError):
     The status is ``OVERLOAD_STATUS_CODE``: the request was refused at once, nothing ran.
     ``reason`` says why: ``queue_full`` (Serve's queue bound; ``Retry-After`` is
     ``OVERLOAD_RETRY_AFTER_S``), ``deadline`` (it would not finish within
-    ``REQUEST_TIMEOUT_S``) or ``tenant_share`` (its tenant holds its share of a full
+    ``REQUEST_TIMEOUT_S``), ``late`` (admitted, it waited for a batch slot while the
+    engines slowed, and could no longer finish in time; refused before any byte) or
+    ``tenant_share`` (its tenant holds its share of a full
     fleet); the last two compute ``Retry-After`` from the admission's estimate.
     """
 

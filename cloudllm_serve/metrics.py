@@ -158,8 +158,8 @@ class IngressMetrics:
         self.refusals = metric(
             "counter",
             "cloudllm_refusals",
-            "requests refused by reason: queue_full, deadline, tenant_share, timeout, "
-            "rate_limit, auth",
+            "requests refused by reason: queue_full, deadline, late, tenant_share, "
+            "timeout, rate_limit, auth",
             ("reason",),
         )
         self.tokens = metric(
@@ -208,7 +208,15 @@ class IngressMetrics:
 
 
 #: Reasons of ``cloudllm_refusals_total`` (all exported from the start, at 0).
-REFUSAL_REASONS = ("queue_full", "deadline", "tenant_share", "timeout", "rate_limit", "auth")
+REFUSAL_REASONS = (
+    "queue_full",
+    "deadline",
+    "late",
+    "tenant_share",
+    "timeout",
+    "rate_limit",
+    "auth",
+)
 
 
 def api_of(path: str) -> str:

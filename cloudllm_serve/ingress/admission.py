@@ -7,7 +7,10 @@ and a view older than :data:`STALE_AFTER_S` counts as none) and
 :class:`ThroughputMeter` turns successive stats into two rates measured over the last
 :data:`WINDOW_S`: the slot-seconds an engine spends per generated token (the time of
 one decode step, prefill amortised in), measured apart at a full batch (where a step
-is slowest), and the tokens an answer has on average.
+is slowest), and the tokens an answer has on average. Steps that slow down (a flood's
+own work, or a neighbour taking the CPU) count at once: the step used is the slower
+of the window's and the last :data:`RECENT_S`'s, so what is admitted after the
+slowdown is reckoned at the new pace, not at a window's average of the old one.
 
 A request's admission is O(1): it is ``ahead`` requests behind those in the system
 (the engines' running and waiting ones at the last poll, moved by this replica's own
@@ -21,6 +24,12 @@ with :class:`~cloudllm_serve.errors.EngineOverloadedError` (reason ``deadline``)
 (start-up, or no poll answered lately) everything is admitted, as before; the count
 bound (``ENGINE_MAX_QUEUED_REQUESTS``, Serve's ``max_queued_requests``) stays the hard
 cap either way.
+
+An admitted request that had to wait for a slot is checked again while it waits
+(:meth:`DeadlineAdmission.too_late_to_start`): once it could no longer run its
+``max_tokens`` before its deadline at the step measured now (the engines slowed after
+it was admitted), it is refused then, still before any byte, with reason ``late`` and
+the same ``Retry-After``; a 503 in seconds, not a 504 at the timeout.
 
 Why no wait queue of our own: admitted requests wait in Serve's handle queue, which
 serves them first come, first served (the router's ``FIFOMixin``), so one admitted
@@ -53,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds of engine stats the rates are measured over.
 WINDOW_S = 10.0
+#: A step slower over this last stretch of the window counts at once.
+RECENT_S = 2.0
 #: A poll counts as full-batch when this share of the slots was busy through it.
 FULL_BATCH = 0.75
 #: Stats older than this (no poll answered) count as none: admit.
@@ -85,13 +96,16 @@ class ThroughputMeter:
     replica's running requests, averaged over the two polls, times the time between.
     """
 
-    def __init__(self, window_s: float = WINDOW_S) -> None:
+    def __init__(self, window_s: float = WINDOW_S, recent_s: float = RECENT_S) -> None:
         self.window_s = window_s
+        self.recent_s = recent_s
         self._previous: dict[str, tuple[float, EngineStats]] = {}
         self._samples: deque[_Sample] = deque()
         #: Last measured values, kept while the engines are idle.
         self.seconds_per_token: float | None = None
         self.seconds_per_token_full: float | None = None
+        #: Over the last ``recent_s`` only (full-batch polls where there are some).
+        self.seconds_per_token_recent: float | None = None
         self.tokens_per_answer: float | None = None
 
     def observe(self, stats: Sequence[EngineStats], now: float) -> None:
@@ -127,21 +141,36 @@ class ThroughputMeter:
 
     def _measure(self) -> None:
         for full_only in (False, True):
-            samples = [s for s in self._samples if s.full or not full_only]
-            tokens = sum(s.tokens for s in samples)
-            if tokens:
-                rate = sum(s.slot_seconds for s in samples) / tokens
+            rate = _rate([s for s in self._samples if s.full or not full_only])
+            if rate is not None:
                 if full_only:
                     self.seconds_per_token_full = rate
                 else:
                     self.seconds_per_token = rate
+        if self._samples:
+            horizon = self._samples[-1].at - self.recent_s
+            recent = [s for s in self._samples if s.at > horizon]
+            full = [s for s in recent if s.full]
+            self.seconds_per_token_recent = _rate(full or recent)
         finished = sum(s.finished for s in self._samples)
         if finished:
             self.tokens_per_answer = sum(s.tokens for s in self._samples) / finished
 
     def step_s(self) -> float | None:
-        """Seconds per token of a sequence in a full batch (else at the load measured)."""
-        return self.seconds_per_token_full or self.seconds_per_token
+        """Seconds per token of a sequence in a full batch (else at the load measured).
+
+        The slower of the window's rate and the last ``recent_s``'s.
+        """
+        step = self.seconds_per_token_full or self.seconds_per_token
+        if step is None or self.seconds_per_token_recent is None:
+            return step
+        return max(step, self.seconds_per_token_recent)
+
+
+def _rate(samples: Sequence[_Sample]) -> float | None:
+    """Busy slot-seconds per token over ``samples`` (``None`` without tokens)."""
+    tokens = sum(s.tokens for s in samples)
+    return sum(s.slot_seconds for s in samples) / tokens if tokens else None
 
 
 @dataclass(frozen=True)
@@ -184,6 +213,8 @@ class AdmissionTicket:
     admission: DeadlineAdmission
     tenant: str | None
     max_tokens: int
+    #: It had to wait for a batch slot (check it again while it waits for its start).
+    queued: bool = False
     released: bool = False
 
     def release(self) -> None:
@@ -303,7 +334,41 @@ class DeadlineAdmission:
         self.own_max_tokens += max_tokens
         if load is not None:
             load.in_flight += 1
-        return AdmissionTicket(self, tenant, max_tokens)
+        queued = estimate is not None and not estimate.starts_at_once
+        return AdmissionTicket(self, tenant, max_tokens, queued=queued)
+
+    def too_late_to_start(
+        self, ticket: AdmissionTicket, seconds_left: float
+    ) -> EngineOverloadedError | None:
+        """The refusal for a request not started yet that can no longer finish in time.
+
+        ``seconds_left``: until its ``REQUEST_TIMEOUT_S`` deadline. It runs its
+        ``max_tokens`` at the step measured now; ``None`` while that still fits (with
+        the admission's margin) or without fresh stats.
+        """
+        step_s = self.meter.step_s()
+        if (
+            not self.enabled
+            or step_s is None
+            or self.polled_at is None
+            or self.clock() - self.polled_at > STALE_AFTER_S
+        ):
+            return None
+        timeout = self.settings.REQUEST_TIMEOUT_S
+        margin = timeout * MARGIN_SHARE + MARGIN_S
+        run_s = ticket.max_tokens * step_s
+        if run_s + margin <= seconds_left:
+            return None
+        probe = self.estimate(ticket.max_tokens)
+        retry_after = probe.retry_after_s if probe is not None else max(1, math.ceil(run_s))
+        return self._refuse(
+            "late",
+            f"the engines slowed down after this request was admitted: it has not started "
+            f"and could no longer finish within REQUEST_TIMEOUT_S ({timeout:g} s) "
+            f"(about {run_s:.0f} s for max_tokens={ticket.max_tokens}, {seconds_left:.0f} s "
+            f"left); retry in {retry_after} s or ask for fewer tokens",
+            retry_after,
+        )
 
     def _check_share(self, load: _TenantLoad, estimate: DeadlineEstimate, tokens: int) -> None:
         """Refuse a tenant over its share of what fits in time while others are active."""
@@ -366,6 +431,7 @@ class DeadlineAdmission:
             "admitted_in_flight": self.own,
             "seconds_per_token": rounded(meter.seconds_per_token),
             "seconds_per_token_full_batch": rounded(meter.seconds_per_token_full),
+            "seconds_per_token_recent": rounded(meter.seconds_per_token_recent),
             "tokens_per_answer": rounded(meter.tokens_per_answer, 1),
             "active_tenants": self._active_tenants,
             "refused_last_10s": self.refused_demand(),

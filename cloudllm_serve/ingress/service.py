@@ -37,7 +37,7 @@ from cloudllm_serve.errors import (
     PromptTooLongError,
     RequestTimeoutError,
 )
-from cloudllm_serve.ingress.admission import DeadlineAdmission
+from cloudllm_serve.ingress.admission import AdmissionTicket, DeadlineAdmission
 from cloudllm_serve.ingress.context import RequestContext
 from cloudllm_serve.ingress.images import CheckedImage
 from cloudllm_serve.ingress.rate_limits import RateLimited, RateLimiter
@@ -49,6 +49,8 @@ _Item = TypeVar("_Item")
 
 #: Characters per token assumed when estimating a prompt before it is tokenized.
 CHARS_PER_TOKEN = 4
+#: How often a request admitted to wait for a batch slot is checked while it waits.
+LATE_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -442,7 +444,7 @@ class CloudLLMService:
         tokens = 0
         meter = context or RequestContext(request_id="")
         meter.start_generation(stream=request.stream)
-        batches = self._within_deadline(self.engine.generate(request))
+        batches = self._within_deadline(self.engine.generate(request), context)
         try:
             async for batch in batches:
                 for index, chunk in enumerate(batch):
@@ -483,7 +485,7 @@ class CloudLLMService:
         """
         meter = context or RequestContext(request_id="")
         meter.start_generation(stream=call.body.get("stream") is True)
-        batches = self._within_deadline(self.engine.openai(call))
+        batches = self._within_deadline(self.engine.openai(call), context)
         try:
             async for batch in batches:
                 events = 0
@@ -505,13 +507,25 @@ class CloudLLMService:
         finally:
             await close_stream(batches)
 
-    async def _within_deadline(self, items: AsyncIterator[_Item]) -> AsyncIterator[_Item]:
-        """``items`` until ``REQUEST_TIMEOUT_S`` from now (then 504); counted in flight."""
+    async def _within_deadline(
+        self, items: AsyncIterator[_Item], context: RequestContext | None = None
+    ) -> AsyncIterator[_Item]:
+        """``items`` until ``REQUEST_TIMEOUT_S`` from now (then 504); counted in flight.
+
+        A request admitted to wait for a batch slot that could no longer finish in time
+        while it waits is refused then (:meth:`.DeadlineAdmission.too_late_to_start`).
+        """
         self.in_flight += 1
         timeout_s = self.settings.REQUEST_TIMEOUT_S
         deadline = asyncio.get_running_loop().time() + timeout_s
         items = aiter(items)
+        ticket = context.ticket if context is not None else None
         try:
+            if ticket is not None and ticket.queued:
+                first = await self._first_in_time(items, ticket, deadline, context)
+                if first is None:
+                    return
+                yield first
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -528,6 +542,46 @@ class CloudLLMService:
         finally:
             self.in_flight -= 1
             await close_stream(items)
+
+    async def _first_in_time(
+        self,
+        items: AsyncIterator[_Item],
+        ticket: AdmissionTicket,
+        deadline: float,
+        context: RequestContext | None,
+    ) -> _Item | None:
+        """The first item (``None``: the stream ended), waited for in turns.
+
+        Every :data:`LATE_CHECK_S` while it waits: too late to start is refused (503).
+        """
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(anext(items))
+        try:
+            while True:
+                left = deadline - loop.time()
+                done, _ = await asyncio.wait({waiting}, timeout=min(LATE_CHECK_S, max(left, 0)))
+                if done:
+                    try:
+                        return waiting.result()
+                    except StopAsyncIteration:
+                        return None
+                left = deadline - loop.time()
+                if left <= 0:
+                    self.metrics.refusals.add(reason="timeout")
+                    raise RequestTimeoutError(
+                        f"the generation did not finish within "
+                        f"{self.settings.REQUEST_TIMEOUT_S:g} s (REQUEST_TIMEOUT_S) and was stopped"
+                    )
+                refusal = self.admission.too_late_to_start(ticket, left)
+                if refusal is not None:
+                    if context is not None:
+                        context.decision = f"overloaded:{refusal.reason}"
+                    raise refusal
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await waiting
 
     async def open_stream(
         self,

@@ -8,14 +8,21 @@ streams before any byte; ``/status/detailed`` shows the estimate.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from cloudllm_serve.engine.protocol import EngineFleet, ReplicaStatus
+from cloudllm_serve.engine.protocol import (
+    EngineFleet,
+    GenerationChunk,
+    GenerationRequest,
+    ReplicaStatus,
+)
 from tests.fakes import FakeEngine, engine_stats
 from tests.http.conftest import build_app
 from tests.support import RedisServer, wait_for
@@ -95,3 +102,82 @@ def test_the_same_fleet_with_room_admits(busy: tuple[TestClient, BusyFleet]) -> 
     engine.waiting = 0
     time.sleep(0.2)  # a few polls
     assert client.post("/generate", json={"message": "hi", "max_tokens": 8}).status_code == 200
+
+
+class SlowingFleet(FakeEngine):
+    """A full batch of 4 with 4 more waiting, at ``rate`` tokens/s.
+
+    With ``hold``, what it is sent waits for a batch slot that never frees (cancelled
+    when given up); lowering ``rate`` is the engines slowing down after the admission.
+    """
+
+    rate = 40.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tokens = 0.0
+        self._at = time.monotonic()
+
+    async def fleet(self) -> EngineFleet:
+        now = time.monotonic()
+        self._tokens += self.rate * (now - self._at)
+        self._at = now
+        stats = engine_stats(
+            replica_id="slowing",
+            max_num_seqs=4,
+            running_requests=4,
+            pending_requests=4,
+            tokens_generated=int(self._tokens),
+            requests_finished=int(self._tokens / 20),
+        )
+        return EngineFleet("HEALTHY", replicas=[ReplicaStatus("slowing", "RUNNING", stats=stats)])
+
+    hold = False
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        if not self.hold:
+            async for batch in super().generate(request):
+                yield batch
+            return
+        self.requests.append(request)
+        try:
+            await asyncio.sleep(3600)  # waiting for a slot
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        yield []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_can_no_longer_finish_is_refused_before_it_starts(
+    redis_server: RedisServer, stream: bool
+) -> None:
+    engine = SlowingFleet()
+    app, _ = build_app(redis_server, engine, REQUEST_TIMEOUT_S=10.0, ADMISSION_POLL_INTERVAL_S=0.05)
+    with TestClient(app) as client:
+        client.post("/generate", json={"message": "hi"})  # starts the poll (no stats: admitted)
+        wait_for(
+            lambda: client.get("/status/detailed").json()["admission"]["seconds_per_token"],
+            timeout_s=10,
+        )
+        engine.hold = True
+        served = len(engine.requests)
+
+        def slow_down() -> None:
+            time.sleep(0.5)  # admitted by then, waiting for a slot
+            engine.rate = 4.0  # a token every second a sequence: 8 tokens no longer fit
+
+        threading.Thread(target=slow_down).start()
+        started = time.perf_counter()
+        body = {"message": "hi", "max_tokens": 8, "stream": stream}
+        response = client.post("/generate", json=body)
+        took = time.perf_counter() - started
+    assert len(engine.requests) == served + 1  # admitted: it went to the engine
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "has not started" in response.text and "REQUEST_TIMEOUT_S (10 s)" in response.text
+    assert took < 6.0  # well before the timeout
+    assert engine.cancelled >= 1  # given up in the engine's queue
+    metrics = app.state.service.metrics
+    assert metrics.refusals.total(reason="late") == 1

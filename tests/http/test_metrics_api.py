@@ -82,6 +82,7 @@ def test_refusals_by_reason(full: TestClient) -> None:
     assert set(metrics.refusals.totals) == {
         ("queue_full",),
         ("deadline",),
+        ("late",),
         ("tenant_share",),
         ("timeout",),
         ("rate_limit",),

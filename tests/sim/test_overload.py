@@ -4,7 +4,8 @@
 engines of 17 batch slots at 40 ms a step (~850 tokens/s, so ~170 answers in
 ``REQUEST_TIMEOUT_S``):
 every answer is a 200, or a 503 with ``Retry-After`` given well before the timeout
-and naming the deadline; and the 200s are at least 80 % of what the engine finished
+and naming the deadline (at admission, or, when the engines slowed after it, while the
+request waited to start); and the 200s are at least 80 % of what the engine finished
 per second in the same run times the timeout. Ratios only: machines differ 10x.
 """
 
@@ -62,20 +63,22 @@ def test_a_flood_is_refused_at_once_by_the_deadline(sim_stack: Stack) -> None:
     tokens_per_s = (engine_tokens(sim_stack) - before) / elapsed
 
     statuses = Counter(status for status, *_ in answers)
-    assert set(statuses) <= {200, 503, 504}, statuses
-    # No 504 is the goal, met alone and on make serve; beside make test's vLLM stack the
-    # simulated engine's steps stretch with the CPU it gets, after the admission measured
-    # them: runs gave 1 and 8 504s in 500. More than 2 % would be an estimate gone wrong.
-    assert statuses[504] <= len(answers) // 50, statuses
     refused: list[Any] = [a for a in answers if a[0] == 503]
-    assert refused, statuses
-    waits = sorted(took for _, took, *_ in refused)
+    # Refused at admission, or later, before starting, because the engines slowed after
+    # the admission (make test's vLLM stack beside this one takes the CPU in bursts).
+    late = sorted(took for _, took, _, body in refused if "has not started" in body)
+    waits = sorted(took for _, took, _, body in refused if "has not started" not in body)
     in_time = tokens_per_s * REQUEST_TIMEOUT_S / MAX_TOKENS
+    answered = sorted(took for status, took, *_ in answers if status == 200) or [0.0]
     print(
         f"\n{statuses}, engine {tokens_per_s:.0f} tokens/s over {elapsed:.1f} s: "
-        f"{in_time:.0f} answers fit in {REQUEST_TIMEOUT_S} s, {statuses[200]} given; "
-        f"refused after {statistics.median(waits):.2f} s (median), {waits[-1]:.2f} s (max)"
+        f"{in_time:.0f} answers fit in {REQUEST_TIMEOUT_S} s, {statuses[200]} given, the "
+        f"last after {answered[-1]:.1f} s; refused at admission after "
+        f"{statistics.median(waits or [0]):.2f} s (median), {max(waits or [0]):.2f} s (max); "
+        f"{len(late)} refused later, before starting, after {max(late or [0]):.2f} s at most"
     )
+    assert set(statuses) <= {200, 503}, statuses  # never a 504
+    assert waits, statuses
     for _, _, headers, _ in refused:
         assert int(headers["retry-after"]) >= 1
     # The refusals are the deadline admission's. Others seen here: an admitted request's
@@ -84,6 +87,8 @@ def test_a_flood_is_refused_at_once_by_the_deadline(sim_stack: Stack) -> None:
     assert len(others) <= len(answers) // 50, others
     # 500 connections opened at once on 2 cores: the first refusals wait for the accepts.
     assert statistics.median(waits) < REQUEST_TIMEOUT_S / 4 and waits[-1] < REQUEST_TIMEOUT_S / 2
+    # A late refusal still comes before the timeout would have.
+    assert all(took < REQUEST_TIMEOUT_S for took in late), late
     # At least 80 % of what the engines finished per second in this run, times the timeout
     # (measured here: 89 %, from 67 % before answers were bounded by their max_tokens).
     assert statuses[200] >= 0.8 * in_time

@@ -177,3 +177,21 @@ def test_a_restarted_replica_does_not_make_negative_rates() -> None:
     assert meter.seconds_per_token is None
     meter.observe([engine_stats(replica_id="r", running_requests=4, tokens_generated=50)], 2.0)
     assert meter.seconds_per_token == pytest.approx(4 / 40)
+
+
+def test_a_slowdown_counts_at_once_and_a_lull_does_not_hide_the_full_batch() -> None:
+    meter = ThroughputMeter(window_s=10.0, recent_s=2.0)
+    tokens = 0
+    for second in range(8):  # full batch of 4: 40 tokens/s (0.1 s/token), then 20 (0.2)
+        meter.observe(
+            [engine_stats(max_num_seqs=4, running_requests=4, tokens_generated=tokens)], second
+        )
+        tokens += 40 if second < 5 else 20
+    assert meter.seconds_per_token_full is not None and meter.seconds_per_token_full < 0.15
+    assert meter.step_s() == pytest.approx(0.2)  # the last 2 s, not the window's mean
+    for second in range(8, 11):  # one sequence now, at 0.1 s/token: the full batch rules
+        meter.observe(
+            [engine_stats(max_num_seqs=4, running_requests=1, tokens_generated=tokens)], second
+        )
+        tokens += 10
+    assert meter.step_s() == pytest.approx(meter.seconds_per_token_full)

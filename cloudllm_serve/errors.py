@@ -161,7 +161,7 @@ class EngineOverloadedError(ServiceUnavailableError):
     ``REQUEST_TIMEOUT_S``), ``late`` (admitted, it waited for a batch slot while the
     engines slowed, and could no longer finish in time; refused before any byte) or
     ``tenant_share`` (its tenant holds its share of a full
-    fleet); the last two compute ``Retry-After`` from the admission's estimate.
+    fleet); all but ``queue_full`` compute ``Retry-After`` from the admission's estimate.
     """
 
     code = "engine_overloaded"

@@ -275,15 +275,20 @@ class DeadlineAdmission:
         while self._refusals and self._refusals[0] < now - DEMAND_WINDOW_S:
             self._refusals.popleft()
 
+    def _fresh_step_s(self) -> float | None:
+        """The measured step (:meth:`ThroughputMeter.step_s`); ``None`` without fresh stats."""
+        step_s = self.meter.step_s()
+        stale = self.polled_at is None or self.clock() - self.polled_at > STALE_AFTER_S
+        return None if stale else step_s
+
+    def _budget_s(self) -> float:
+        """``REQUEST_TIMEOUT_S`` less the margin."""
+        return self.settings.REQUEST_TIMEOUT_S * (1 - MARGIN_SHARE) - MARGIN_S
+
     def estimate(self, max_tokens: int) -> DeadlineEstimate | None:
         """The estimate for a new request of ``max_tokens``; ``None`` without fresh stats."""
-        step_s = self.meter.step_s()
-        if (
-            step_s is None
-            or not self.slots
-            or self.polled_at is None
-            or self.clock() - self.polled_at > STALE_AFTER_S
-        ):
+        step_s = self._fresh_step_s()
+        if step_s is None or not self.slots:
             return None
         ahead = max(self.own, self.engine_requests + self.own - self._own_at_poll)
         in_engines = min(ahead, self.ongoing_cap)
@@ -301,9 +306,7 @@ class DeadlineAdmission:
             + (ahead - in_engines) * own_answer
         )
         wait_s = 0.0 if ahead < self.slots else work * step_s / self.slots
-        timeout = self.settings.REQUEST_TIMEOUT_S
-        budget = timeout * (1 - MARGIN_SHARE) - MARGIN_S
-        return DeadlineEstimate(wait_s, max_tokens * step_s, budget, ahead, self.slots)
+        return DeadlineEstimate(wait_s, max_tokens * step_s, self._budget_s(), ahead, self.slots)
 
     def admit(self, tenant: str | None, max_tokens: int) -> AdmissionTicket:
         """Admit a request of ``max_tokens`` for ``tenant``, or raise ``EngineOverloadedError``.
@@ -346,18 +349,12 @@ class DeadlineAdmission:
         ``max_tokens`` at the step measured now; ``None`` while that still fits (with
         the admission's margin) or without fresh stats.
         """
-        step_s = self.meter.step_s()
-        if (
-            not self.enabled
-            or step_s is None
-            or self.polled_at is None
-            or self.clock() - self.polled_at > STALE_AFTER_S
-        ):
+        step_s = self._fresh_step_s() if self.enabled else None
+        if step_s is None:
             return None
         timeout = self.settings.REQUEST_TIMEOUT_S
-        margin = timeout * MARGIN_SHARE + MARGIN_S
         run_s = ticket.max_tokens * step_s
-        if run_s + margin <= seconds_left:
+        if run_s + (timeout - self._budget_s()) <= seconds_left:
             return None
         probe = self.estimate(ticket.max_tokens)
         retry_after = probe.retry_after_s if probe is not None else max(1, math.ceil(run_s))

@@ -533,15 +533,19 @@ class CloudLLMService:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    self.metrics.refusals.add(reason="timeout")
-                    raise RequestTimeoutError(
-                        f"the generation did not finish within {timeout_s:g} s "
-                        "(REQUEST_TIMEOUT_S) and was stopped"
-                    ) from None
+                    raise self._timed_out() from None
                 yield item
         finally:
             self.in_flight -= 1
             await close_stream(items)
+
+    def _timed_out(self) -> RequestTimeoutError:
+        """The 504 of a generation past ``REQUEST_TIMEOUT_S`` (counted as a refusal)."""
+        self.metrics.refusals.add(reason="timeout")
+        return RequestTimeoutError(
+            f"the generation did not finish within {self.settings.REQUEST_TIMEOUT_S:g} s "
+            "(REQUEST_TIMEOUT_S) and was stopped"
+        )
 
     async def _first_in_time(
         self,
@@ -567,11 +571,7 @@ class CloudLLMService:
                         return None
                 left = deadline - loop.time()
                 if left <= 0:
-                    self.metrics.refusals.add(reason="timeout")
-                    raise RequestTimeoutError(
-                        f"the generation did not finish within "
-                        f"{self.settings.REQUEST_TIMEOUT_S:g} s (REQUEST_TIMEOUT_S) and was stopped"
-                    )
+                    raise self._timed_out()
                 refusal = self.admission.too_late_to_start(ticket, left)
                 if refusal is not None:
                     if context is not None:

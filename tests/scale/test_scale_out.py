@@ -167,7 +167,9 @@ class Load:
             if response.status_code not in (200, 429):
                 self.unexpected.append(f"{response.status_code} {response.text[:500]}")
             if response.status_code != 200:
-                time.sleep(float(response.headers.get("Retry-After", "1")))
+                # Retry-After comes from the admission's estimate (tens of seconds in a
+                # flood): a stop must not wait for it.
+                self._stop.wait(float(response.headers.get("Retry-After", "1")))
 
     def start(self) -> Load:
         for _ in range(self.clients):
@@ -190,24 +192,29 @@ def engine_replicas(stack: Stack, wanted: int) -> None:
     """Bring the engine deployment to ``wanted`` running replicas (and no others).
 
     Load adds the second replica; without load Serve removes it after
-    ``ENGINE_DOWNSCALE_DELAY_S``. In the module's order this returns at once.
+    ``ENGINE_DOWNSCALE_DELAY_S``. In the module's order this returns at once. Stopping the
+    load waits for its requests in flight, which on a slow machine can outlast that delay:
+    the replicas are checked again after, and the load comes back (3 tries) if one has gone.
     """
 
     def there() -> bool:
         replicas = detailed(stack)["engine"]["replicas"]
         return len(replicas) == wanted and all(r["state"] == "RUNNING" for r in replicas)
 
-    if there():
-        return
-    load = Load(stack, clients=3 * BATCH, model=model_name(stack)) if wanted > 1 else None
-    if load is not None:
-        load.start()
-    try:
-        wait_for(there, timeout_s=360, interval_s=1)
-    finally:
+    for _ in range(3):
+        if there():
+            show(stack, f"brought to {wanted} engine replica(s)")
+            return
+        load = Load(stack, clients=3 * BATCH, model=model_name(stack)) if wanted > 1 else None
         if load is not None:
-            load.stop()
-    show(stack, f"brought to {wanted} engine replica(s)")
+            load.start()
+        try:
+            wait_for(there, timeout_s=360, interval_s=1)
+        finally:
+            if load is not None:
+                load.stop()
+    show(stack, f"not at {wanted} engine replica(s)")
+    raise AssertionError(f"the engine deployment did not stay at {wanted} replica(s)")
 
 
 def test_starts_with_one_engine_replica(scale_stack: Stack) -> None:
@@ -334,14 +341,31 @@ def test_two_concurrent_turns_on_one_conversation_lose_nothing(scale_stack: Stac
     ]
 
 
-def engine_core_process(replica_pid: int) -> psutil.Process:
-    """vLLM's engine-core process under an engine replica's actor process."""
-    children = psutil.Process(replica_pid).children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                return child
-    raise AssertionError(f"no EngineCore under pid {replica_pid}: {children}")
+def engine_core_process(replica_pid: int, timeout_s: float = 90.0) -> psutil.Process:
+    """vLLM's engine-core process under an engine replica's actor process.
+
+    Found by the title vLLM gives it (``VLLM::EngineCore``, in ``comm`` cut to 15
+    characters), which it takes only once its imports are done: waits for it up to
+    ``timeout_s``, then fails naming each child process.
+    """
+
+    def titled() -> psutil.Process | None:
+        for child in psutil.Process(replica_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "EngineCor" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    return child
+        return None
+
+    try:
+        return wait_for(titled, timeout_s=timeout_s, interval_s=1)
+    except TimeoutError:
+        children = []
+        for child in psutil.Process(replica_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                children.append(f"{child.pid} {child.name()!r}: {' '.join(child.cmdline())[:200]}")
+        raise AssertionError(
+            f"no EngineCore under pid {replica_pid} after {timeout_s:.0f} s: {children}"
+        ) from None
 
 
 def stream_generate(stack: Stack, message: str) -> tuple[int, list[dict[str, Any]]]:
@@ -418,7 +442,7 @@ def test_an_engine_crash_retries_unanswered_requests_elsewhere(scale_stack: Stac
     engine_replicas(scale_stack, 2)
     model = model_name(scale_stack)
     replicas = detailed(scale_stack)["engine"]["replicas"]
-    victim = replicas[0]
+    victim = next(r for r in replicas if r["state"] == "RUNNING")
     engine_core = engine_core_process(int(victim["pid"]))
     samples = scrape_metrics(scale_stack.metrics_url)
     retries_before = metric_total(samples, "ray_cloudllm_engine_retries_total")

@@ -70,9 +70,11 @@ serve: install redis-server model
 test: install redis-server prometheus model test-vlm
 	@$(PY) -m tests.run_suite $(PYTEST_ARGS)
 
-# Fewer fuzzed requests (FUZZ_SCALE) and no Redis Sentinel/Cluster tests, to stay under 2 minutes.
+# Fewer fuzzed requests (FUZZ_SCALE), no Redis Sentinel/Cluster tests and two pytest workers
+# (pytest-xdist; every test here has its own ports, Redis and temporary files), to stay under
+# 2 minutes.
 test-fast: install redis-server
-	@FUZZ_SCALE=0.2 $(PY) -m pytest -m "(unit or local or http) and not redis_ha" $(PYTEST_ARGS)
+	@FUZZ_SCALE=0.1 $(PY) -m pytest -n 2 -m "(unit or local or http) and not redis_ha" $(PYTEST_ARGS)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	@echo "[make] installing the benchmark extras (matplotlib, and pyarrow + jsonref for Ray Serve LLM)"

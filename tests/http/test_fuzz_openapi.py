@@ -39,7 +39,7 @@ from tests.http.conftest import build_app
 from tests.support import RedisServer, image_bytes
 
 #: The share of the examples below to send: ``make test`` sends them all, ``make test-fast``
-#: (``FUZZ_SCALE=0.2``) fewer, to stay under its two minutes.
+#: (``FUZZ_SCALE=0.1``) fewer, to stay under its two minutes.
 FUZZ_SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 #: Requests the whole run must send, at least.
 MIN_REQUESTS = int(2000 * FUZZ_SCALE)

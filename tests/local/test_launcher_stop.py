@@ -162,7 +162,9 @@ def test_a_second_signal_at_any_line_of_the_stop_leaves_nothing(stack: Stack) ->
     _, calibration = run_traced(stack, {})
     assert calibration.waiting_at
     lines = first_times(calibration, calibration.waiting_at + 1, calibration.lines)
-    assert len(lines) > 40  # the stop's lines: Serve's, Redis's, the leftovers'
+    # The stop's lines: Serve's, Redis's, the leftovers' (41-45 here; which of its polling
+    # loops' branches run depends on timing: 39 once, with three pytest workers on 2 cores).
+    assert len(lines) > 30
     for line in lines:
         stack.processes.clear()
         status, _ = run_traced(stack, {line: signal.SIGTERM})

@@ -24,9 +24,13 @@ from tests.support import RedisServer, server_port
 
 
 def make_store(
-    target: StoreRedis | str, timeout_s: float = 1.0, **options: Any
+    target: StoreRedis | str, timeout_s: float = 5.0, **options: Any
 ) -> ConversationStore:
-    """A store of its own key prefix on ``target`` (a Redis URL, a Redis or a cluster)."""
+    """A store of its own key prefix on ``target`` (a Redis URL, a Redis or a cluster).
+
+    ``timeout_s`` is long unless a test is about timeouts: beside make test's other chain
+    (vLLM stacks starting) a cluster client once took over 1 s to connect to a node.
+    """
     url = target if isinstance(target, str) else target.url
     cluster = not isinstance(target, str) and "REDIS_CLUSTER" in target.settings
     client = RedisTopology(url, timeout_s, cluster=cluster).client()

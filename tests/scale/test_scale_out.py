@@ -13,7 +13,6 @@ runs alone or in another order. Each step prints what it saw (``pytest -s``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -32,6 +31,8 @@ import pytest
 import requests
 import yaml
 
+from cloudllm_serve.devhost.cpu_priority import engine_processes
+from cloudllm_serve.devhost.procfs import children, command_line, process_name
 from cloudllm_serve.local_models import cache_root
 from tests.conftest import REPO, Stack, running_stack
 from tests.support import RedisServer, metric_total, scrape_metrics, wait_for
@@ -341,30 +342,30 @@ def test_two_concurrent_turns_on_one_conversation_lose_nothing(scale_stack: Stac
     ]
 
 
+#: vLLM's title for its engine-core process (``VLLM::EngineCore``) as ``comm`` holds it.
+ENGINE_CORE_NAME = "VLLM::EngineCor"
+
+
 def engine_core_process(replica_pid: int, timeout_s: float = 90.0) -> psutil.Process:
     """vLLM's engine-core process under an engine replica's actor process.
 
-    Found by the title vLLM gives it (``VLLM::EngineCore``, in ``comm`` cut to 15
-    characters), which it takes only once its imports are done: waits for it up to
+    Found by its title, which it takes only once its imports are done: waits for it up to
     ``timeout_s``, then fails naming each child process.
     """
 
-    def titled() -> psutil.Process | None:
-        for child in psutil.Process(replica_pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "EngineCor" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                    return child
-        return None
+    def titled() -> int | None:
+        engine = engine_processes(replica_pid)
+        return next((pid for pid in engine if process_name(pid) == ENGINE_CORE_NAME), None)
 
     try:
-        return wait_for(titled, timeout_s=timeout_s, interval_s=1)
+        return psutil.Process(wait_for(titled, timeout_s=timeout_s, interval_s=1))
     except TimeoutError:
-        children = []
-        for child in psutil.Process(replica_pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                children.append(f"{child.pid} {child.name()!r}: {' '.join(child.cmdline())[:200]}")
+        named = [
+            f"{pid} {process_name(pid)!r}: {command_line(pid)[:200]}"
+            for pid in children(replica_pid)
+        ]
         raise AssertionError(
-            f"no EngineCore under pid {replica_pid} after {timeout_s:.0f} s: {children}"
+            f"no EngineCore under pid {replica_pid} after {timeout_s:.0f} s: {named}"
         ) from None
 
 
